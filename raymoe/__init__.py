@@ -1,0 +1,43 @@
+"""raymoe: an elastic expert-pool service for Mixture-of-Experts models on Ray."""
+
+from raymoe.config import PoolSpec, load_spec
+from raymoe.errors import (
+    ConfigError,
+    DeadlineExceededError,
+    DTypeError,
+    EmptyBatchError,
+    ExpertIdError,
+    InvalidInputError,
+    LayoutError,
+    NonFiniteError,
+    PoolError,
+    PoolNotFoundError,
+    PoolUnavailableError,
+    RaymoeError,
+    RequestTooLargeError,
+    ShapeError,
+)
+from raymoe.layer import MoEInfo, MoELayer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ConfigError",
+    "DTypeError",
+    "DeadlineExceededError",
+    "EmptyBatchError",
+    "ExpertIdError",
+    "InvalidInputError",
+    "LayoutError",
+    "MoEInfo",
+    "MoELayer",
+    "NonFiniteError",
+    "PoolError",
+    "PoolNotFoundError",
+    "PoolSpec",
+    "PoolUnavailableError",
+    "RaymoeError",
+    "RequestTooLargeError",
+    "ShapeError",
+    "load_spec",
+]

@@ -1,0 +1,335 @@
+"""Pool specs: what users write in YAML, validated into typed, frozen models.
+
+A :class:`PoolSpec` describes one MoE layer served by one pool: the model width, the expert
+kind, the routing kind, the shared experts, how the pool is sharded and its limits. Every
+section is a frozen pydantic model; the ``experts`` and ``routing`` sections are chosen by
+their ``kind`` field, so an unknown kind is reported together with the valid ones.
+
+Errors of any sort (bad YAML, unknown field, impossible combination) become one
+:class:`raymoe.errors.ConfigError` naming the field.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import pydantic
+import torch
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt
+
+from raymoe.errors import ConfigError
+
+Activation = Literal["silu", "gelu", "gelu_tanh", "relu"]
+
+_DTYPES = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+# --- experts -------------------------------------------------------------------------------
+
+
+class FFNExperts(_Section):
+    """FFN experts: gated ``down(act(gate x) * up x)`` or plain ``out(act(in x))``."""
+
+    kind: Literal["ffn"] = "ffn"
+    num_experts: PositiveInt
+    hidden: PositiveInt
+    gated: bool = True
+    activation: Activation = "silu"
+    bias: bool = False
+
+
+class PeerExperts(_Section):
+    """Single-neuron experts (PEER): ``E_i(x) = v_i * act(u_i · x)``."""
+
+    kind: Literal["peer"] = "peer"
+    num_experts: PositiveInt
+    activation: Activation = "gelu"
+    sparse_grad: bool = True
+
+
+ExpertSpec = Annotated[FFNExperts | PeerExperts, Field(discriminator="kind")]
+
+
+# --- routing -------------------------------------------------------------------------------
+
+
+class _Routing(_Section):
+    aux_loss_coef: float = Field(0.0, ge=0.0)
+    z_loss_coef: float = Field(0.0, ge=0.0)
+
+
+class TopKRouting(_Routing):
+    """Softmax/sigmoid top-k gating (Mixtral, Qwen, OLMoE, DeepSeek-V3, Shazeer's noisy top-k)."""
+
+    kind: Literal["topk"] = "topk"
+    k: PositiveInt
+    score: Literal["softmax", "sigmoid"] = "softmax"
+    renormalize: bool = False
+    scaling: float = 1.0
+    bias: bool = False
+    correction_bias: bool = False
+    noise: bool = False
+    n_groups: PositiveInt | None = None
+    topk_groups: PositiveInt | None = None
+    group_score: Literal["max", "top2_sum"] = "top2_sum"
+
+
+class SwitchRouting(_Routing):
+    """Top-1 with capacity; a token over capacity is dropped and gets zero from the layer."""
+
+    kind: Literal["switch"] = "switch"
+    capacity_factor: PositiveFloat | None = None  # 1.0 when neither this nor capacity is set
+    capacity: PositiveInt | None = None
+    capacity_scope: Literal["batch", "sequence"] = "batch"
+
+
+class ExpertChoiceRouting(_Routing):
+    """Each expert takes its top-c tokens, c = ceil(capacity_factor * T * k / E)."""
+
+    kind: Literal["expert_choice"] = "expert_choice"
+    k: PositiveInt = 1
+    capacity_factor: PositiveFloat = 1.0
+
+
+class HashRouting(_Routing):
+    """A fixed, balanced random hash of token id to one expert (Roller et al. 2021)."""
+
+    kind: Literal["hash"] = "hash"
+    vocab_size: PositiveInt
+    seed: int = 0
+
+
+class ProductKeyRouting(_Routing):
+    """Multi-head product-key retrieval over sqrt(N) x sqrt(N) sub-keys (PEER, Lample 2019)."""
+
+    kind: Literal["product_key"] = "product_key"
+    heads: PositiveInt = 8
+    k: PositiveInt = 16
+    d_key: PositiveInt = 128
+    query_batchnorm: bool = False
+
+
+class HierarchicalRouting(_Routing):
+    """Two-level gating: softmax over groups, top ``k_groups``; softmax inside, top ``k``."""
+
+    kind: Literal["hierarchical"] = "hierarchical"
+    n_groups: PositiveInt
+    k_groups: PositiveInt = 1
+    k: PositiveInt = 1
+
+
+class DenseRouting(_Routing):
+    """Every expert, softmax-weighted (the original mixture of experts)."""
+
+    kind: Literal["dense"] = "dense"
+
+
+RoutingSpec = Annotated[
+    TopKRouting
+    | SwitchRouting
+    | ExpertChoiceRouting
+    | HashRouting
+    | ProductKeyRouting
+    | HierarchicalRouting
+    | DenseRouting,
+    Field(discriminator="kind"),
+]
+
+
+# --- the rest ------------------------------------------------------------------------------
+
+
+class SharedSpec(_Section):
+    """Shared expert(s) applied to every token: one gated FFN of width ``hidden``."""
+
+    hidden: PositiveInt
+    gate: bool = False
+
+
+class ShardSpec(_Section):
+    """How the pool is laid out on Ray."""
+
+    count: PositiveInt = 1
+    routers: PositiveInt = 1
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    num_gpus: float = Field(0.0, ge=0.0)
+    num_cpus: float = Field(0.0, ge=0.0)
+    transport: Literal["object_store", "grpc"] = "object_store"
+
+
+class LimitsSpec(_Section):
+    """Bounds on everything a client can make the pool do."""
+
+    max_request_tokens: PositiveInt = 65536
+    max_batch_tokens: PositiveInt = 16384
+    max_wait_ms: float = Field(2.0, ge=0.0, le=1000.0)
+    max_queued_requests: PositiveInt = 1024
+    request_timeout_s: PositiveFloat = 60.0
+    allow_nonfinite: bool = False
+
+
+class PoolSpec(_Section):
+    """One MoE layer, served by one pool."""
+
+    name: str = Field("default", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+    d_model: PositiveInt
+    dtype: Literal["float32", "float64", "bfloat16", "float16"] = "float32"
+    seed: int = 0
+    experts: ExpertSpec
+    routing: RoutingSpec
+    shared: SharedSpec | None = None
+    shards: ShardSpec = ShardSpec()
+    limits: LimitsSpec = LimitsSpec()
+
+    @property
+    def num_experts(self) -> int:
+        return self.experts.num_experts
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return _DTYPES[self.dtype]
+
+    @property
+    def slots(self) -> int:
+        """Columns of the ``[T, slots]`` expert-id tensor that routing produces (upper bound)."""
+        r = self.routing
+        if isinstance(r, ProductKeyRouting):
+            return r.heads * r.k
+        if isinstance(r, HierarchicalRouting):
+            return r.k_groups * r.k
+        if isinstance(r, (SwitchRouting, HashRouting)):
+            return 1
+        if isinstance(r, (DenseRouting, ExpertChoiceRouting)):
+            return self.num_experts
+        return r.k
+
+    @pydantic.model_validator(mode="after")
+    def _check_possible(self) -> PoolSpec:
+        _check_routing(self.routing, self.num_experts)
+        if self.shards.count > self.num_experts:
+            raise SpecProblem(
+                "shards.count", f"{self.shards.count} shards exceed {self.num_experts} experts"
+            )
+        if self.limits.max_batch_tokens > self.limits.max_request_tokens:
+            raise SpecProblem("limits.max_batch_tokens", "must not exceed max_request_tokens")
+        return self
+
+    # --- loading ---------------------------------------------------------------------------
+
+    @classmethod
+    def from_dict(cls, data: Any) -> PoolSpec:
+        if not isinstance(data, dict):
+            raise ConfigError(f"a pool spec must be a mapping, got {type(data).__name__}")
+        try:
+            return cls.model_validate(data)
+        except pydantic.ValidationError as e:
+            raise _config_error(e) from None
+
+    @classmethod
+    def from_yaml(cls, text_or_path: str | Path) -> PoolSpec:
+        """Load from a YAML file path or a YAML string."""
+        text = str(text_or_path)
+        path = Path(text)
+        if "\n" not in text and path.suffix in (".yaml", ".yml"):
+            try:
+                text = path.read_text()
+            except OSError as e:
+                raise ConfigError(f"cannot read {path}: {e.strerror}") from e
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise ConfigError(f"malformed YAML{where}: {getattr(e, 'problem', e)}") from None
+        return cls.from_dict(data)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+class SpecProblem(ValueError):
+    """An impossible combination, raised inside validation with the field it concerns."""
+
+    def __init__(self, field: str, message: str):
+        self.field = field
+        super().__init__(message)
+
+
+def _check_routing(r: Any, num_experts: int) -> None:
+    """Reject routing specs that cannot route (reported by pydantic with the field)."""
+    E = num_experts
+
+    def need(ok: bool, field: str, message: str) -> None:
+        if not ok:
+            raise SpecProblem(f"routing.{field}", message)
+
+    if isinstance(r, (TopKRouting, ExpertChoiceRouting)):
+        need(r.k <= E, "k", f"k={r.k} exceeds experts.num_experts={E}")
+    if isinstance(r, TopKRouting):
+        need((r.n_groups is None) == (r.topk_groups is None), "n_groups",
+             "n_groups and topk_groups must be given together")  # fmt: skip
+        if r.n_groups is not None:
+            need(E % r.n_groups == 0, "n_groups", f"n_groups={r.n_groups} does not divide {E}")
+            need(r.topk_groups <= r.n_groups, "topk_groups", "topk_groups exceeds n_groups")
+            per_group = E // r.n_groups
+            need(r.topk_groups * per_group >= r.k, "topk_groups",
+                 f"{r.topk_groups} groups of {per_group} experts leave fewer than k={r.k} "
+                 "experts")  # fmt: skip
+            need(r.group_score != "top2_sum" or per_group >= 2, "group_score",
+                 "top2_sum needs >= 2 experts per group")  # fmt: skip
+    elif isinstance(r, SwitchRouting):
+        need(r.capacity is None or r.capacity_factor is None, "capacity",
+             "give capacity or capacity_factor, not both")  # fmt: skip
+    elif isinstance(r, ProductKeyRouting):
+        root = math.isqrt(E)
+        need(root * root == E, "kind", f"product_key needs a square expert count, got {E}")
+        need(r.k <= root, "k", f"k={r.k} exceeds the {root} sub-keys per half")
+        need(r.d_key % 2 == 0, "d_key", f"d_key={r.d_key} must be even")
+    elif isinstance(r, HierarchicalRouting):
+        need(E % r.n_groups == 0, "n_groups", f"n_groups={r.n_groups} does not divide {E}")
+        need(r.k_groups <= r.n_groups, "k_groups", "k_groups exceeds n_groups")
+        need(
+            r.k <= E // r.n_groups, "k", f"k={r.k} exceeds the {E // r.n_groups} experts per group"
+        )
+
+
+def _config_error(e: pydantic.ValidationError) -> ConfigError:
+    first = e.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"] if not _is_union_tag(p))
+    cause = first.get("ctx", {}).get("error")
+    if isinstance(cause, SpecProblem):
+        loc = cause.field
+    msg = first["msg"].removeprefix("Value error, ")
+    more = f" (and {e.error_count() - 1} more problems)" if e.error_count() > 1 else ""
+    return ConfigError(msg + more, field=loc or None)
+
+
+def _is_union_tag(part: Any) -> bool:
+    return isinstance(part, str) and part in _UNION_TAGS
+
+
+_UNION_TAGS = {
+    "ffn", "peer", "topk", "switch", "expert_choice", "hash", "product_key", "hierarchical",
+    "dense",
+}  # fmt: skip
+
+
+def load_spec(source: str | Path | dict | PoolSpec) -> PoolSpec:
+    """Accept a spec in any form users hand us: a PoolSpec, a dict, a YAML path or string."""
+    if isinstance(source, PoolSpec):
+        return source
+    if isinstance(source, dict):
+        return PoolSpec.from_dict(source)
+    return PoolSpec.from_yaml(source)

@@ -1,0 +1,79 @@
+"""The raymoe error vocabulary.
+
+Every public failure is a subclass of :class:`RaymoeError`. Input errors are also
+``ValueError``/``TypeError`` so that generic handlers keep working.
+"""
+
+from __future__ import annotations
+
+
+class RaymoeError(Exception):
+    """Base class of every error raymoe raises on purpose."""
+
+
+# --- configuration -------------------------------------------------------------------------
+
+
+class ConfigError(RaymoeError, ValueError):
+    """A pool spec (YAML or dict) is malformed or describes an impossible pool.
+
+    ``field`` is the dotted path of the offending field when one is known.
+    """
+
+    def __init__(self, message: str, field: str | None = None):
+        self.field = field
+        super().__init__(f"{field}: {message}" if field else message)
+
+
+# --- input at the boundary -----------------------------------------------------------------
+
+
+class InvalidInputError(RaymoeError, ValueError):
+    """A request's tensors are not what the pool accepts. Nothing was changed."""
+
+
+class ShapeError(InvalidInputError):
+    """A tensor has the wrong rank or size."""
+
+
+class DTypeError(InvalidInputError, TypeError):
+    """A tensor has the wrong dtype."""
+
+
+class NonFiniteError(InvalidInputError):
+    """A tensor holds NaN or Inf and the spec forbids them."""
+
+
+class LayoutError(InvalidInputError):
+    """A tensor is non-contiguous or on the wrong device."""
+
+
+class ExpertIdError(InvalidInputError):
+    """An expert id is out of range or names an expert the pool does not have."""
+
+
+class RequestTooLargeError(InvalidInputError):
+    """A request is over the pool's size limits."""
+
+
+class EmptyBatchError(InvalidInputError):
+    """A request holds no tokens where the operation needs at least one."""
+
+
+# --- serving -------------------------------------------------------------------------------
+
+
+class PoolError(RaymoeError):
+    """The pool could not serve a request (see the subclass and ``__cause__``)."""
+
+
+class PoolNotFoundError(PoolError, LookupError):
+    """No pool of that name runs in the cluster."""
+
+
+class PoolUnavailableError(PoolError):
+    """The pool (or the part of it a request needs) is not reachable right now."""
+
+
+class DeadlineExceededError(PoolError, TimeoutError):
+    """A request did not complete before its deadline."""

@@ -1,0 +1,77 @@
+"""The expert-bank interface and its registry.
+
+An *expert bank* holds ``E_local`` experts of one kind as stacked tensors and computes
+
+    y[t] = sum_s weights[t, s] * E_{ids[t, s]}(x[t])        (ids are local, -1 = empty slot)
+
+for a whole batch at once, forward and backward. The in-process :class:`raymoe.MoELayer` owns
+one bank with every expert; a shard actor owns one with its subset, addressed by local index.
+Parameters use the neutral names of DESIGN §4 without the ``experts.`` prefix.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from raymoe.config import PoolSpec
+
+
+class ExpertBank(nn.Module):
+    """Base class: stacked expert parameters ``[E_local, ...]`` and a batched forward."""
+
+    kind: ClassVar[str]
+
+    def __init__(self, num_experts: int, d_model: int):
+        super().__init__()
+        self.num_experts = num_experts
+        self.d_model = d_model
+
+    def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """``x``: [T, d], ``ids``: [T, S] local ids (-1 = empty), ``weights``: [T, S] -> [T, d]."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def export_rows(self, local: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The parameters of experts ``local`` ([n]) as ``{name: [n, ...]}`` (copies)."""
+        return {name: p[local].clone() for name, p in self.named_parameters()}
+
+    @torch.no_grad()
+    def import_rows(self, local: torch.Tensor, rows: dict[str, torch.Tensor]) -> None:
+        """Overwrite experts ``local`` with ``rows`` (as returned by :meth:`export_rows`)."""
+        params = dict(self.named_parameters())
+        if set(rows) != set(params):
+            raise KeyError(f"expected tensors {sorted(params)}, got {sorted(rows)}")
+        for name, p in params.items():
+            p[local] = rows[name].to(dtype=p.dtype, device=p.device)
+
+
+BANKS: dict[str, type[ExpertBank]] = {}
+
+
+def register_bank(cls: type[ExpertBank]) -> type[ExpertBank]:
+    BANKS[cls.kind] = cls
+    return cls
+
+
+def make_bank(
+    spec: PoolSpec,
+    expert_ids: torch.Tensor | None = None,
+    *,
+    device: torch.device | str = "cpu",
+) -> ExpertBank:
+    """A bank of ``spec``'s expert kind holding global experts ``expert_ids`` (default: all).
+
+    Weights are the spec's deterministic initialisation of exactly those experts.
+    """
+    try:
+        cls = BANKS[spec.experts.kind]
+    except KeyError:
+        raise ValueError(
+            f"unknown expert kind {spec.experts.kind!r}; valid: {sorted(BANKS)}"
+        ) from None
+    if expert_ids is None:
+        expert_ids = torch.arange(spec.num_experts)
+    return cls.from_spec(spec, expert_ids, device=device)

@@ -1,0 +1,81 @@
+"""Single-neuron experts (PEER, He 2024): a gather and a dot per (token, slot).
+
+Shape letters: T tokens, S slots per token (heads x top-k), E experts in the bank, d width.
+
+    E_i(x) = v_i * act(u_i · x)      y[t] = sum_s w[t, s] * act(u[ids[t, s]] · x[t]) * v[ids[t, s]]
+
+The second half is exactly ``embedding_bag(mode="sum")`` with per-sample weights, so the
+``[T, S, d]`` gather of ``v`` is never materialised; gradients of ``u`` and ``v`` are sparse
+when the spec asks for it (a 1M-expert bank is 2 GB; a dense gradient would double that).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from raymoe.config import PeerExperts, PoolSpec
+from raymoe.kernels.activations import activation
+from raymoe.kernels.bank import ExpertBank, register_bank
+from raymoe.kernels.init import init_rows
+
+
+@register_bank
+class PeerBank(ExpertBank):
+    kind = "peer"
+
+    def __init__(
+        self,
+        num_experts: int,
+        d_model: int,
+        *,
+        act: str = "gelu",
+        sparse_grad: bool = True,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ):
+        super().__init__(num_experts, d_model)
+        self.act_name = act
+        self.act = activation(act)
+        self.sparse_grad = sparse_grad
+        kw = {"dtype": dtype, "device": device}
+        self.u = nn.Parameter(torch.zeros(num_experts, d_model, **kw))
+        self.v = nn.Parameter(torch.zeros(num_experts, d_model, **kw))
+
+    @classmethod
+    def from_spec(
+        cls, spec: PoolSpec, expert_ids: torch.Tensor, *, device: torch.device | str = "cpu"
+    ) -> PeerBank:
+        ex = spec.experts
+        assert isinstance(ex, PeerExperts)
+        bank = cls(
+            len(expert_ids), spec.d_model, act=ex.activation, sparse_grad=ex.sparse_grad,
+            dtype=spec.torch_dtype, device=device,
+        )  # fmt: skip
+        scale = 1.0 / math.sqrt(spec.d_model)
+        with torch.no_grad():
+            for name, p in bank.named_parameters():
+                p.copy_(
+                    init_rows(
+                        f"experts.{name}",
+                        expert_ids,
+                        (spec.d_model,),
+                        seed=spec.seed,
+                        scale=scale,
+                        dtype=p.dtype,
+                        device=p.device,
+                    )
+                )
+        return bank
+
+    def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        valid = ids >= 0
+        safe = ids.clamp(min=0)
+        u = F.embedding(safe, self.u, sparse=self.sparse_grad)  # [T, S, d]
+        s = torch.bmm(u, x.unsqueeze(2)).squeeze(2)  # [T, S]
+        h = self.act(s) * torch.where(valid, weights.to(s.dtype), 0)
+        return F.embedding_bag(safe, self.v, per_sample_weights=h, mode="sum",
+                               sparse=self.sparse_grad)  # fmt: skip

@@ -1,0 +1,50 @@
+"""Two-level gating (Jordan & Jacobs 1994): pick groups, then experts inside them.
+
+Shape letters: T tokens, G groups, m = E / G experts per group, g = k_groups, k experts per
+chosen group.
+
+    p_group  = softmax(W_group x)                  [T, G]     -> top-g groups
+    p_expert = softmax within each group of W x    [T, G, m]  -> top-k inside each chosen group
+    weight   = p_group * p_expert                  ids are group * m + local index; [T, g * k]
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import nn
+
+from raymoe.config import HierarchicalRouting, PoolSpec
+from raymoe.routing.base import Gate, Routes, register_gate, seeded_parameter
+from raymoe.routing.select import select_topk
+
+
+@register_gate
+class HierarchicalGate(Gate):
+    kind = "hierarchical"
+
+    def __init__(self, spec: PoolSpec):
+        super().__init__(spec)
+        r = spec.routing
+        assert isinstance(r, HierarchicalRouting)
+        self.cfg = r
+        self.m = spec.num_experts // r.n_groups
+        self.weight = seeded_parameter(spec, "router.weight", (spec.num_experts, spec.d_model))
+        self.group = nn.Linear(spec.d_model, r.n_groups, bias=False)
+        self.group.weight = seeded_parameter(
+            spec, "router.group.weight", (r.n_groups, spec.d_model)
+        )
+
+    def forward(self, x, *, token_ids=None, seq_len=None) -> Routes:
+        r, m = self.cfg, self.m
+        T = x.shape[0]
+        xf = x.float()
+        group_logits = F.linear(xf, self.group.weight.float())
+        p_group = group_logits.softmax(-1)
+        gv, gi = select_topk(p_group, r.k_groups)  # [T, g]
+        logits = F.linear(xf, self.weight.float()).view(T, r.n_groups, m)
+        p_expert = logits.softmax(-1).gather(1, gi.unsqueeze(-1).expand(-1, -1, m))  # [T, g, m]
+        ev, ei = select_topk(p_expert, r.k)  # [T, g, k]
+        ids = (gi.unsqueeze(-1) * m + ei).reshape(T, -1)
+        w = (gv.unsqueeze(-1) * ev).reshape(T, -1)
+        probs = (p_group.unsqueeze(-1) * logits.softmax(-1)).reshape(T, -1)
+        return Routes(ids, w, self._aux_losses(group_logits, probs, ids))
