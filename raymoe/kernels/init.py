@@ -1,7 +1,8 @@
 """Deterministic, shard-independent parameter initialisation.
 
-Rows of a stacked ``[E, ...]`` parameter are drawn in fixed blocks of experts, each block from
-its own generator seeded by (seed, name, block). A shard that owns experts ``[a, b)`` can thus
+Rows of a stacked ``[E, ...]`` parameter are drawn in fixed blocks of experts (about 2^20
+values a block, so the block size depends only on the row shape), each block from its own
+generator seeded by (seed, name, block). A shard that owns experts ``[a, b)`` can thus
 draw exactly the rows the in-process reference layer draws, without anyone materialising the
 whole pool (a 1M-expert PEER pool is 2 GB).
 """
@@ -9,10 +10,16 @@ whole pool (a 1M-expert PEER pool is 2 GB).
 from __future__ import annotations
 
 import hashlib
+import math
 
 import torch
 
-BLOCK = 4096
+BLOCK_VALUES = 1 << 20
+
+
+def block_rows(shape: tuple[int, ...]) -> int:
+    """Experts per init block for rows of ``shape``."""
+    return max(1, BLOCK_VALUES // max(1, math.prod(shape)))
 
 
 def _block_seed(seed: int, name: str, block: int) -> int:
@@ -34,12 +41,13 @@ def init_rows(
     n = rows.numel()
     out = torch.empty((n, *shape), dtype=torch.float32)
     if n:
-        blocks = torch.div(rows, BLOCK, rounding_mode="floor")
+        B = block_rows(shape)
+        blocks = torch.div(rows, B, rounding_mode="floor")
         for b in torch.unique(blocks).tolist():
             sel = (blocks == b).nonzero().squeeze(1)
             g = torch.Generator().manual_seed(_block_seed(seed, name, b))
-            full = torch.empty((BLOCK, *shape)).uniform_(-scale, scale, generator=g)
-            out[sel] = full[rows[sel] - b * BLOCK]
+            full = torch.empty((B, *shape)).uniform_(-scale, scale, generator=g)
+            out[sel] = full[rows[sel] - b * B]
     return out.to(dtype=dtype, device=device)
 
 

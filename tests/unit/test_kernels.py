@@ -91,9 +91,13 @@ def test_group_by_expert_sorts_once_and_skips_empty_slots():
 
 @pytest.mark.parametrize("kind", ["ffn", "peer"])
 def test_subset_bank_equals_rows_of_full_bank(kind):
-    E = 9000 if kind == "peer" else 12  # peer: spans several init blocks
+    from raymoe.kernels.init import block_rows
+
+    E = 140_000 if kind == "peer" else 9_000  # several init blocks either way
     spec, full = _bank(kind, E=E)
-    ids = torch.tensor([E - 1, 3, 4097 % E, 0])
+    B = block_rows((16,) if kind == "peer" else (24, 16))
+    assert E > 2 * B
+    ids = torch.tensor([E - 1, 3, B + 1, 2 * B - 1, 0])
     part = make_bank(spec, ids)
     for (name, p), (_, q) in zip(full.named_parameters(), part.named_parameters(), strict=True):
         assert torch.equal(p[ids], q), name

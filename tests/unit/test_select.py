@@ -38,6 +38,6 @@ def test_select_topk_keeps_leading_dims_and_gradients():
 
 def test_select_topk_ties_beyond_the_fast_topk_range():
     row = [1.0] * 10 + [2.0] * 12 + [0.5] * 20 + [1.0] * 10
-    vals, idx = select_topk(torch.tensor([row, row[::-1]]), 17)
+    _, idx = select_topk(torch.tensor([row, row[::-1]]), 17)
     for r, data in enumerate([row, row[::-1]]):
         assert idx[r].tolist() == topk_list(data, 17)
