@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from raymoe.config import PoolSpec
+from raymoe.kernels.init import init_rows
 
 
 class ExpertBank(nn.Module):
@@ -32,6 +33,22 @@ class ExpertBank(nn.Module):
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """``x``: [T, d], ``ids``: [T, S] local ids (-1 = empty), ``weights``: [T, S] -> [T, d]."""
         raise NotImplementedError
+
+    @torch.no_grad()
+    def seed_rows(self, spec: PoolSpec, expert_ids: torch.Tensor, scale: dict[str, float]) -> None:
+        """Fill every parameter with the spec's deterministic init of global ``expert_ids``."""
+        for name, p in self.named_parameters():
+            p.copy_(
+                init_rows(
+                    f"experts.{name}",
+                    expert_ids,
+                    tuple(p.shape[1:]),
+                    seed=spec.seed,
+                    scale=scale[name],
+                    dtype=p.dtype,
+                    device=p.device,
+                )
+            )
 
     @torch.no_grad()
     def export_rows(self, local: torch.Tensor) -> dict[str, torch.Tensor]:

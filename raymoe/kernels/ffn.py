@@ -21,7 +21,6 @@ from raymoe.config import FFNExperts, PoolSpec
 from raymoe.kernels.activations import activation
 from raymoe.kernels.bank import ExpertBank, register_bank
 from raymoe.kernels.grouping import Grouped, group_by_expert
-from raymoe.kernels.init import init_rows
 
 
 def grouped_linear(
@@ -102,21 +101,12 @@ class FFNBank(ExpertBank):
             len(expert_ids), spec.d_model, ex.hidden, gated=ex.gated, act=ex.activation,
             bias=ex.bias, dtype=spec.torch_dtype, device=device,
         )  # fmt: skip
-        with torch.no_grad():
-            for name, p in bank.named_parameters():
-                fan_in = spec.d_model if name in ("w_gate", "w_up", "w_in", "b_gate", "b_up",
-                                                  "b_in") else ex.hidden  # fmt: skip
-                p.copy_(
-                    init_rows(
-                        f"experts.{name}",
-                        expert_ids,
-                        tuple(p.shape[1:]),
-                        seed=spec.seed,
-                        scale=1.0 / math.sqrt(fan_in),
-                        dtype=p.dtype,
-                        device=p.device,
-                    )
-                )
+        inner = ("w_gate", "w_up", "w_in", "b_gate", "b_up", "b_in")  # fan-in d; the rest H
+        scales = {
+            name: 1.0 / math.sqrt(spec.d_model if name in inner else ex.hidden)
+            for name, _ in bank.named_parameters()
+        }
+        bank.seed_rows(spec, expert_ids, scales)
         return bank
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,6 @@ from torch import nn
 from raymoe.config import PeerExperts, PoolSpec
 from raymoe.kernels.activations import activation
 from raymoe.kernels.bank import ExpertBank, register_bank
-from raymoe.kernels.init import init_rows
 
 
 @register_bank
@@ -56,19 +55,7 @@ class PeerBank(ExpertBank):
             dtype=spec.torch_dtype, device=device,
         )  # fmt: skip
         scale = 1.0 / math.sqrt(spec.d_model)
-        with torch.no_grad():
-            for name, p in bank.named_parameters():
-                p.copy_(
-                    init_rows(
-                        f"experts.{name}",
-                        expert_ids,
-                        (spec.d_model,),
-                        seed=spec.seed,
-                        scale=scale,
-                        dtype=p.dtype,
-                        device=p.device,
-                    )
-                )
+        bank.seed_rows(spec, expert_ids, {"u": scale, "v": scale})
         return bank
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

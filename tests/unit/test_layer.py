@@ -128,3 +128,23 @@ def test_sequence_capacity_needs_3d_input():
     layer = make_layer({"kind": "switch", "capacity": 2, "capacity_scope": "sequence"})
     with pytest.raises(ShapeError, match=r"\[B, L, d\]"):
         layer(torch.randn(4, 16))
+
+
+@pytest.mark.parametrize("kind", ["ffn", "peer"])
+def test_bfloat16_spec_runs_and_tracks_fp32(kind):
+    routing = (
+        {"kind": "topk", "k": 2}
+        if kind == "ffn"
+        else {"kind": "product_key", "heads": 2, "k": 2, "d_key": 8}
+    )
+    d = spec_dict(routing, E=16, kind=kind, shared={"hidden": 8})
+    fp32, bf16 = MoELayer(d), MoELayer({**d, "dtype": "bfloat16"})
+    x = torch.randn(8, 16)
+    y32, i32 = fp32(x, return_info=True)
+    y16, i16 = bf16(x.to(torch.bfloat16), return_info=True)
+    assert y16.dtype == torch.bfloat16
+    same = (i32.expert_ids == i16.expert_ids).all(1)  # rows routed alike (near-ties may differ)
+    assert same.sum() >= 6
+    assert (y16.float()[same] - y32[same]).abs().max() < 0.05 * y32.abs().max()
+    with pytest.raises(DTypeError, match="bfloat16"):
+        bf16(x)
