@@ -1,0 +1,71 @@
+"""raymoe's in-process PEER layer vs the ``PEER-pytorch`` package, same config, same run.
+
+Config (DESIGN §5): 1,048,576 single-neuron experts, d = 256, 8 heads x top-16, softmax
+over each head's 16 scores, product keys of 2 x 64 per head, GELU. peer-pytorch is built with
+``non_competing_scores=False`` (its default keeps only the top-1 per head) and no pre-norm.
+Needs the ``bench`` extra: ``.venv/bin/pip install -e '.[bench]'``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from raymoe import MoELayer, PoolSpec
+
+
+def median_time(fn, reps: int) -> float:
+    fn()
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return sorted(ts)[len(ts) // 2]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--experts", type=int, default=1 << 20)
+    p.add_argument("--tokens", type=int, default=1024)
+    p.add_argument("--reps", type=int, default=5)
+    args = p.parse_args()
+    try:
+        from PEER_pytorch import PEER
+    except ImportError as e:
+        raise SystemExit("install the bench extra: .venv/bin/pip install -e '.[bench]'") from e
+
+    d, heads, k = 256, 8, 16
+    spec = PoolSpec.from_dict({
+        "d_model": d,
+        "experts": {"kind": "peer", "num_experts": args.experts, "activation": "gelu"},
+        "routing": {"kind": "product_key", "heads": heads, "k": k, "d_key": 128},
+    })  # fmt: skip
+    ours = MoELayer(spec)
+    theirs = PEER(d, heads=heads, num_experts=args.experts, num_experts_per_head=k, dim_key=64,
+                  non_competing_scores=False)  # fmt: skip
+    x = torch.randn(args.tokens, d)
+    rows = []
+    for name, fwd in [("raymoe", lambda: ours(x)), ("peer-pytorch", lambda: theirs(x[None]))]:
+        with torch.no_grad():
+            t_f = median_time(fwd, args.reps)
+        module = ours if name == "raymoe" else theirs
+
+        def step(fwd=fwd, module=module):
+            module.zero_grad(set_to_none=True)
+            fwd().square().mean().backward()
+
+        t_b = median_time(step, max(1, args.reps // 2))
+        rows.append((name, args.tokens / t_f, args.tokens / t_b))
+    print(f"PEER {args.experts:,} experts, d={d}, {heads} heads x top-{k}, {args.tokens} tokens")
+    print(f"{'impl':<14}{'fwd tok/s':>12}{'fwd+bwd tok/s':>15}")
+    for name, f, b in rows:
+        print(f"{name:<14}{f:>12,.0f}{b:>15,.0f}")
+    (_, f0, b0), (_, f1, b1) = rows
+    print(f"ratio raymoe/peer-pytorch: forward {f0 / f1:.2f}x, forward+backward {b0 / b1:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
