@@ -17,19 +17,10 @@ import time
 from pathlib import Path
 
 import torch
+from _timing import median_time
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ["mixtral-tiny", "deepseek-tiny", "switch-tiny", "peer-1m"]
-
-
-def median_time(fn, reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return sorted(times)[len(times) // 2]
 
 
 def references() -> dict:

@@ -9,21 +9,11 @@ Needs the ``bench`` extra: ``.venv/bin/pip install -e '.[bench]'``.
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
+from _timing import median_time
 
 from raymoe import MoELayer, PoolSpec
-
-
-def median_time(fn, reps: int) -> float:
-    fn()
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return sorted(ts)[len(ts) // 2]
 
 
 def main() -> None:

@@ -41,10 +41,10 @@ class HierarchicalGate(Gate):
         group_logits = F.linear(xf, self.group.weight.float())
         p_group = group_logits.softmax(-1)
         gv, gi = select_topk(p_group, r.k_groups)  # [T, g]
-        logits = F.linear(xf, self.weight.float()).view(T, r.n_groups, m)
-        p_expert = logits.softmax(-1).gather(1, gi.unsqueeze(-1).expand(-1, -1, m))  # [T, g, m]
+        p_within = F.linear(xf, self.weight.float()).view(T, r.n_groups, m).softmax(-1)
+        p_expert = p_within.gather(1, gi.unsqueeze(-1).expand(-1, -1, m))  # [T, g, m]
         ev, ei = select_topk(p_expert, r.k)  # [T, g, k]
         ids = (gi.unsqueeze(-1) * m + ei).reshape(T, -1)
         w = (gv.unsqueeze(-1) * ev).reshape(T, -1)
-        probs = (p_group.unsqueeze(-1) * logits.softmax(-1)).reshape(T, -1)
+        probs = (p_group.unsqueeze(-1) * p_within).reshape(T, -1)
         return Routes(ids, w, self._aux_losses(group_logits, probs, ids))
