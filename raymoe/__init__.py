@@ -1,5 +1,6 @@
 """raymoe: an elastic expert-pool service for Mixture-of-Experts models on Ray."""
 
+from raymoe.api import PoolHandle, connect, serve
 from raymoe.config import PoolSpec, load_spec
 from raymoe.errors import (
     ConfigError,
@@ -33,11 +34,14 @@ __all__ = [
     "MoELayer",
     "NonFiniteError",
     "PoolError",
+    "PoolHandle",
     "PoolNotFoundError",
     "PoolSpec",
     "PoolUnavailableError",
     "RaymoeError",
     "RequestTooLargeError",
     "ShapeError",
+    "connect",
     "load_spec",
+    "serve",
 ]

@@ -71,11 +71,19 @@ class MoELayer(nn.Module):
     :class:`MoEInfo`. Input is validated and bad input raises a typed raymoe error.
     """
 
-    def __init__(self, spec: PoolSpec | dict | str | Path, *, device: torch.device | str = "cpu"):
+    def __init__(
+        self,
+        spec: PoolSpec | dict | str | Path,
+        *,
+        device: torch.device | str = "cpu",
+        experts: bool = True,
+    ):
         super().__init__()
         self.spec = spec = load_spec(spec)
         self.router = make_gate(spec)
-        self.experts = make_bank(spec, device=device)
+        # NOTE: experts=False builds the gate and shared experts only (what a router actor
+        # holds); the routed experts then live in shards and forward() is unavailable.
+        self.experts = make_bank(spec, device=device) if experts else None
         self.shared = SharedExpert(spec) if spec.shared else None
         self.shared_gate = None
         if spec.shared and spec.shared.gate:
@@ -91,7 +99,8 @@ class MoELayer(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return next(self.experts.parameters()).device
+        owner = self.experts if self.experts is not None else self.router
+        return next(iter(owner.parameters()), torch.empty(0)).device
 
     def forward(
         self,

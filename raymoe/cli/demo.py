@@ -1,12 +1,13 @@
-"""Run the demo: MoE layers on the example configs, checked and timed."""
+"""Run the demo: serve the example pools on local Ray, drive them, check and time them."""
 
 from __future__ import annotations
 
 import argparse
-import math
+import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from raymoe.config import PoolSpec
@@ -18,8 +19,9 @@ DEMO_CONFIGS = ("mixtral-tiny", "peer-1m")
 def add_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--configs", nargs="+", default=list(DEMO_CONFIGS),
                    help="example config names or YAML paths")  # fmt: skip
-    p.add_argument("--tokens", type=int, default=1024, help="tokens per batch")
-    p.add_argument("--batches", type=int, default=4)
+    p.add_argument("--clients", type=int, default=4, help="concurrent clients")
+    p.add_argument("--requests", type=int, default=8, help="requests per client")
+    p.add_argument("--tokens", type=int, default=512, help="tokens per request")
     p.set_defaults(run=run)
 
 
@@ -31,43 +33,62 @@ def resolve(name: str) -> PoolSpec:
 
 
 def run(args: argparse.Namespace) -> int:
-    from raymoe.layer import MoELayer
+    import raymoe
 
+    specs = [resolve(n) for n in args.configs]  # fail on a bad spec before starting Ray
     rows = []
-    for name in args.configs:
-        spec = resolve(name)
-        print(f"[{spec.name}] building {spec.num_experts:,} {spec.experts.kind} experts ...",
-              flush=True)  # fmt: skip
-        layer = MoELayer(spec).eval()
-        g = torch.Generator().manual_seed(0)
-        x = torch.randn(args.tokens, spec.d_model, generator=g, dtype=spec.torch_dtype)
-        with torch.no_grad():
-            layer(x)  # warm-up
-            t0 = time.perf_counter()
-            for i in range(args.batches):
-                _, info = layer(x, return_info=True)
-                print(f"\r[{spec.name}] batch {i + 1}/{args.batches} ", end="", flush=True)
-            dt = time.perf_counter() - t0
-        print()
-        per_shard = shard_load(spec, info.load.tokens_per_expert)
-        rows.append((spec.name, spec.num_experts, args.tokens * args.batches / dt,
-                     per_shard.max().item() / per_shard.mean().item()))  # fmt: skip
-    print(f"\n{'pool':<16}{'experts':>12}{'tokens/s':>12}{'shard imbalance':>17}")
-    for name, n, tps, imb in rows:
-        print(f"{name:<16}{n:>12,}{tps:>12,.0f}{imb:>17.2f}")
-    print(
-        "(shard imbalance: max/mean (token, expert) pairs per shard under the spec's default"
-        " placement)"
-    )
+    for spec in specs:
+        layout = f"{spec.shards.count} shards, {spec.shards.routers} router(s)"
+        print(f"[{spec.name}] serving {spec.num_experts:,} {spec.experts.kind} experts on {layout}")
+        pool = raymoe.serve(spec)
+        try:
+            rows.append((spec, *drive(pool, spec, args)))
+        finally:
+            pool.shutdown()
+    print(f"\n{'pool':<14}{'experts':>11}{'shards':>7}{'tokens/s':>10}{'p50 ms':>8}"
+          f"{'p99 ms':>8}{'imbalance':>10}{'max err':>9}  pairs per shard")  # fmt: skip
+    for spec, tps, p50, p99, stats, err in rows:
+        print(f"{spec.name:<14}{spec.num_experts:>11,}{spec.shards.count:>7}{tps:>10,.0f}"
+              f"{p50:>8.1f}{p99:>8.1f}{stats['imbalance']:>10.2f}{err:>9.1e}  "
+              f"{stats['pairs_per_shard']}")  # fmt: skip
+    print("(imbalance: max/mean pairs per shard; max err: served vs in-process MoELayer)")
     return 0
 
 
-def shard_load(spec: PoolSpec, tokens_per_expert: torch.Tensor) -> torch.Tensor:
-    """[shards] float: pairs each shard would get under the default contiguous placement."""
-    from raymoe._private.placement import contiguous
+def drive(pool, spec: PoolSpec, args):
+    """Concurrent clients; returns (tokens/s, p50 ms, p99 ms, shard stats, max abs error)."""
+    from raymoe.layer import MoELayer
 
-    align = math.isqrt(spec.num_experts) if spec.routing.kind == "product_key" else 1
-    placement = contiguous(spec.num_experts, spec.shards.count, align=align)
-    return torch.zeros(spec.shards.count).index_add_(
-        0, placement.shard, tokens_per_expert.double().float()
-    )
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(args.tokens, spec.d_model, generator=g) for _ in range(args.clients)]
+    pool.forward(xs[0])  # warm-up
+    pool.stats()
+    latencies: list[float] = []
+    done = [0]
+    lock = threading.Lock()
+    total = args.clients * args.requests
+
+    def client(x):
+        for _ in range(args.requests):
+            t = time.perf_counter()
+            pool.forward(x)
+            with lock:
+                latencies.append(time.perf_counter() - t)
+                done[0] += 1
+                print(f"\r[{spec.name}] {done[0]}/{total} requests ", end="", flush=True)
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=client, args=(x,)) for x in xs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - t0
+    stats = pool.stats()
+    print(f"\n[{spec.name}] checking a sample against the in-process MoELayer ...", flush=True)
+    with torch.no_grad():
+        sample = xs[0][:64]
+        err = (pool.forward(sample) - MoELayer(spec).eval()(sample)).abs().max().item()
+    ms = np.array(latencies) * 1e3
+    return (total * args.tokens / elapsed, float(np.percentile(ms, 50)),
+            float(np.percentile(ms, 99)), stats, err)  # fmt: skip

@@ -1,0 +1,78 @@
+"""A served pool equals MoELayer (fp32, 1e-5) on a real local Ray cluster."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import raymoe
+from raymoe import ExpertIdError, MoELayer, PoolSpec, ShapeError
+from tests.helpers import spec_dict
+
+pytestmark = pytest.mark.integration
+
+CASES = {
+    "topk-3shards-2routers": (spec_dict({"kind": "topk", "k": 2, "renormalize": True}, E=8,
+                                        shared={"hidden": 8, "gate": True}), 3, 2),
+    "product_key-2shards": (spec_dict({"kind": "product_key", "heads": 2, "k": 3, "d_key": 8},
+                                      E=64, kind="peer"), 2, 1),
+    "switch-1shard": (spec_dict({"kind": "switch", "capacity_factor": 1.0}, E=8), 1, 1),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_pool_equals_layer(ray_cluster, case):
+    data, shards, routers = CASES[case]
+    spec = PoolSpec.from_dict({**data, "name": f"t-{case}",
+                               "shards": {"count": shards, "routers": routers}})  # fmt: skip
+    layer = MoELayer(spec).eval()
+    with torch.no_grad():  # the pool gets weights that differ from its seeded init
+        for p in layer.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    pool = raymoe.serve(spec, weights=layer.state_dict())
+    try:
+        assert pool.describe()["shards"] == shards
+        x = torch.randn(33, 16)
+        with torch.no_grad():
+            want, info = layer(x, return_info=True)
+        for _ in range(routers):  # every router replica
+            assert (pool.forward(x) - want).abs().max().item() <= 1e-5
+        got = pool.forward(x, expert_ids=info.expert_ids, weights=info.weights)
+        assert (got - want).abs().max().item() <= 1e-5
+        assert isinstance(pool.forward(x.numpy()), np.ndarray)
+        other = raymoe.connect(spec.name)
+        assert (other.forward(x) - want).abs().max().item() <= 1e-5
+    finally:
+        pool.shutdown()
+
+
+def test_bad_input_through_the_handle_is_typed_and_pool_keeps_serving(ray_cluster):
+    spec = PoolSpec.from_dict({**spec_dict({"kind": "topk", "k": 2}, E=4), "name": "t-bad"})
+    pool = raymoe.serve(spec)
+    try:
+        with pytest.raises(ShapeError, match="16"):
+            pool.forward(torch.randn(3, 15))
+        with pytest.raises(ExpertIdError):
+            pool.forward(torch.randn(2, 16), expert_ids=torch.tensor([[0, 9]] * 2),
+                         weights=torch.ones(2, 2))  # fmt: skip
+        x = torch.randn(4, 16)
+        assert (pool.forward(x) - MoELayer(spec)(x)).abs().max().item() <= 1e-5
+    finally:
+        pool.shutdown()
+
+
+def test_connect_to_unknown_pool(ray_cluster):
+    with pytest.raises(raymoe.PoolNotFoundError):
+        raymoe.connect("no-such-pool")
+
+
+def test_demo_serves_checks_and_prints_a_table(ray_cluster, capsys):
+    from raymoe.cli import main
+
+    argv = ["demo", "--configs", "mixtral-tiny", "--clients", "2", "--requests", "2",
+            "--tokens", "32"]  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("mixtral-tiny"))
+    assert float(row.split()[7]) <= 1e-5  # max err column: served vs MoELayer
