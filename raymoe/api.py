@@ -18,10 +18,11 @@ from raymoe.errors import PoolNotFoundError, RaymoeError
 class PoolHandle:
     """A client of one pool; safe to pass to other Ray tasks and actors."""
 
-    def __init__(self, name: str, routers: list, shards: list | None = None):
+    def __init__(self, name: str, routers: list, shards: list | None = None, pinned=()):
         self.name = name
         self._routers = routers
         self._shards = shards or []
+        self._pinned = list(pinned)  # weight rows a restarting shard reloads
         self._next = itertools.count()
 
     def forward_async(self, x, *, expert_ids=None, weights=None, token_ids=None):
@@ -73,9 +74,9 @@ def serve(spec: PoolSpec | dict | str | Path, weights: dict | None = None,
         align = int(np.sqrt(spec.num_experts))
     placement = contiguous(spec.num_experts, spec.shards.count, align=align)
     np_weights = {k: _np(v) for k, v in (weights or {}).items()}
-    shards = actors.start_shards(spec, placement, np_weights)
+    shards, pinned = actors.start_shards(spec, placement, np_weights)
     routers = actors.start_routers(spec, shards, placement, np_weights)
-    handle = PoolHandle(spec.name, routers, shards)
+    handle = PoolHandle(spec.name, routers, shards, pinned)
     handle.describe()  # wait until the routers are up
     return handle
 

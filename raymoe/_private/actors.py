@@ -44,24 +44,33 @@ def _resources(spec: PoolSpec) -> dict:
     return {"num_cpus": spec.shards.num_cpus, "num_gpus": gpu}
 
 
-def start_shards(spec: PoolSpec, placement: Placement, weights: dict | None) -> list:
-    """One ExpertShard actor per shard, loaded with ``weights`` (neutral names) if given."""
+def start_shards(spec: PoolSpec, placement: Placement, weights: dict | None) -> tuple[list, list]:
+    """One ExpertShard actor per shard, loaded with ``weights`` (neutral names) if given.
+
+    Returns (shard handles, object refs of their rows). NOTE: Ray does not keep constructor
+    arguments alive for restarts; whoever owns the pool must hold the refs.
+
+    Shards restart when they die and their in-flight calls are retried (Ray's
+    ``max_restarts`` / ``max_task_retries``); the rows travel as an object-store argument of
+    the constructor, so a restarted shard comes back with the same weights.
+    """
     device = "cuda" if spec.shards.device == "cuda" or spec.shards.num_gpus > 0 else "cpu"
     cls = ray.remote(ExpertShard)
-    handles, loads = [], []
+    handles, pinned = [], []
     for n in range(placement.num_shards):
         experts = placement.shard_experts(n).numpy()
-        opts = {"name": actor_name(spec.name, "shard", n), "namespace": NAMESPACE}
-        h = cls.options(**opts, **_resources(spec)).remote(spec, n, experts, device)
+        rows = None
         if weights:
-            rows = {k.removeprefix("experts."): np.asarray(v)[experts]
-                    for k, v in weights.items() if k.startswith("experts.")}  # fmt: skip
-            loads.append(h.import_experts.remote(experts, rows))
-        handles.append(h)
-    # NOTE: Ray orders calls per caller only; the routers call the shards too, so the pool is
-    # not ready until every import has finished.
-    ray.get(loads + [h.take_load.remote() for h in handles])
-    return handles
+            rows = ray.put({k.removeprefix("experts."): np.asarray(v)[experts]
+                            for k, v in weights.items() if k.startswith("experts.")})  # fmt: skip
+            pinned.append(rows)
+        opts = {"name": actor_name(spec.name, "shard", n), "namespace": NAMESPACE,
+                "max_restarts": -1, "max_task_retries": -1}  # fmt: skip
+        handles.append(
+            cls.options(**opts, **_resources(spec)).remote(spec, n, experts, device, rows)
+        )
+    ray.get([h.take_load.remote() for h in handles])  # every shard built and loaded
+    return handles, pinned
 
 
 def start_routers(spec: PoolSpec, shards: list, placement: Placement, weights) -> list:

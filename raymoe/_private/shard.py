@@ -16,13 +16,28 @@ from raymoe.kernels import make_bank
 class ExpertShard:
     """Shapes: t tokens, S slots, d width, L local experts."""
 
-    def __init__(self, spec: PoolSpec, shard_id: int, expert_ids: np.ndarray, device: str = "cpu"):
+    def __init__(
+        self,
+        spec: PoolSpec,
+        shard_id: int,
+        expert_ids: np.ndarray,
+        device: str = "cpu",
+        rows: dict[str, np.ndarray] | None = None,
+    ):
+        """Build the bank of ``expert_ids`` (seeded init), then load ``rows`` if given.
+
+        NOTE: a restarted shard actor re-runs this constructor with the same arguments, so
+        passing ``rows`` here (from the object store) is what brings a dead shard back with
+        its experts' weights.
+        """
         self.spec = spec
         self.shard_id = shard_id
         self.device = torch.device(device)
         self.expert_ids = torch.as_tensor(np.asarray(expert_ids), dtype=torch.int64)  # [L]
         self.bank = make_bank(spec, self.expert_ids, device=self.device).eval()
         self.tokens_per_local = torch.zeros(len(self.expert_ids), dtype=torch.int64)
+        if rows:
+            self.import_experts(self.expert_ids.numpy(), rows)
 
     @torch.no_grad()
     def compute(self, x: np.ndarray, local_ids: np.ndarray, weights: np.ndarray) -> np.ndarray:

@@ -76,3 +76,46 @@ def test_demo_serves_checks_and_prints_a_table(ray_cluster, capsys):
     out = capsys.readouterr().out
     row = next(line for line in out.splitlines() if line.startswith("mixtral-tiny"))
     assert float(row.split()[7]) <= 1e-5  # max err column: served vs MoELayer
+
+
+def test_killed_shard_comes_back_and_no_request_fails(ray_cluster):
+    import threading
+
+    import ray
+
+    spec = PoolSpec.from_dict({**spec_dict({"kind": "topk", "k": 3}, E=8), "name": "t-kill",
+                               "shards": {"count": 3, "routers": 2}})  # fmt: skip
+    layer = MoELayer(spec).eval()
+    with torch.no_grad():
+        for p in layer.experts.parameters():
+            p.mul_(1.5)  # weights unlike the seeded init: a restart must reload these
+    pool = raymoe.serve(spec, weights=layer.state_dict())
+    xs = [torch.randn(24, 16, generator=torch.Generator().manual_seed(i)) for i in range(8)]
+    with torch.no_grad():
+        wants = [layer(x) for x in xs]
+    errors: list[float] = []
+    failures: list[BaseException] = []
+    started = threading.Barrier(9)
+
+    def client(i):
+        started.wait()
+        for _ in range(6):
+            try:
+                errors.append((pool.forward(xs[i]) - wants[i]).abs().max().item())
+            except BaseException as e:  # the test asserts there are none
+                failures.append(e)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
+    try:
+        for t in threads:
+            t.start()
+        started.wait()
+        ray.kill(pool._shards[1], no_restart=False)
+        for t in threads:
+            t.join(timeout=120)
+        assert not failures, failures[:1]
+        assert len(errors) == 48 and max(errors) <= 1e-5
+        after = pool.forward(xs[0])  # the shard is back, with its experts' weights
+        assert (after - wants[0]).abs().max().item() <= 1e-5
+    finally:
+        pool.shutdown()
