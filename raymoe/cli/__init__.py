@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from raymoe.cli import demo
+from raymoe.cli import demo, serve
 from raymoe.errors import RaymoeError
 
-COMMANDS = {"demo": demo}
+COMMANDS = {"demo": demo, "serve": serve}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -119,3 +119,16 @@ def test_killed_shard_comes_back_and_no_request_fails(ray_cluster):
         assert (after - wants[0]).abs().max().item() <= 1e-5
     finally:
         pool.shutdown()
+
+
+def test_cli_serve_runs_for_a_bounded_time(ray_cluster, capsys, tmp_path):
+    from raymoe.cli import main
+
+    cfg = tmp_path / "pool.yaml"
+    cfg.write_text(PoolSpec.from_dict(spec_dict({"kind": "topk", "k": 2}, E=4)).to_yaml())
+    assert main(["serve", "-c", str(cfg), "--name", "t-cli", "--interval", "0.2",
+                 "--duration", "0.5"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "serving pool 't-cli'" in out and "shard imbalance" in out
+    with pytest.raises(raymoe.PoolNotFoundError):
+        raymoe.connect("t-cli")  # shut down on exit

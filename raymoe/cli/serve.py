@@ -1,0 +1,44 @@
+"""Deploy a pool from a config and keep serving, with a live status line (Ctrl-C stops)."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+
+def add_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-c", "--config", required=True, help="pool spec YAML")
+    p.add_argument("--name", help="pool name (default: the spec's)")
+    p.add_argument("--interval", type=float, default=2.0, help="seconds between status lines")
+    p.add_argument("--duration", type=float, help="stop after this many seconds (default: never)")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import raymoe
+
+    spec = raymoe.PoolSpec.from_yaml(args.config)
+    pool = raymoe.serve(spec, name=args.name)
+    d = pool.describe()
+    print(f"serving pool {pool.name!r}: {spec.num_experts:,} experts on {d['shards']} shards, "
+          f"{spec.shards.routers} router(s); connect with raymoe.connect({pool.name!r})",
+          flush=True)  # fmt: skip
+    t0 = time.monotonic()
+    try:
+        while args.duration is None or time.monotonic() - t0 < args.duration:
+            time.sleep(max(0.0, min(args.interval, _left(args, t0))))
+            s = pool.stats()
+            pairs = sum(s["pairs_per_shard"])
+            print(f"\r[{pool.name}] up {time.monotonic() - t0:6.0f}s  pairs/s "
+                  f"{pairs / args.interval:10,.0f}  shard imbalance {s['imbalance']:.2f} ",
+                  end="", flush=True)  # fmt: skip
+    except KeyboardInterrupt:
+        pass
+    finally:
+        print("\nshutting down", flush=True)
+        pool.shutdown()
+    return 0
+
+
+def _left(args: argparse.Namespace, t0: float) -> float:
+    return float("inf") if args.duration is None else args.duration - (time.monotonic() - t0)
