@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 from pathlib import Path
 
 import numpy as np
@@ -71,11 +72,13 @@ def serve(spec: PoolSpec | dict | str | Path, weights: dict | None = None,
         ray.init(namespace=actors.NAMESPACE, include_dashboard=False, log_to_driver=False)
     align = 1
     if isinstance(spec.routing, ProductKeyRouting):
-        align = int(np.sqrt(spec.num_experts))
+        align = math.isqrt(spec.num_experts)
     placement = contiguous(spec.num_experts, spec.shards.count, align=align)
     np_weights = {k: _np(v) for k, v in (weights or {}).items()}
     shards, pinned = actors.start_shards(spec, placement, np_weights)
-    routers = actors.start_routers(spec, shards, placement, np_weights)
+    # routers hold the gate and shared experts only; expert rows went to the shards
+    router_weights = {k: v for k, v in np_weights.items() if not k.startswith("experts.")}
+    routers = actors.start_routers(spec, shards, placement, router_weights)
     handle = PoolHandle(spec.name, routers, shards, pinned)
     handle.describe()  # wait until the routers are up
     return handle
