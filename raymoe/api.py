@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 from pathlib import Path
@@ -11,92 +12,109 @@ import ray
 import torch
 
 from raymoe._private import actors
-from raymoe._private.placement import contiguous
+from raymoe._private.placement import contiguous, replicated
 from raymoe.config import PoolSpec, ProductKeyRouting, load_spec
-from raymoe.errors import PoolNotFoundError, RaymoeError
+from raymoe.errors import PoolExistsError, PoolNotFoundError, RaymoeError
 
 
 class PoolHandle:
     """A client of one pool; safe to pass to other Ray tasks and actors."""
 
-    def __init__(self, name: str, routers: list, shards: list | None = None, pinned=()):
+    def __init__(self, name: str, controller, routers: list):
         self.name = name
+        self._controller = controller
         self._routers = routers
-        self._shards = shards or []
-        self._pinned = list(pinned)  # weight rows a restarting shard reloads
         self._next = itertools.count()
 
-    def forward_async(self, x, *, expert_ids=None, weights=None, token_ids=None):
+    def forward_async(self, x, *, expert_ids=None, weights=None, token_ids=None, timeout_s=None):
         """Start a forward pass; returns a Ray ObjectRef of the numpy result."""
         router = self._routers[next(self._next) % len(self._routers)]
-        return router.forward.remote(
-            _np(x), expert_ids=_np(expert_ids), weights=_np(weights), token_ids=_np(token_ids)
-        )
+        return router.forward.remote(_np(x), expert_ids=_np(expert_ids), weights=_np(weights),
+                                     token_ids=_np(token_ids), timeout_s=timeout_s)  # fmt: skip
 
-    def forward(self, x, *, expert_ids=None, weights=None, token_ids=None):
-        """``x`` [..., d] (torch or numpy) -> output of the same kind and shape."""
-        ref = self.forward_async(x, expert_ids=expert_ids, weights=weights, token_ids=token_ids)
-        try:
-            out = actors.wait(ref)
-        except ray.exceptions.RayTaskError as e:
-            cause = e.as_instanceof_cause()
-            if isinstance(cause, RaymoeError):
-                raise _unwrap(cause) from None
-            raise
-        # NOTE: results come read-only out of the object store; callers get their own copy.
-        out = np.array(out)
+    def forward(self, x, *, expert_ids=None, weights=None, token_ids=None, timeout_s=None):
+        """``x`` [..., d] (torch or numpy) -> output of the same kind and shape.
+
+        ``expert_ids`` and ``weights`` ([T, S]) are client routes (-1 = empty slot);
+        ``token_ids`` ([T]) feed hash routing; ``timeout_s`` bounds the wait (at most the
+        spec's ``limits.request_timeout_s``). Raises typed raymoe errors.
+        """
+        ref = self.forward_async(x, expert_ids=expert_ids, weights=weights,
+                                 token_ids=token_ids, timeout_s=timeout_s)  # fmt: skip
+        out = np.array(_get(ref))  # results come read-only out of the object store: copy
         return torch.from_numpy(out) if isinstance(x, torch.Tensor) else out
 
     def describe(self) -> dict:
-        return actors.wait(self._routers[0].describe.remote())
+        """Spec, shards, routers, placement version, experts per shard."""
+        return _get(self._controller.describe.remote())
 
-    def stats(self) -> dict:
-        """Per-shard (token, expert) pairs computed since the last call, and their imbalance."""
-        loads = actors.wait([s.take_load.remote() for s in self._shards])
-        per_shard = [int(counts.sum()) for _, counts in loads]
-        mean = sum(per_shard) / max(len(per_shard), 1)
-        return {"pairs_per_shard": per_shard,
-                "imbalance": max(per_shard) / mean if mean else 1.0}  # fmt: skip
+    def stats(self, window_s: float = 60.0) -> dict:
+        """Tokens/s and latency p50/p99 over the last ``window_s``, batch sizes, per-shard
+        (token, expert) pairs and their imbalance (max/mean), per-expert load (numpy)."""
+        return _get(self._controller.stats.remote(window_s))
 
     def shutdown(self) -> None:
-        actors.kill(self._routers + self._shards)
+        """Stop every actor of the pool and forget its saved state."""
+        _get(self._controller.shutdown.remote())
+        actors.kill([self._controller])
 
 
 def serve(spec: PoolSpec | dict | str | Path, weights: dict | None = None,
           name: str | None = None) -> PoolHandle:  # fmt: skip
-    """Start a pool for ``spec`` (and ``weights`` in neutral names); starts local Ray if needed."""
+    """Start a pool for ``spec`` (and ``weights`` in neutral names); starts local Ray if needed.
+
+    Raises :class:`PoolExistsError` when a pool of that name already runs.
+    """
     spec = load_spec(spec)
     if name is not None:
         spec = spec.model_copy(update={"name": name})
     if not ray.is_initialized():
         ray.init(namespace=actors.NAMESPACE, include_dashboard=False, log_to_driver=False)
+    try:
+        actors.get_controller(spec.name)
+    except ValueError:
+        pass
+    else:
+        raise PoolExistsError(f"a raymoe pool named {spec.name!r} already runs; "
+                              "connect() to it or shut it down first")  # fmt: skip
     align = 1
     if isinstance(spec.routing, ProductKeyRouting):
-        align = math.isqrt(spec.num_experts)
+        align = math.isqrt(spec.num_experts)  # whole sub-key rows per shard
     placement = contiguous(spec.num_experts, spec.shards.count, align=align)
+    if spec.shards.replicas:
+        placement = replicated(placement, spec.shards.replicas)
+    controller = actors.start_controller(spec)
     np_weights = {k: _np(v) for k, v in (weights or {}).items()}
-    shards, pinned = actors.start_shards(spec, placement, np_weights)
-    # routers hold the gate and shared experts only; expert rows went to the shards
-    router_weights = {k: v for k, v in np_weights.items() if not k.startswith("experts.")}
-    routers = actors.start_routers(spec, shards, placement, router_weights)
-    handle = PoolHandle(spec.name, routers, shards, pinned)
-    handle.describe()  # wait until the routers are up
-    return handle
+    try:
+        _get(controller.start.remote(placement, np_weights or None))
+    except BaseException:
+        with contextlib.suppress(Exception):
+            _get(controller.shutdown.remote())
+        actors.kill([controller])
+        raise
+    return PoolHandle(spec.name, controller, _get(controller.routers.remote()))
 
 
 def connect(name: str = "default") -> PoolHandle:
     """A handle to the running pool ``name`` (from any driver, task or actor in the cluster)."""
     if not ray.is_initialized():
         ray.init(address="auto", namespace=actors.NAMESPACE, log_to_driver=False)
-    routers = []
-    for i in itertools.count():
-        try:
-            routers.append(actors.get_router(name, i))
-        except ValueError:
-            break
-    if not routers:
-        raise PoolNotFoundError(f"no raymoe pool named {name!r} runs in this cluster")
-    return PoolHandle(name, routers)
+    try:
+        controller = actors.get_controller(name)
+    except ValueError:
+        raise PoolNotFoundError(f"no raymoe pool named {name!r} runs in this cluster") from None
+    return PoolHandle(name, controller, _get(controller.routers.remote()))
+
+
+def _get(ref):
+    """``ray.get`` that re-raises a raymoe error as itself (not wrapped in RayTaskError)."""
+    try:
+        return actors.wait(ref)
+    except ray.exceptions.RayTaskError as e:
+        cause = e.as_instanceof_cause()
+        if isinstance(cause, RaymoeError):
+            raise _unwrap(cause) from None
+        raise
 
 
 def _np(a):

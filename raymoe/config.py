@@ -18,7 +18,7 @@ from typing import Annotated, Any, Literal
 import pydantic
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt
 
 from raymoe.errors import ConfigError
 
@@ -167,6 +167,9 @@ class ShardSpec(_Section):
     num_gpus: float = Field(0.0, ge=0.0)
     num_cpus: float = Field(0.0, ge=0.0)
     transport: Literal["object_store", "grpc"] = "object_store"
+    # operator's replica targets: expert id -> replica count (>= 1, at most ``count``); the
+    # extra replicas go on the shards after the expert's own, and routers spread its tokens
+    replicas: dict[NonNegativeInt, PositiveInt] = {}
 
 
 class LimitsSpec(_Section):
@@ -222,6 +225,13 @@ class PoolSpec(_Section):
             raise SpecProblem(
                 "shards.count", f"{self.shards.count} shards exceed {self.num_experts} experts"
             )
+        for e, r in self.shards.replicas.items():
+            if e >= self.num_experts:
+                raise SpecProblem("shards.replicas", f"expert {e} not in [0, {self.num_experts})")
+            if r > self.shards.count:
+                raise SpecProblem(
+                    "shards.replicas", f"expert {e}: {r} replicas exceed {self.shards.count} shards"
+                )
         if self.limits.max_batch_tokens > self.limits.max_request_tokens:
             raise SpecProblem("limits.max_batch_tokens", "must not exceed max_request_tokens")
         return self

@@ -77,3 +77,15 @@ class PoolUnavailableError(PoolError):
 
 class DeadlineExceededError(PoolError, TimeoutError):
     """A request did not complete before its deadline."""
+
+
+class PoolOverloadedError(PoolError):
+    """The pool's bounded request queue is full; retry later (gRPC RESOURCE_EXHAUSTED)."""
+
+
+class ShardNotReadyError(PoolError):
+    """A shard is (re)loading its experts; the router retries the sub-batch."""
+
+
+class PoolExistsError(PoolError):
+    """A pool of that name already runs in the cluster."""

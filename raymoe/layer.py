@@ -126,23 +126,30 @@ class MoELayer(nn.Module):
         load = LoadStats(tokens_per_expert(routes.ids, spec.num_experts), routes.dropped)
         return out, MoEInfo(routes.ids, routes.weights, routes.aux_losses, load)
 
-    def route(self, flat, x, *, token_ids=None, expert_ids=None, weights=None) -> Routes:
-        """Gate ``flat`` ([T, d]) or validate client routes; ``x`` is the caller's tensor."""
+    def check_route_inputs(self, flat, x, *, token_ids=None, expert_ids=None, weights=None):
+        """Raise the typed error :meth:`route` would raise for these inputs, gating nothing."""
         T = flat.shape[0]
         if expert_ids is not None or weights is not None:
             check_routes(expert_ids, weights, tokens=T, num_experts=self.spec.num_experts,
                          device=self.device)  # fmt: skip
-            return Routes(expert_ids.long(), weights.to(torch.float32))
+            return
         gate = self.router
         if gate.needs_token_ids:
             check_token_ids(token_ids, tokens=T, vocab_size=gate.vocab_size, device=self.device)
-        seq_len = None
-        if gate.needs_sequences:
-            if x.dim() != 3:
-                raise ShapeError(
-                    f"per-sequence capacity needs x of shape [B, L, d], got {list(x.shape)}"
-                )
-            seq_len = x.shape[1]
+        if gate.needs_sequences and x.dim() != 3:
+            raise ShapeError(
+                f"per-sequence capacity needs x of shape [B, L, d], got {list(x.shape)}"
+            )
+
+    def route(self, flat, x, *, token_ids=None, expert_ids=None, weights=None) -> Routes:
+        """Gate ``flat`` ([T, d]) or validate client routes; ``x`` is the caller's tensor."""
+        T = flat.shape[0]
+        self.check_route_inputs(flat, x, token_ids=token_ids, expert_ids=expert_ids,
+                                weights=weights)  # fmt: skip
+        if expert_ids is not None or weights is not None:
+            return Routes(expert_ids.long(), weights.to(torch.float32))
+        gate = self.router
+        seq_len = x.shape[1] if gate.needs_sequences else None
         if T == 0:
             empty = torch.zeros((0, self.spec.slots), device=flat.device)
             return Routes(empty.long(), empty)

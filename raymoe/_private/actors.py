@@ -1,24 +1,54 @@
 """The one place where raymoe's plain classes become Ray actors and where Ray is called.
 
-Actor options (name, namespace, resources, lifetime) are applied here; state machines and the
-data path never call ``ray.get`` or ``ray.remote`` themselves.
+Actor options (name, namespace, resources, lifetime, restarts) are applied here; state machines
+and the data path never call ``ray.get`` or ``ray.remote`` themselves.
+
+Every actor of a pool is named ``{pool}:{role}:{index}`` in the ``raymoe`` namespace and is
+detached, so the pool outlives the driver that started it and a restarted controller finds its
+shards and routers by name. Restart rules:
+
+- shards restart forever; their calls are *not* retried by Ray (``max_task_retries=0``): the
+  router retries a failed sub-batch itself, on another replica where there is one;
+- routers and the controller restart forever and Ray retries calls to them (a forward pass
+  and every controller call is safe to repeat).
 """
 
 from __future__ import annotations
 
-import numpy as np
+import asyncio
+import contextlib
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
 import ray
 
-from raymoe._private.placement import Placement
+from raymoe._private.controller import Controller
 from raymoe._private.router import Router
 from raymoe._private.shard import ExpertShard
 from raymoe.config import PoolSpec
+from raymoe.errors import ShardNotReadyError
+from raymoe.store import EmbeddedStore
 
 NAMESPACE = "raymoe"
 
+# NOTE: arrays arrive read-only from the object store; raymoe never writes into them.
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+STORE_DIR_ENV = "RAYMOE_STORE_DIR"
 
-def actor_name(pool: str, role: str, index: int) -> str:
+
+def actor_name(pool: str, role: str, index: int = 0) -> str:
     return f"{pool}:{role}:{index}"
+
+
+def store_dir() -> Path:
+    """Root of the embedded metadata store (``$RAYMOE_STORE_DIR`` or a temp directory)."""
+    return Path(os.environ.get(STORE_DIR_ENV) or Path(tempfile.gettempdir()) / "raymoe-store")
+
+
+def _device(spec: PoolSpec) -> str:
+    return "cuda" if spec.shards.device == "cuda" or spec.shards.num_gpus > 0 else "cpu"
 
 
 class RayShardCalls:
@@ -27,67 +57,133 @@ class RayShardCalls:
     def __init__(self, handles: list):
         self.handles = handles
 
-    def compute_many(self, calls):
-        refs = [self.handles[n].compute.remote(x, ids, w) for n, x, ids, w in calls]
-        return ray.get(refs)
+    async def compute(self, shard, x, local_ids, weights):
+        return await self.handles[shard].compute.remote(x, local_ids, weights)
+
+    def retryable(self, error: BaseException) -> bool:
+        if isinstance(error, ray.exceptions.RayActorError | ray.exceptions.ObjectLostError):
+            return True
+        return isinstance(error, ray.exceptions.RayTaskError) and isinstance(
+            error.as_instanceof_cause(), ShardNotReadyError
+        )
+
+
+class ShardActor(ExpertShard):
+    def __init__(self, spec: PoolSpec, shard_id: int):
+        super().__init__(spec, shard_id, device=_device(spec))
 
 
 class RouterActor(Router):
-    """Router that builds its shard transport from actor handles inside the actor."""
+    """An asyncio actor: thousands of concurrent forward calls wait in its bounded queue."""
 
-    def __init__(self, spec: PoolSpec, shard_handles: list, placement: Placement, weights=None):
-        super().__init__(spec, RayShardCalls(shard_handles), placement, weights)
-
-
-def _resources(spec: PoolSpec) -> dict:
-    gpu = spec.shards.num_gpus if spec.shards.device != "cpu" else 0.0
-    return {"num_cpus": spec.shards.num_cpus, "num_gpus": gpu}
+    def configure_pool(self, shard_handles: list, placement, weights=None) -> None:
+        self.configure(RayShardCalls(shard_handles), placement, weights)
 
 
-def start_shards(spec: PoolSpec, placement: Placement, weights: dict | None) -> tuple[list, list]:
-    """One ExpertShard actor per shard, loaded with ``weights`` (neutral names) if given.
+class RayCluster:
+    """:class:`raymoe._private.controller.Cluster` on Ray: creates and calls pool actors."""
 
-    Returns (shard handles, object refs of their rows). NOTE: Ray does not keep constructor
-    arguments alive for restarts; whoever owns the pool must hold the refs.
+    def __init__(self, spec: PoolSpec):
+        self.spec = spec
 
-    Shards restart when they die and their in-flight calls are retried (Ray's
-    ``max_restarts`` / ``max_task_retries``); the rows travel as an object-store argument of
-    the constructor, so a restarted shard comes back with the same weights.
-    """
-    device = "cuda" if spec.shards.device == "cuda" or spec.shards.num_gpus > 0 else "cpu"
-    cls = ray.remote(ExpertShard)
-    handles, pinned = [], []
-    for n in range(placement.num_shards):
-        experts = placement.shard_experts(n).numpy()
-        rows = None
-        if weights:
-            rows = ray.put({k.removeprefix("experts."): np.asarray(v)[experts]
-                            for k, v in weights.items() if k.startswith("experts.")})  # fmt: skip
-            pinned.append(rows)
-        opts = {"name": actor_name(spec.name, "shard", n), "namespace": NAMESPACE,
-                "max_restarts": -1, "max_task_retries": -1}  # fmt: skip
-        handles.append(
-            cls.options(**opts, **_resources(spec)).remote(spec, n, experts, device, rows)
-        )
-    ray.get([h.take_load.remote() for h in handles])  # every shard built and loaded
-    return handles, pinned
+    def _opts(self, role: str, index: int, **extra) -> dict:
+        name = actor_name(self.spec.name, role, index)
+        return {"name": name, "namespace": NAMESPACE, "lifetime": "detached",
+                "get_if_exists": True, "max_restarts": -1, **extra}  # fmt: skip
 
+    def shard(self, index: int):
+        s = self.spec.shards
+        gpus = s.num_gpus if s.device != "cpu" else 0.0
+        opts = self._opts("shard", index, max_task_retries=0, num_cpus=s.num_cpus, num_gpus=gpus)
+        return ray.remote(ShardActor).options(**opts).remote(self.spec, index)
 
-def start_routers(spec: PoolSpec, shards: list, placement: Placement, weights) -> list:
-    cls = ray.remote(RouterActor)
-    routers = []
-    for i in range(spec.shards.routers):
-        opts = {"name": actor_name(spec.name, "router", i), "namespace": NAMESPACE}
-        routers.append(cls.options(**opts, num_cpus=0).remote(spec, shards, placement, weights))
-    return routers
+    def router(self, index: int):
+        opts = self._opts("router", index, max_task_retries=-1, num_cpus=0,
+                          max_concurrency=4 * self.spec.limits.max_queued_requests)  # fmt: skip
+        return ray.remote(RouterActor).options(**opts).remote(self.spec)
+
+    def put(self, value):
+        return ray.put(value)
+
+    async def call(self, handle, method: str, *args, timeout: float | None = None):
+        ref = getattr(handle, method).remote(*args)
+        return await asyncio.wait_for(asyncio.wrap_future(ref.future()), timeout)
+
+    def kill(self, handles: list) -> None:
+        for h in handles:
+            with contextlib.suppress(ValueError):  # already gone
+                ray.kill(h, no_restart=True)
 
 
-def get_router(pool: str, index: int):
-    return ray.get_actor(actor_name(pool, "router", index), namespace=NAMESPACE)
+class ControllerActor:
+    """The controller as a detached asyncio actor; resumes from the store after a restart."""
+
+    def __init__(self, spec: PoolSpec, store_root: str):
+        self.controller = Controller(spec, RayCluster(spec), EmbeddedStore(store_root))
+        self._loop: asyncio.Task | None = None
+        with warnings.catch_warnings():  # Ray's own property trips its deprecation warning
+            warnings.simplefilter("ignore")
+            self._recovering = ray.get_runtime_context().was_current_actor_reconstructed
+        self._started = asyncio.Event()
+
+    async def _ensure(self) -> None:
+        if self._recovering and not self._started.is_set():
+            self._started.set()
+            await self.controller.recover()
+            self._run()
+
+    def _run(self) -> None:
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop().create_task(self.controller.run())
+
+    async def start(self, placement, weights=None) -> dict:
+        if not self._started.is_set():
+            self._started.set()
+            await self.controller.start(placement, weights)
+            self._run()
+        return self.controller.describe()
+
+    async def describe(self) -> dict:
+        await self._ensure()
+        return self.controller.describe()
+
+    async def routers(self) -> list:
+        await self._ensure()
+        return self.controller.routers
+
+    async def shards(self) -> list:
+        await self._ensure()
+        return self.controller.shards
+
+    async def stats(self, window_s: float = 60.0) -> dict:
+        await self._ensure()
+        return await self.controller.stats(window_s)
+
+    async def shutdown(self) -> None:
+        await self._ensure()
+        if self._loop is not None:
+            self._loop.cancel()
+        await self.controller.shutdown()
+
+    async def ping(self) -> bool:
+        await self._ensure()
+        return True
 
 
-def wait(refs):
-    return ray.get(refs)
+def start_controller(spec: PoolSpec):
+    """Create the pool's controller (a fresh one: an existing pool of that name is an error)."""
+    name = actor_name(spec.name, "controller")
+    opts = {"name": name, "namespace": NAMESPACE, "lifetime": "detached", "max_restarts": -1,
+            "max_task_retries": -1, "num_cpus": 0}  # fmt: skip
+    return ray.remote(ControllerActor).options(**opts).remote(spec, str(store_dir()))
+
+
+def get_controller(pool: str):
+    return ray.get_actor(actor_name(pool, "controller"), namespace=NAMESPACE)
+
+
+def wait(refs, timeout: float | None = None):
+    return ray.get(refs, timeout=timeout)
 
 
 def kill(handles: list) -> None:

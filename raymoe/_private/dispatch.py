@@ -27,11 +27,18 @@ class SubBatch:
     weights: torch.Tensor
 
 
-def choose_replicas(ids: torch.Tensor, placement: Placement, load: torch.Tensor | None = None):
+def choose_replicas(
+    ids: torch.Tensor,
+    placement: Placement,
+    load: torch.Tensor | None = None,
+    avoid: torch.Tensor | None = None,
+):
     """Pick one replica per (token, slot): ``ids`` [T, S] -> (shard [T, S], local [T, S]).
 
     Several replicas share an expert's pairs round-robin by pair position, weighted towards
     shards with less outstanding work when ``load`` ([N]) is given (least outstanding work).
+    ``avoid`` ([N] bool, e.g. shards that just failed) moves pairs to another replica where
+    the expert has one; an expert whose every replica is avoided keeps its pick.
     """
     valid = ids >= 0
     safe = ids.clamp(min=0)
@@ -45,6 +52,17 @@ def choose_replicas(ids: torch.Tensor, placement: Placement, load: torch.Tensor 
             alt = (pick + 1) % count
             s_pick, s_alt = placement.shard[first + pick], placement.shard[first + alt]
             pick = torch.where(load[s_alt] < load[s_pick], alt, pick)
+        if avoid is not None:
+            chosen = pick
+            # NOTE: walk round each expert's replicas until one is not avoided (bounded by the
+            # largest replica count, a small number).
+            for _ in range(int(count.max()) - 1):
+                bad = avoid[placement.shard[first + pick]]
+                if not bool(bad.any()):
+                    break
+                pick = torch.where(bad, (pick + 1) % count, pick)
+            still = avoid[placement.shard[first + pick]]
+            pick = torch.where(still, chosen, pick)
         row = first + pick
     else:
         row = first
@@ -54,10 +72,14 @@ def choose_replicas(ids: torch.Tensor, placement: Placement, load: torch.Tensor 
 
 
 def split_by_shard(
-    ids: torch.Tensor, weights: torch.Tensor, placement: Placement, load: torch.Tensor | None = None
+    ids: torch.Tensor,
+    weights: torch.Tensor,
+    placement: Placement,
+    load: torch.Tensor | None = None,
+    avoid: torch.Tensor | None = None,
 ) -> list[SubBatch]:
     """One :class:`SubBatch` per shard that has work (a loop over shards, never experts)."""
-    shard, local = choose_replicas(ids, placement, load)
+    shard, local = choose_replicas(ids, placement, load, avoid)
     out = []
     for n in torch.unique(shard[shard >= 0]).tolist():
         on = shard == n

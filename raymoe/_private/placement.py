@@ -12,9 +12,11 @@ Replicas are stored in CSR form so that a placement of 1M experts is a handful o
 
 from __future__ import annotations
 
+import io
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
@@ -46,6 +48,19 @@ class Placement:
         rows = (self.shard == shard).nonzero().squeeze(1)
         expert = torch.searchsorted(self.ptr, rows, right=True) - 1
         return expert[torch.argsort(self.local[rows])]
+
+    def to_bytes(self) -> bytes:
+        """A compact, pickle-free encoding (``.npz``) for the metadata store."""
+        buf = io.BytesIO()
+        arrays = {k: getattr(self, k).numpy() for k in ("ptr", "shard", "local")}
+        np.savez(buf, version=self.version, num_shards=self.num_shards, **arrays)
+        return buf.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Placement:
+        with np.load(io.BytesIO(data), allow_pickle=False) as z:
+            return cls(int(z["version"]), int(z["num_shards"]), *(
+                torch.from_numpy(z[k].copy()) for k in ("ptr", "shard", "local")))  # fmt: skip
 
     def primary(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(shard [E], local [E]) of each expert's first replica."""
@@ -92,3 +107,16 @@ def with_replicas(base: Placement, expert_shards: dict[int, list[int]], version:
         for i, (s, loc) in enumerate(reps):
             shard[at + i], local[at + i] = s, loc
     return Placement(version, base.num_shards, ptr, shard, local)
+
+
+def replicated(base: Placement, targets: dict[int, int], version: int | None = None) -> Placement:
+    """``base`` with expert ``e`` on ``targets[e]`` shards: the extra replicas go on the shards
+    after its first replica's (wrapping round), so copies of one expert never share a shard."""
+    first, _ = base.primary()
+    extra = {}
+    for e, count in sorted(targets.items()):
+        have = int(base.replicas()[e])
+        start = int(first[e])
+        extra[e] = [(start + j) % base.num_shards for j in range(have, min(count, base.num_shards))]
+    extra = {e: s for e, s in extra.items() if s}
+    return with_replicas(base, extra, base.version if version is None else version)

@@ -10,38 +10,54 @@ import numpy as np
 import torch
 
 from raymoe.config import PoolSpec
+from raymoe.errors import ShardNotReadyError
 from raymoe.kernels import make_bank
 
 
 class ExpertShard:
-    """Shapes: t tokens, S slots, d width, L local experts."""
+    """Shapes: t tokens, S slots, d width, L local experts.
+
+    A shard starts empty when built without ``expert_ids``: a shard actor that Ray restarts
+    re-runs only this constructor, and stays not ready (``compute`` raises
+    :class:`ShardNotReadyError`) until its controller calls :meth:`configure` again.
+    """
 
     def __init__(
         self,
         spec: PoolSpec,
         shard_id: int,
-        expert_ids: np.ndarray,
+        expert_ids: np.ndarray | None = None,
         device: str = "cpu",
         rows: dict[str, np.ndarray] | None = None,
     ):
-        """Build the bank of ``expert_ids`` (seeded init), then load ``rows`` if given.
-
-        NOTE: a restarted shard actor re-runs this constructor with the same arguments, so
-        passing ``rows`` here (from the object store) is what brings a dead shard back with
-        its experts' weights.
-        """
         self.spec = spec
         self.shard_id = shard_id
         self.device = torch.device(device)
+        self.bank = None
+        self.expert_ids = torch.zeros(0, dtype=torch.int64)
+        if expert_ids is not None:
+            self.configure(expert_ids, rows)
+
+    def configure(self, expert_ids: np.ndarray, rows: dict[str, np.ndarray] | None = None):
+        """Build the bank of ``expert_ids`` (seeded init), then load ``rows`` if given."""
         self.expert_ids = torch.as_tensor(np.asarray(expert_ids), dtype=torch.int64)  # [L]
-        self.bank = make_bank(spec, self.expert_ids, device=self.device).eval()
+        self.bank = make_bank(self.spec, self.expert_ids, device=self.device).eval()
         self.tokens_per_local = torch.zeros(len(self.expert_ids), dtype=torch.int64)
         if rows:
             self.import_experts(self.expert_ids.numpy(), rows)
 
+    @property
+    def ready(self) -> bool:
+        return self.bank is not None
+
+    def status(self) -> dict:
+        return {"shard": self.shard_id, "ready": self.ready, "experts": len(self.expert_ids)}
+
     @torch.no_grad()
     def compute(self, x: np.ndarray, local_ids: np.ndarray, weights: np.ndarray) -> np.ndarray:
         """``x`` [t, d], ``local_ids`` [t, S] (-1 = not here), ``weights`` [t, S] -> [t, d]."""
+        if self.bank is None:
+            raise ShardNotReadyError(f"shard {self.shard_id} is loading its experts")
         xt = torch.from_numpy(x).to(self.device)
         ids = torch.from_numpy(local_ids).to(self.device)
         w = torch.from_numpy(weights).to(self.device)
@@ -51,6 +67,8 @@ class ExpertShard:
 
     def take_load(self) -> tuple[np.ndarray, np.ndarray]:
         """(global expert ids [L], tokens each got since the last call [L]); resets counts."""
+        if self.bank is None:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
         counts = self.tokens_per_local.numpy().copy()
         self.tokens_per_local.zero_()
         return self.expert_ids.numpy().copy(), counts

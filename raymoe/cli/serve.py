@@ -27,10 +27,12 @@ def run(args: argparse.Namespace) -> int:
     try:
         while args.duration is None or time.monotonic() - t0 < args.duration:
             time.sleep(max(0.0, min(args.interval, _left(args, t0))))
-            s = pool.stats()
-            pairs = sum(s["pairs_per_shard"])
-            print(f"\r[{pool.name}] up {time.monotonic() - t0:6.0f}s  pairs/s "
-                  f"{pairs / args.interval:10,.0f}  shard imbalance {s['imbalance']:.2f} ",
+            s = pool.stats(window_s=max(args.interval, 1.0))
+            tps = s.get("tokens_per_s") or 0.0
+            lat = s.get("latency_ms", {})
+            print(f"\r[{pool.name}] up {time.monotonic() - t0:6.0f}s  requests {s['requests']:>7}"
+                  f"  tokens/s {tps:10,.0f}  p50 {lat.get('p50', 0):7.1f} ms"
+                  f"  p99 {lat.get('p99', 0):7.1f} ms  shard imbalance {s['imbalance']:.2f} ",
                   end="", flush=True)  # fmt: skip
     except KeyboardInterrupt:
         pass

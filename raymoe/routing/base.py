@@ -39,6 +39,9 @@ class Gate(nn.Module):
     kind: ClassVar[str]
     needs_token_ids: ClassVar[bool] = False
     needs_sequences: bool = False
+    # NOTE: a batch-coupled gate's choice for a token depends on the other tokens of the batch
+    # (capacity, expert choice): a router gates each request of a coalesced batch on its own.
+    batch_coupled: ClassVar[bool] = False
 
     def __init__(self, spec: PoolSpec):
         super().__init__()

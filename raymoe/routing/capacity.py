@@ -33,6 +33,8 @@ class SwitchGate(Gate):
     ``capacity_scope: sequence`` (then the layer's input must be [B, L, d]).
     """
 
+    batch_coupled = True
+
     kind = "switch"
 
     def __init__(self, spec: PoolSpec):
@@ -77,6 +79,8 @@ class ExpertChoiceGate(Gate):
     C = min(T, ceil(capacity_factor * T * k / E)). A token can get 0..E experts; ids are
     padded with -1 to the largest count in the batch and listed in ascending expert order.
     """
+
+    batch_coupled = True
 
     kind = "expert_choice"
 

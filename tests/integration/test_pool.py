@@ -2,62 +2,145 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
+import ray
 import torch
 
 import raymoe
-from raymoe import ExpertIdError, MoELayer, PoolSpec, ShapeError
+from raymoe import (
+    DTypeError,
+    ExpertIdError,
+    InvalidInputError,
+    MoELayer,
+    NonFiniteError,
+    PoolSpec,
+    RequestTooLargeError,
+    ShapeError,
+)
 from tests.helpers import spec_dict
 
 pytestmark = pytest.mark.integration
 
-CASES = {
-    "topk-3shards-2routers": (spec_dict({"kind": "topk", "k": 2, "renormalize": True}, E=8,
-                                        shared={"hidden": 8, "gate": True}), 3, 2),
-    "product_key-2shards": (spec_dict({"kind": "product_key", "heads": 2, "k": 3, "d_key": 8},
-                                      E=64, kind="peer"), 2, 1),
-    "switch-1shard": (spec_dict({"kind": "switch", "capacity_factor": 1.0}, E=8), 1, 1),
+ROUTINGS = {
+    "topk": spec_dict({"kind": "topk", "k": 2, "renormalize": True}, E=8,
+                      shared={"hidden": 8, "gate": True}),
+    "groups": spec_dict({"kind": "topk", "k": 2, "score": "sigmoid", "n_groups": 4,
+                         "topk_groups": 2, "correction_bias": True}, E=16),
+    "dense": spec_dict({"kind": "dense"}, E=8),
+    "switch": spec_dict({"kind": "switch", "capacity_factor": 0.5}, E=8),
+    "expert_choice": spec_dict({"kind": "expert_choice", "k": 2}, E=8),
+    "hash": spec_dict({"kind": "hash", "vocab_size": 100}, E=8),
+    "product_key": spec_dict({"kind": "product_key", "heads": 2, "k": 3, "d_key": 8}, E=64,
+                             kind="peer"),
+    "hierarchical": spec_dict({"kind": "hierarchical", "n_groups": 4, "k_groups": 2, "k": 2},
+                              E=16),
 }  # fmt: skip
+CONFIGS = Path(__file__).parents[2] / "examples" / "configs"
+
+# (routing or example config, shards, routers, replicated): every routing kind and example
+# config; every shard count 1/2/3/8, with and without replicas, 1 and 3 routers among them.
+MATRIX = [
+    ("topk", 1, 1, False), ("topk", 2, 3, True), ("topk", 3, 1, True), ("topk", 8, 3, True),
+    ("groups", 3, 3, True), ("dense", 2, 1, False), ("switch", 3, 3, True),
+    ("expert_choice", 2, 1, True), ("hash", 8, 1, False), ("product_key", 2, 3, True),
+    ("hierarchical", 1, 3, False), ("mixtral-tiny", 2, 1, True), ("deepseek-tiny", 3, 3, True),
+    ("switch-tiny", 2, 1, False),
+]  # fmt: skip
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
-def test_pool_equals_layer(ray_cluster, case):
-    data, shards, routers = CASES[case]
-    spec = PoolSpec.from_dict({**data, "name": f"t-{case}",
-                               "shards": {"count": shards, "routers": routers}})  # fmt: skip
+def _spec(case: str, shards: int, routers: int, replicated: bool) -> PoolSpec:
+    if case in ROUTINGS:
+        data = dict(ROUTINGS[case])
+    else:
+        data = PoolSpec.from_yaml(CONFIGS / f"{case}.yaml").model_dump(mode="json")
+    E = PoolSpec.from_dict(data).num_experts
+    layout = {"count": shards, "routers": routers}
+    if replicated and shards > 1:
+        layout["replicas"] = {0: shards, E // 2: 2, E - 1: 2}
+    return PoolSpec.from_dict({**data, "name": f"t-{case}-{shards}-{routers}", "shards": layout})
+
+
+def _perturbed(spec: PoolSpec) -> MoELayer:
     layer = MoELayer(spec).eval()
     with torch.no_grad():  # the pool gets weights that differ from its seeded init
         for p in layer.parameters():
             p.add_(torch.randn_like(p) * 0.05)
+    return layer
+
+
+@pytest.mark.parametrize("case,shards,routers,replicated", MATRIX,
+                         ids=[f"{c}-{s}shards-{r}routers{'-replicas' if p else ''}"
+                              for c, s, r, p in MATRIX])  # fmt: skip
+def test_pool_equals_layer(ray_cluster, case, shards, routers, replicated):
+    spec = _spec(case, shards, routers, replicated)
+    layer = _perturbed(spec)
     pool = raymoe.serve(spec, weights=layer.state_dict())
     try:
-        assert pool.describe()["shards"] == shards
-        x = torch.randn(33, 16)
+        d = pool.describe()
+        assert d["shards"] == shards and d["routers"] == routers
+        assert d["replicas"] > d["experts"] if replicated and shards > 1 else True
+        hashed = spec.routing.kind == "hash"
+        g = torch.Generator().manual_seed(0)
+        xs = [torch.randn(1 + (7 * i) % 23, spec.d_model, generator=g) for i in range(32)]
+        toks = [torch.randint(0, 100, (len(x),), generator=g) if hashed else None for x in xs]
         with torch.no_grad():
-            want, info = layer(x, return_info=True)
-        for _ in range(routers):  # every router replica
-            assert (pool.forward(x) - want).abs().max().item() <= 1e-5
-        got = pool.forward(x, expert_ids=info.expert_ids, weights=info.weights)
+            wants = [layer(x, token_ids=t) for x, t in zip(xs, toks, strict=True)]
+        # 32 concurrent callers: requests are coalesced, each caller gets exactly its rows
+        refs = [pool.forward_async(x, token_ids=t) for x, t in zip(xs, toks, strict=True)]
+        for ref, want in zip(refs, wants, strict=True):
+            assert np.abs(ray.get(ref) - want.numpy()).max() <= 1e-5
+        x, tok, want = xs[-1], toks[-1], wants[-1]
+        with torch.no_grad():
+            _, info = layer(x, token_ids=tok, return_info=True)
+        got = pool.forward(x, expert_ids=info.expert_ids, weights=info.weights)  # client routes
         assert (got - want).abs().max().item() <= 1e-5
-        assert isinstance(pool.forward(x.numpy()), np.ndarray)
+        assert isinstance(pool.forward(x.numpy(), token_ids=tok), np.ndarray)
         other = raymoe.connect(spec.name)
-        assert (other.forward(x) - want).abs().max().item() <= 1e-5
+        assert (other.forward(x, token_ids=tok) - want).abs().max().item() <= 1e-5
+        st = pool.stats()
+        assert st["counters"]["batches"] < st["requests"]  # batching happened
     finally:
         pool.shutdown()
 
 
 def test_bad_input_through_the_handle_is_typed_and_pool_keeps_serving(ray_cluster):
-    spec = PoolSpec.from_dict({**spec_dict({"kind": "topk", "k": 2}, E=4), "name": "t-bad"})
+    limits = {"max_request_tokens": 64, "max_batch_tokens": 64}
+    spec = PoolSpec.from_dict({**spec_dict({"kind": "topk", "k": 2}, E=4), "name": "t-bad",
+                               "limits": limits})  # fmt: skip
     pool = raymoe.serve(spec)
+    layer = MoELayer(spec)
+    nan = torch.randn(2, 16)
+    nan[1, 3] = float("nan")
+    bad = [
+        (ShapeError, "16", dict(x=torch.randn(3, 15))),
+        (DTypeError, "float32", dict(x=torch.randn(3, 16, dtype=torch.float64))),
+        (NonFiniteError, "NaN|finite", dict(x=nan)),
+        (RequestTooLargeError, "64", dict(x=torch.randn(65, 16))),
+        (ExpertIdError, "9|range", dict(x=torch.randn(2, 16), expert_ids=torch.tensor([[0, 9]] * 2),
+                                 weights=torch.ones(2, 2))),
+        (ExpertIdError, None, dict(x=torch.randn(2, 16), expert_ids=torch.tensor([[0, -2]] * 2),
+                                 weights=torch.ones(2, 2))),
+        (ShapeError, None, dict(x=torch.randn(2, 16), expert_ids=torch.tensor([[0, 1]] * 2),
+                              weights=torch.ones(2, 3))),
+        (InvalidInputError, None, dict(x=torch.randn(2, 16),
+                                       expert_ids=torch.tensor([[0, 1]] * 2))),
+    ]  # fmt: skip
     try:
-        with pytest.raises(ShapeError, match="16"):
-            pool.forward(torch.randn(3, 15))
-        with pytest.raises(ExpertIdError):
-            pool.forward(torch.randn(2, 16), expert_ids=torch.tensor([[0, 9]] * 2),
-                         weights=torch.ones(2, 2))  # fmt: skip
-        x = torch.randn(4, 16)
-        assert (pool.forward(x) - MoELayer(spec)(x)).abs().max().item() <= 1e-5
+        good = torch.randn(4, 16)
+        pending = [pool.forward_async(good) for _ in range(8)]  # other callers, in flight
+        for cls, msg, kw in bad:
+            with pytest.raises(cls, match=msg):
+                pool.forward(kw.pop("x"), **kw)
+        with torch.no_grad():
+            want = layer(good).numpy()
+        for ref in pending:
+            assert np.abs(ray.get(ref) - want).max() <= 1e-5
+        assert np.abs(pool.forward(good.numpy()) - want).max() <= 1e-5
+        with pytest.raises(raymoe.PoolExistsError):
+            raymoe.serve(spec)
     finally:
         pool.shutdown()
 
@@ -78,45 +161,77 @@ def test_demo_serves_checks_and_prints_a_table(ray_cluster, capsys):
     assert float(row.split()[7]) <= 1e-5  # max err column: served vs MoELayer
 
 
-def test_killed_shard_comes_back_and_no_request_fails(ray_cluster):
+def _traffic(pool, layer, kill, clients=8, rounds=6):
+    """``clients`` threads send ``rounds`` requests each while ``kill()`` runs; returns
+    (max abs error of every answer, failures)."""
     import threading
 
-    import ray
-
-    spec = PoolSpec.from_dict({**spec_dict({"kind": "topk", "k": 3}, E=8), "name": "t-kill",
-                               "shards": {"count": 3, "routers": 2}})  # fmt: skip
-    layer = MoELayer(spec).eval()
-    with torch.no_grad():
-        for p in layer.experts.parameters():
-            p.mul_(1.5)  # weights unlike the seeded init: a restart must reload these
-    pool = raymoe.serve(spec, weights=layer.state_dict())
-    xs = [torch.randn(24, 16, generator=torch.Generator().manual_seed(i)) for i in range(8)]
+    xs = [torch.randn(24, 16, generator=torch.Generator().manual_seed(i)) for i in range(clients)]
     with torch.no_grad():
         wants = [layer(x) for x in xs]
     errors: list[float] = []
     failures: list[BaseException] = []
-    started = threading.Barrier(9)
+    started = threading.Barrier(clients + 1)
 
     def client(i):
         started.wait()
-        for _ in range(6):
+        for _ in range(rounds):
             try:
                 errors.append((pool.forward(xs[i]) - wants[i]).abs().max().item())
-            except BaseException as e:  # the test asserts there are none
+            except BaseException as e:  # the tests assert there are none
                 failures.append(e)
 
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    started.wait()
+    kill()
+    for t in threads:
+        t.join(timeout=120)
+    assert len(errors) + len(failures) == clients * rounds
+    return max(errors, default=0.0), failures
+
+
+def _pool_with_weights(name, shards=3, routers=2):
+    spec = PoolSpec.from_dict({**spec_dict({"kind": "topk", "k": 3}, E=8), "name": name,
+                               "shards": {"count": shards, "routers": routers}})  # fmt: skip
+    layer = MoELayer(spec).eval()
+    with torch.no_grad():
+        for p in layer.experts.parameters():
+            p.mul_(1.5)  # weights unlike the seeded init: a restart must reload these
+    return raymoe.serve(spec, weights=layer.state_dict()), layer
+
+
+@pytest.mark.parametrize("role", ["shard", "router", "controller"])
+def test_killed_actor_comes_back_and_no_request_fails(ray_cluster, role):
+    pool, layer = _pool_with_weights(f"t-kill-{role}")
+    index = 1 if role != "controller" else 0
+    victim = ray.get_actor(f"{pool.name}:{role}:{index}", namespace="raymoe")
     try:
-        for t in threads:
-            t.start()
-        started.wait()
-        ray.kill(pool._shards[1], no_restart=False)
-        for t in threads:
-            t.join(timeout=120)
+        err, failures = _traffic(pool, layer, lambda: ray.kill(victim, no_restart=False))
         assert not failures, failures[:1]
-        assert len(errors) == 48 and max(errors) <= 1e-5
-        after = pool.forward(xs[0])  # the shard is back, with its experts' weights
-        assert (after - wants[0]).abs().max().item() <= 1e-5
+        assert err <= 1e-5
+        x = torch.randn(16, 16)
+        with torch.no_grad():
+            want = layer(x)
+        for _ in range(4):  # every router, every shard is back with its experts' weights
+            assert (pool.forward(x) - want).abs().max().item() <= 1e-5
+        assert pool.describe()["degraded"] == []
+        if role == "controller":  # the restarted controller still recovers shards
+            shard = ray.get_actor(f"{pool.name}:shard:2", namespace="raymoe")
+            err, failures = _traffic(pool, layer, lambda: ray.kill(shard, no_restart=False))
+            assert not failures and err <= 1e-5
+    finally:
+        pool.shutdown()
+
+
+def test_deadline_is_a_typed_error(ray_cluster):
+    pool, _ = _pool_with_weights("t-deadline", shards=2, routers=1)
+    try:
+        shard = ray.get_actor(f"{pool.name}:shard:0", namespace="raymoe")
+        ray.kill(shard, no_restart=True)  # gone for good: its experts cannot be reached
+        with pytest.raises(raymoe.DeadlineExceededError):
+            pool.forward(torch.randn(64, 16), timeout_s=1.0)
     finally:
         pool.shutdown()
 
