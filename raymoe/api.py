@@ -53,6 +53,36 @@ class PoolHandle:
         (token, expert) pairs and their imbalance (max/mean), per-expert load (numpy)."""
         return _get(self._controller.stats.remote(window_s))
 
+    # --- runtime operations: idempotent; each returns a report (placement version, replicas
+    # added and dropped, bytes moved, imbalance before and after). Traffic keeps flowing.
+
+    def rebalance(self, dry_run: bool = False, policy: str | None = None) -> dict:
+        """Plan a placement for the measured load (``incremental`` by default) and apply it;
+        ``dry_run`` only reports the plan."""
+        return self._op("rebalance", dry_run, policy)
+
+    def replicate(self, expert_id: int, replicas: int) -> dict:
+        """Give ``expert_id`` exactly ``replicas`` replicas, on distinct shards."""
+        return self._op("replicate", int(expert_id), int(replicas))
+
+    def pin(self, expert_id: int, replicas: int) -> dict:
+        """Like :meth:`replicate`, and every later rebalance keeps that count."""
+        return self._op("pin", int(expert_id), int(replicas))
+
+    def unpin(self, expert_id: int) -> dict:
+        return self._op("unpin", int(expert_id))
+
+    def drain_shard(self, shard: int) -> dict:
+        """Move every replica off ``shard`` (it stays up, holding nothing)."""
+        return self._op("drain_shard", int(shard))
+
+    def scale_shards(self, count: int) -> dict:
+        """Grow or shrink the pool to ``count`` shards, redistributing experts."""
+        return self._op("scale_shards", int(count))
+
+    def _op(self, name: str, *args) -> dict:
+        return _get(self._controller.op.remote(name, *args))
+
     def shutdown(self) -> None:
         """Stop every actor of the pool and forget its saved state."""
         _get(self._controller.shutdown.remote())

@@ -167,9 +167,26 @@ class ShardSpec(_Section):
     num_gpus: float = Field(0.0, ge=0.0)
     num_cpus: float = Field(0.0, ge=0.0)
     transport: Literal["object_store", "grpc"] = "object_store"
+    # torch intra-op threads per actor (Ray gives every worker 1); a router gating a
+    # product-key pool is compute-bound and gains from 2 when cores are free
+    shard_threads: PositiveInt = 1
+    router_threads: PositiveInt = 1
     # operator's replica targets: expert id -> replica count (>= 1, at most ``count``); the
     # extra replicas go on the shards after the expert's own, and routers spread its tokens
     replicas: dict[NonNegativeInt, PositiveInt] = {}
+
+
+class ControlSpec(_Section):
+    """What the controller does on its own, and the bounds of what it may do."""
+
+    load_half_life_s: PositiveFloat = 30.0  # decay of the per-expert load window
+    target_imbalance: float = Field(1.05, ge=1.0)  # max / mean shard load a rebalance aims at
+    extra_replicas: float = Field(0.05, ge=0.0, le=8.0)  # replica budget beyond E, share of E
+    capacity: PositiveInt | None = None  # replicas one shard may hold (None: unbounded)
+    policy: Literal["incremental", "eplb"] = "incremental"
+    auto_rebalance: bool = False  # rebalance when imbalance exceeds the target
+    rebalance_interval_s: PositiveFloat = 10.0
+    drain_timeout_s: PositiveFloat = 60.0  # longest wait for batches under an old placement
 
 
 class LimitsSpec(_Section):
@@ -195,6 +212,7 @@ class PoolSpec(_Section):
     shared: SharedSpec | None = None
     shards: ShardSpec = ShardSpec()
     limits: LimitsSpec = LimitsSpec()
+    control: ControlSpec = ControlSpec()
 
     @property
     def num_experts(self) -> int:

@@ -19,19 +19,22 @@ import asyncio
 import contextlib
 import os
 import tempfile
+import threading
 import warnings
 from pathlib import Path
 
 import ray
+import torch
 
 from raymoe._private.controller import Controller
 from raymoe._private.router import Router
 from raymoe._private.shard import ExpertShard
+from raymoe._private.transport import make_shard_calls, serve_shard
 from raymoe.config import PoolSpec
-from raymoe.errors import ShardNotReadyError
 from raymoe.store import EmbeddedStore
 
 NAMESPACE = "raymoe"
+OPERATIONS = ("rebalance", "replicate", "pin", "unpin", "drain_shard", "scale_shards")
 
 # NOTE: arrays arrive read-only from the object store; raymoe never writes into them.
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
@@ -51,33 +54,57 @@ def _device(spec: PoolSpec) -> str:
     return "cuda" if spec.shards.device == "cuda" or spec.shards.num_gpus > 0 else "cpu"
 
 
-class RayShardCalls:
-    """:class:`raymoe._private.router.ShardCalls` over the Ray object store."""
-
-    def __init__(self, handles: list):
-        self.handles = handles
-
-    async def compute(self, shard, x, local_ids, weights):
-        return await self.handles[shard].compute.remote(x, local_ids, weights)
-
-    def retryable(self, error: BaseException) -> bool:
-        if isinstance(error, ray.exceptions.RayActorError | ray.exceptions.ObjectLostError):
-            return True
-        return isinstance(error, ray.exceptions.RayTaskError) and isinstance(
-            error.as_instanceof_cause(), ShardNotReadyError
-        )
-
-
 class ShardActor(ExpertShard):
+    """A shard; with the ``grpc`` transport it also serves its own gRPC endpoint, whose
+    thread shares the bank with Ray's actor thread under one lock."""
+
     def __init__(self, spec: PoolSpec, shard_id: int):
+        torch.set_num_threads(spec.shards.shard_threads)
         super().__init__(spec, shard_id, device=_device(spec))
+        self._lock = threading.Lock()
+        self._server, self._endpoint = None, None
+        if spec.shards.transport == "grpc":
+            host = ray.util.get_node_ip_address()
+            self._server, self._endpoint = serve_shard(self, self._lock, spec, host)
+
+    def endpoint(self) -> str | None:
+        return self._endpoint
+
+    # NOTE: Ray calls these on the actor thread; the gRPC thread computes under the same lock.
+    def configure(self, expert_ids, rows=None, ready=True):
+        with self._lock:
+            super().configure(expert_ids, rows, ready)
+
+    def restore(self, global_ids, rows):
+        with self._lock:
+            super().restore(global_ids, rows)
+
+    def mark_ready(self):
+        with self._lock:
+            super().mark_ready()
+
+    def place(self, local, global_ids, rows=None):
+        with self._lock:
+            super().place(local, global_ids, rows)
+
+    def free(self, local):
+        with self._lock:
+            super().free(local)
+
+    def export_experts(self, global_ids):
+        with self._lock:
+            return super().export_experts(global_ids)
 
 
 class RouterActor(Router):
     """An asyncio actor: thousands of concurrent forward calls wait in its bounded queue."""
 
+    def __init__(self, spec: PoolSpec):
+        torch.set_num_threads(spec.shards.router_threads)
+        super().__init__(spec)
+
     def configure_pool(self, shard_handles: list, placement, weights=None) -> None:
-        self.configure(RayShardCalls(shard_handles), placement, weights)
+        self.configure(make_shard_calls(self.spec, shard_handles), placement, weights)
 
 
 class RayCluster:
@@ -158,6 +185,14 @@ class ControllerActor:
     async def stats(self, window_s: float = 60.0) -> dict:
         await self._ensure()
         return await self.controller.stats(window_s)
+
+    async def op(self, name: str, *args, **kwargs) -> dict:
+        """A runtime operation of the controller (rebalance, replicate, pin, unpin,
+        drain_shard, scale_shards)."""
+        await self._ensure()
+        if name not in OPERATIONS:
+            raise ValueError(f"unknown operation {name!r}; valid: {sorted(OPERATIONS)}")
+        return await getattr(self.controller, name)(*args, **kwargs)
 
     async def shutdown(self) -> None:
         await self._ensure()

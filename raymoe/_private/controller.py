@@ -10,20 +10,32 @@ converged by :meth:`Controller.update`, a pass of numbered steps that never rais
 2. every router is up, configured with the shards, the gate weights and the placement;
 3. every router runs the current placement version.
 
+Runtime operations (rebalance, replicate, pin, drain, scale) run one at a time and change
+the placement make-before-break (:meth:`Controller._apply`): copy weights to the new places,
+publish the new version, wait until no batch runs under the old one, then free old places.
+Serving never pauses. The pending placement is saved first, so a controller that dies midway
+finishes the operation when it comes back.
+
 All Ray calls go through a :class:`Cluster` (``actors.RayCluster``); this class makes none.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import time
 from typing import Any, Protocol
 
 import numpy as np
+import torch
 
+from raymoe._private import policy
 from raymoe._private.placement import Placement
 from raymoe.config import PoolSpec
+from raymoe.errors import ConfigError, ExpertIdError, PoolUnavailableError
+from raymoe.kernels import make_bank
 from raymoe.store import MetadataStore
 
 log = logging.getLogger(__name__)
@@ -55,6 +67,13 @@ class Controller:
         self._busy: dict[tuple[str, int], asyncio.Task] = {}
         self._published: dict[int, int] = {}  # router -> placement version it runs
         self.degraded: list[str] = []
+        self.pins: dict[int, int] = {}  # operator replica targets (goal state)
+        self.drained: set[int] = set()  # shards that must hold nothing (goal state)
+        self.pending: Placement | None = None  # placement being applied
+        self.load = np.zeros(spec.num_experts)  # decayed tokens per expert
+        self._load_t = time.monotonic()
+        self._ops = asyncio.Lock()  # one runtime operation at a time
+        self._last_rebalance = time.monotonic()
 
     # --- goal state ---------------------------------------------------------------------
 
@@ -62,24 +81,31 @@ class Controller:
         return f"{self.spec.name}/{name}"
 
     def save(self) -> None:
-        goal = {"spec": self.spec.model_dump(mode="json"), "has_rows": self.has_rows}
+        goal = {"spec": self.spec.model_dump(mode="json"), "has_rows": self.has_rows,
+                "pins": {str(e): c for e, c in self.pins.items()},
+                "drained": sorted(self.drained)}  # fmt: skip
         self.store.put(self._key("placement"), self.placement.to_bytes())
         self.store.put(self._key("goal"), json.dumps(goal).encode())
 
     @classmethod
-    def load_goal(cls, store: MetadataStore, pool: str) -> tuple[PoolSpec, Placement, bool]:
+    def load_goal(cls, store: MetadataStore, pool: str) -> dict:
         goal = store.get(f"{pool}/goal")
         placement = store.get(f"{pool}/placement")
         if goal is None or placement is None:
             raise LookupError(f"no saved state for pool {pool!r}")
         g = json.loads(goal)
-        return PoolSpec.from_dict(g["spec"]), Placement.from_bytes(placement), g["has_rows"]
+        pending = store.get(f"{pool}/pending")
+        return {"spec": PoolSpec.from_dict(g["spec"]), "placement": Placement.from_bytes(placement),
+                "has_rows": g["has_rows"], "pins": {int(e): c for e, c in g["pins"].items()},
+                "drained": set(g["drained"]),
+                "pending": Placement.from_bytes(pending) if pending else None}  # fmt: skip
 
     # --- lifecycle ----------------------------------------------------------------------
 
     async def start(self, placement: Placement, weights: dict[str, np.ndarray] | None) -> None:
         """Deploy: save the goal, start every actor, load weights, wait until all serve."""
         self.placement = placement
+        self.pins = dict(self.spec.shards.replicas)
         experts = {k: v for k, v in (weights or {}).items() if k.startswith("experts.")}
         self.has_rows = bool(experts)
         self.save()
@@ -87,7 +113,7 @@ class Controller:
             ids = placement.shard_experts(n).numpy()
             if experts:
                 rows = {k.removeprefix("experts."): np.asarray(v)[ids] for k, v in experts.items()}
-                self._rows[n] = self.cluster.put(rows)
+                self._rows[n] = [(ids, self.cluster.put(rows))]
         gate = {k: v for k, v in (weights or {}).items() if not k.startswith("experts.")}
         self._gate = self.cluster.put(gate) if gate else None
         self.shards = [self.cluster.shard(n) for n in range(placement.num_shards)]
@@ -96,8 +122,12 @@ class Controller:
         await asyncio.gather(*(self._configure_router(i) for i in range(len(self.routers))))
 
     async def recover(self) -> None:
-        """Resume after a controller restart: re-attach, rebuild what only lived in memory."""
-        self.spec, self.placement, self.has_rows = self.load_goal(self.store, self.spec.name)
+        """Resume after a controller restart: re-attach, rebuild what only lived in memory,
+        and finish an operation that was under way."""
+        g = self.load_goal(self.store, self.spec.name)
+        self.spec, self.placement, self.has_rows = g["spec"], g["placement"], g["has_rows"]
+        self.pins, self.drained = g["pins"], g["drained"]
+        self.load = np.zeros(self.spec.num_experts)
         self.shards = [self.cluster.shard(n) for n in range(self.placement.num_shards)]
         self.routers = [self.cluster.router(i) for i in range(self.spec.shards.routers)]
         # the weight refs died with the old controller: take them back from live actors
@@ -109,9 +139,12 @@ class Controller:
                 ids = self.placement.shard_experts(n).numpy()
                 try:
                     rows = await self.cluster.call(h, "export_experts", ids, timeout=60)
-                    self._rows[n] = self.cluster.put(rows)
+                    self._rows[n] = [(ids, self.cluster.put(rows))]
                 except Exception as e:
                     self.degraded.append(f"shard {n} lost its weights with the controller: {e}")
+        if g["pending"] is not None:
+            async with self._ops:
+                await self._apply(g["pending"])
         await self.update()
 
     async def shutdown(self) -> None:
@@ -141,10 +174,27 @@ class Controller:
         except Exception:
             log.exception("controller update failed; retrying on the next pass")
 
-    async def run(self, interval_s: float = 0.25) -> None:
+    async def run(self, interval_s: float = 0.25, load_interval_s: float = 1.0) -> None:
+        next_load = time.monotonic()
         while True:
             await self.update()
+            if time.monotonic() >= next_load:
+                next_load = time.monotonic() + load_interval_s
+                await self._control_step()
             await asyncio.sleep(interval_s)
+
+    async def _control_step(self) -> None:
+        """Collect load; rebalance when allowed and needed. Never raises."""
+        try:
+            await self.collect_load()
+            c = self.spec.control
+            due = time.monotonic() - self._last_rebalance >= c.rebalance_interval_s
+            if c.auto_rebalance and due and not self._ops.locked():
+                self._last_rebalance = time.monotonic()
+                if self.imbalance() > c.target_imbalance:
+                    await self.rebalance()
+        except Exception:
+            log.exception("control step failed; retrying on the next pass")
 
     def _spawn(self, key: tuple[str, int], coro) -> None:
         if key in self._busy and not self._busy[key].done():
@@ -153,11 +203,28 @@ class Controller:
         self._busy[key] = asyncio.get_running_loop().create_task(coro)
 
     async def _configure_shard(self, n: int) -> None:
-        ids = self.placement.shard_experts(n).numpy()
-        rows = self._rows.get(n)
-        if self.has_rows and rows is None:
+        """(Re)load shard ``n``: the layout of the current placement merged with the one
+        being applied (a restart mid-operation keeps both), then every weight increment."""
+        increments = self._rows.get(n, [])
+        if self.has_rows and not increments:
             return  # NOTE: never serve seeded weights in place of lost ones (see degraded)
-        await self.cluster.call(self.shards[n], "configure", ids, rows)
+        layout = self._layout(n)
+        h = self.shards[n]
+        await self.cluster.call(h, "configure", layout, None, False)
+        for ids, rows in increments:
+            await self.cluster.call(h, "restore", ids, rows)
+        await self.cluster.call(h, "mark_ready")
+
+    def _layout(self, n: int) -> np.ndarray:
+        layout = self.placement.shard_layout(n).numpy() if n < self.placement.num_shards else []
+        layout = np.asarray(layout, np.int64)
+        if self.pending is not None and n < self.pending.num_shards:
+            new = self.pending.shard_layout(n).numpy()
+            if len(new) > len(layout):
+                layout = np.concatenate([layout, np.full(len(new) - len(layout), -1)])
+            free = layout[: len(new)] < 0
+            layout[: len(new)][free] = new[free]
+        return layout
 
     async def _configure_router(self, i: int) -> None:
         await self.cluster.call(self.routers[i], "configure_pool", self.shards, self.placement,
@@ -176,6 +243,253 @@ class Controller:
                 return None
 
         return await asyncio.gather(*(one(h) for h in handles))
+
+    # --- load -------------------------------------------------------------------------------
+
+    async def collect_load(self) -> None:
+        """Fold the routers' new per-expert counts into the decayed window."""
+        got = await self._call_or_none(self.routers, "take_load")
+        now = time.monotonic()
+        self.load *= 0.5 ** ((now - self._load_t) / self.spec.control.load_half_life_s)
+        self._load_t = now
+        for counts in got:
+            if counts is not None and len(counts) == len(self.load):
+                self.load += counts
+
+    def imbalance(self, placement: Placement | None = None) -> float:
+        p = placement or self.placement
+        expert, shard = policy.pairs(p)
+        loads = policy.shard_loads(self._load_or_uniform(), expert, shard, p.num_shards)
+        active = [n for n in range(p.num_shards) if n not in self.drained]
+        return policy.imbalance(loads[active])
+
+    def _load_or_uniform(self) -> np.ndarray:
+        """The load window, or a uniform load when nothing was measured yet."""
+        return self.load if self.load.sum() > 0 else np.ones(self.spec.num_experts)
+
+    def _budget(self, num_shards: int | None = None) -> policy.Budget:
+        c, E = self.spec.control, self.spec.num_experts
+        n = num_shards or self.placement.num_shards
+        extra = max(n, int(c.extra_replicas * E), sum(self.pins.values()) - len(self.pins))
+        return policy.Budget(n, E + extra, c.capacity, dict(self.pins), c.target_imbalance,
+                             frozenset(self.drained))  # fmt: skip
+
+    def expert_bytes(self) -> int:
+        bank = make_bank(self.spec, torch.zeros(1, dtype=torch.int64))
+        return sum(p.numel() * p.element_size() for p in bank.parameters())
+
+    # --- runtime operations (each idempotent, each returns a report) ------------------------
+
+    async def rebalance(self, dry_run: bool = False, policy_name: str | None = None) -> dict:
+        """Plan with the spec's policy (or ``policy_name``) over the load window; apply."""
+        name = policy_name or self.spec.control.policy
+        plans = {"incremental": policy.incremental, "eplb": policy.eplb}
+        if name not in plans:
+            raise ConfigError(f"unknown policy {name!r}; valid: {sorted(plans)}", "policy")
+        async with self._ops:
+            await self.collect_load()
+            plan = plans[name](self._load_or_uniform(), self.placement, self._budget(),
+                               bytes_per_expert=self.expert_bytes())  # fmt: skip
+            report = {**plan.report(), "policy": name, "dry_run": dry_run}
+            if dry_run or not (plan.replicas_added or plan.replicas_dropped):
+                report["version"] = self.placement.version
+                return report
+            await self._apply(plan.placement)
+            return report
+
+    async def replicate(self, expert: int, replicas: int) -> dict:
+        """Give ``expert`` exactly ``replicas`` replicas (more on the least loaded shards,
+        fewer by dropping from the most loaded); a pin set later or before wins in plans."""
+        self._check_expert(expert)
+        active = [n for n in range(self.placement.num_shards) if n not in self.drained]
+        if not 1 <= replicas <= len(active):
+            raise ConfigError(f"replicas must be in [1, {len(active)}] (active shards), "
+                              f"got {replicas}", "replicas")  # fmt: skip
+        async with self._ops:
+            expert_, shard = policy.pairs(self.placement)
+            mine = expert_ == expert
+            have = shard[mine].tolist()
+            if len(have) == replicas:
+                return self._noop_report()
+            loads = policy.shard_loads(self._load_or_uniform(), expert_, shard,
+                                       self.placement.num_shards)  # fmt: skip
+            by_load = [n for n in np.argsort(loads, kind="stable").tolist() if n in active]
+            if len(have) < replicas:
+                add = [n for n in by_load if n not in have][: replicas - len(have)]
+                expert_ = np.concatenate([expert_, np.full(len(add), expert)])
+                shard = np.concatenate([shard, np.array(add, np.int64)])
+            else:
+                drop = sorted(have, key=lambda n: -loads[n])[: len(have) - replicas]
+                keep = ~(mine & np.isin(shard, drop))
+                expert_, shard = expert_[keep], shard[keep]
+            target = policy.realize(self.placement, expert_, shard, self.placement.version + 1)
+            return await self._apply_report(target)
+
+    async def pin(self, expert: int, replicas: int) -> dict:
+        """An operator's replica target for ``expert`` that every later plan keeps."""
+        report = await self.replicate(expert, replicas)
+        self.pins[expert] = replicas
+        self.save()
+        return {**report, "pinned": {expert: replicas}}
+
+    async def unpin(self, expert: int) -> dict:
+        self._check_expert(expert)
+        self.pins.pop(expert, None)
+        self.save()
+        return {**self._noop_report(), "pinned": dict(self.pins)}
+
+    async def drain_shard(self, shard: int) -> dict:
+        """Move every replica off ``shard``; it keeps running but holds nothing."""
+        N = self.placement.num_shards
+        if not 0 <= shard < N:
+            raise ConfigError(f"shard must be in [0, {N}), got {shard}", "shard")
+        if len(self.drained | {shard}) >= N:
+            raise ConfigError("cannot drain the last active shard", "shard")
+        self.drained.add(shard)
+        self.save()
+        async with self._ops:
+            return await self._replan()
+
+    async def scale_shards(self, count: int, max_shards: int | None = None) -> dict:
+        """Grow or shrink the pool to ``count`` shards; experts are redistributed."""
+        top = min(max_shards or self.spec.num_experts, self.spec.num_experts)
+        if not 1 <= count <= top:
+            raise ConfigError(f"shards must be in [1, {top}], got {count}", "shards")
+        N = self.placement.num_shards
+        if count == N:
+            return self._noop_report()
+        async with self._ops:
+            if count > N:
+                await self._add_shards(count)
+                return await self._replan(force=True)
+            self.drained |= set(range(count, N))
+            self.save()
+            report = await self._replan()
+            await self._remove_shards(count)
+            return report
+
+    async def _replan(self, force: bool = False) -> dict:
+        plan = policy.incremental(self._load_or_uniform(), self.placement, self._budget(),
+                                  bytes_per_expert=self.expert_bytes())  # fmt: skip
+        if not (plan.replicas_added or plan.replicas_dropped or force):
+            return self._noop_report()
+        return {**plan.report(), **(await self._apply_report(plan.placement))}
+
+    async def _add_shards(self, count: int) -> None:
+        N = self.placement.num_shards
+        new = [self.cluster.shard(n) for n in range(N, count)]
+        await asyncio.gather(*(self.cluster.call(h, "configure", np.zeros(0, np.int64))
+                               for h in new))  # fmt: skip
+        self.shards += new
+        p = self.placement
+        self.placement = Placement(p.version + 1, count, p.ptr, p.shard, p.local)
+        self.spec = _with_shards(self.spec, count)
+        self.save()
+        await asyncio.gather(*(self._configure_router(i) for i in range(len(self.routers))))
+
+    async def _remove_shards(self, count: int) -> None:
+        p = self.placement
+        assert int(p.shard.max()) < count, "shards to remove still hold replicas"
+        gone = self.shards[count:]
+        self.shards = self.shards[:count]
+        self.placement = Placement(p.version + 1, count, p.ptr, p.shard, p.local)
+        self.spec = _with_shards(self.spec, count)
+        self.drained = {n for n in self.drained if n < count}
+        self.save()
+        await asyncio.gather(*(self._configure_router(i) for i in range(len(self.routers))))
+        for n in range(count, count + len(gone)):
+            self._rows.pop(n, None)
+        self.cluster.kill(gone)
+
+    def _check_expert(self, expert: int) -> None:
+        if not 0 <= expert < self.spec.num_experts:
+            raise ExpertIdError(f"expert {expert} is not in [0, {self.spec.num_experts})")
+
+    def _noop_report(self) -> dict:
+        imb = self.imbalance()
+        return {"version": self.placement.version, "replicas_added": 0, "replicas_dropped": 0,
+                "bytes_moved": 0, "imbalance_before": imb, "imbalance_after": imb}  # fmt: skip
+
+    async def _apply_report(self, target: Placement) -> dict:
+        before = self.imbalance()
+        old = self.placement
+        await self._apply(target)
+        added, dropped = _diff(old, target)
+        return {"version": target.version, "replicas_added": len(added[0]),
+                "replicas_dropped": len(dropped[0]),
+                "bytes_moved": len(added[0]) * self.expert_bytes(),
+                "imbalance_before": before, "imbalance_after": self.imbalance()}  # fmt: skip
+
+    # --- make before break --------------------------------------------------------------------
+
+    async def _apply(self, target: Placement) -> None:
+        """Move from the current placement to ``target`` without pausing or failing requests.
+        Callers hold ``self._ops``."""
+        old = self.placement
+        self.pending = target
+        self.store.put(self._key("pending"), target.to_bytes())
+        try:
+            await self._make(old, target)  # 1. weights at their new places
+        except Exception as e:
+            self.pending = None
+            self.store.delete(self._key("pending"))
+            raise PoolUnavailableError(f"could not copy weights to new places: {e}") from e
+        self.placement = target
+        await asyncio.gather(*(self._publish_quiet(i) for i in range(len(self.routers))))  # 2.
+        timeout = self.spec.control.drain_timeout_s
+        await asyncio.gather(*(self._drain(r, target.version, timeout) for r in self.routers))
+        await self._break(old, target)  # 4. old places freed
+        self.pending = None
+        self.save()
+        self.store.delete(self._key("pending"))
+
+    async def _publish_quiet(self, i: int) -> None:
+        try:
+            await self._publish(i)
+        except Exception:
+            log.warning("router %d missed placement %d; the update loop retries", i,
+                        self.placement.version)  # fmt: skip
+
+    async def _drain(self, router, version: int, timeout: float) -> None:  # 3.
+        # NOTE: a dead router's batches died with it (Ray retries its requests elsewhere)
+        with contextlib.suppress(Exception):
+            await self.cluster.call(router, "drained", version, timeout, timeout=timeout + 5)
+
+    async def _make(self, old: Placement, new: Placement) -> None:
+        (add_e, add_s, add_l), _ = _diff(old, new)
+        if not len(add_e):
+            return
+        rows = None
+        if self.has_rows:  # copy from a replica in the old placement, one export per source
+            src_shard, _ = old.primary()
+            src = src_shard.numpy()[add_e]
+            rows = {}
+            for s in np.unique(src).tolist():
+                ids = np.unique(add_e[src == s])
+                got = await self.cluster.call(self.shards[s], "export_experts", ids, timeout=120)
+                for k, v in got.items():
+                    rows.setdefault(k, {}).update(zip(ids.tolist(), v, strict=True))
+        calls = []
+        for n in np.unique(add_s).tolist():
+            on = add_s == n
+            ids, local = add_e[on], add_l[on]
+            part = None
+            if rows is not None:
+                part = {k: np.stack([v[e] for e in ids.tolist()]) for k, v in rows.items()}
+                self._rows.setdefault(n, []).append((ids, self.cluster.put(part)))
+            calls.append(self.cluster.call(self.shards[n], "place", local, ids, part,
+                                           timeout=300))  # fmt: skip
+        await asyncio.gather(*calls)
+
+    async def _break(self, old: Placement, new: Placement) -> None:
+        _, (_, drop_s, drop_l) = _diff(old, new)
+        for n in np.unique(drop_s).tolist():
+            if n < len(self.shards):
+                try:
+                    await self.cluster.call(self.shards[n], "free", drop_l[drop_s == n],
+                                            timeout=30)  # fmt: skip
+                except Exception:
+                    log.warning("shard %d did not free its old places", n)
 
     # --- introspection ------------------------------------------------------------------
 
@@ -197,6 +511,25 @@ class Controller:
         """Throughput, latency percentiles, batch sizes and loads, merged over routers."""
         got = [s for s in await self._call_or_none(self.routers, "stats") if s is not None]
         return merge_stats(got, self.placement.num_shards, self.spec.num_experts, window_s)
+
+
+def _diff(old: Placement, new: Placement):
+    """((expert, shard, local) of replicas only in ``new``), (... only in ``old``)."""
+    out = []
+    for a, b in ((new, old), (old, new)):
+        ea, sa = policy.pairs(a)
+        eb, sb = policy.pairs(b)
+        ka, kb = ea * (1 << 20) + sa, eb * (1 << 20) + sb
+        only = ~np.isin(ka, kb)
+        out.append((ea[only], sa[only], a.local.numpy()[only]))
+    return out[0], out[1]
+
+
+def _with_shards(spec: PoolSpec, count: int) -> PoolSpec:
+    data = spec.model_dump(mode="json")
+    data["shards"]["count"] = count
+    data["shards"]["replicas"] = {e: min(r, count) for e, r in spec.shards.replicas.items()}
+    return PoolSpec.from_dict(data)
 
 
 def merge_stats(router_stats: list[dict], num_shards: int, num_experts: int, window_s: float):

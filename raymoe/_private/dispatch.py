@@ -3,8 +3,9 @@
 Shape letters: T tokens, S slots, N shards, t_n tokens sent to shard n.
 
 A token whose experts sit on several shards is sent to each of those shards once, carrying
-only the slots that live there (the others are -1); each shard returns one pre-combined
-partial sum per token it got, so traffic per shard is O(t_n * d), never O(T * S * d).
+only the slots that live there, packed to the front ([t_n, S_n] with S_n the most slots any
+of its tokens has there; -1 pads); each shard returns one pre-combined partial sum per token
+it got, so traffic and work per shard are O(t_n * (d + S_n)), never O(T * S * d).
 """
 
 from __future__ import annotations
@@ -18,13 +19,15 @@ from raymoe._private.placement import Placement
 
 @dataclass(frozen=True)
 class SubBatch:
-    """What one shard computes: ``tokens`` [t_n] rows of the batch, ``local_ids`` and
-    ``weights`` [t_n, S] (local ids on that shard, -1 = slot not on it)."""
+    """What one shard computes: rows ``tokens`` [t_n] of the batch and, for each, its slots
+    on that shard packed to the front: ``local_ids``, ``expert_ids`` (global) and ``weights``
+    [t_n, S_n] (-1 / 0 = padding)."""
 
     shard: int
     tokens: torch.Tensor
     local_ids: torch.Tensor
     weights: torch.Tensor
+    expert_ids: torch.Tensor
 
 
 def choose_replicas(
@@ -78,15 +81,27 @@ def split_by_shard(
     load: torch.Tensor | None = None,
     avoid: torch.Tensor | None = None,
 ) -> list[SubBatch]:
-    """One :class:`SubBatch` per shard that has work (a loop over shards, never experts)."""
+    """One :class:`SubBatch` per shard that has work: one sort of every token's slots by
+    shard, then a slice per shard (a loop over shards, never experts)."""
+    T, S = ids.shape
+    N = placement.num_shards
     shard, local = choose_replicas(ids, placement, load, avoid)
+    key = torch.where(shard >= 0, shard, N)  # empty slots sort last
+    order = torch.sort(key, dim=1, stable=True).indices  # [T, S]
+    per = torch.zeros((T, N + 1), dtype=torch.int64).scatter_add_(1, key, torch.ones_like(key))
+    start = per.cumsum(1) - per  # [T, N + 1] first sorted position of each shard's slots
+    sorted_ = [a.gather(1, order) for a in (local, weights, ids)]
     out = []
-    for n in torch.unique(shard[shard >= 0]).tolist():
-        on = shard == n
-        tokens = on.any(1).nonzero().squeeze(1)
-        sel = on[tokens]
-        out.append(SubBatch(n, tokens, torch.where(sel, local[tokens], -1),
-                            torch.where(sel, weights[tokens], 0)))  # fmt: skip
+    for n in (per[:, :N].sum(0) > 0).nonzero().squeeze(1).tolist():
+        tokens = (per[:, n] > 0).nonzero().squeeze(1)
+        count = per[tokens, n]
+        width = int(count.max())
+        j = torch.arange(width)
+        pos = (start[tokens, n].unsqueeze(1) + j).clamp(max=S - 1)  # [t_n, S_n]
+        here = j < count.unsqueeze(1)
+        loc, w, gid = (a[tokens].gather(1, pos) for a in sorted_)
+        out.append(SubBatch(n, tokens, torch.where(here, loc, -1), torch.where(here, w, 0),
+                            torch.where(here, gid, -1)))  # fmt: skip
     return out
 
 

@@ -49,6 +49,16 @@ class Placement:
         expert = torch.searchsorted(self.ptr, rows, right=True) - 1
         return expert[torch.argsort(self.local[rows])]
 
+    def shard_layout(self, shard: int) -> torch.Tensor:
+        """[L] the global id at each local index of ``shard`` (-1 = a free place), with L one
+        past its largest local index in use."""
+        rows = (self.shard == shard).nonzero().squeeze(1)
+        expert = torch.searchsorted(self.ptr, rows, right=True) - 1
+        size = int(self.local[rows].max()) + 1 if len(rows) else 0
+        out = torch.full((size,), -1, dtype=torch.int64)
+        out[self.local[rows]] = expert
+        return out
+
     def to_bytes(self) -> bytes:
         """A compact, pickle-free encoding (``.npz``) for the metadata store."""
         buf = io.BytesIO()

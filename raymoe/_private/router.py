@@ -40,6 +40,7 @@ MAX_INFLIGHT_BATCHES = 2  # one batch computing on shards while the next one is 
 MAX_ATTEMPTS = 64  # per sub-batch, bounded further by the deadline
 BACKOFF_S = (0.005, 0.5)  # first and largest wait between attempts
 WINDOW = 4096  # requests kept for latency and throughput statistics
+INLINE_TOKENS = 256  # batches smaller than this are gated and combined on the event loop
 
 
 class ShardCalls(Protocol):
@@ -89,6 +90,8 @@ class Router:
         self._window: collections.deque = collections.deque(maxlen=WINDOW)
         self._batches: collections.deque = collections.deque(maxlen=WINDOW)
         self._counters = collections.Counter()
+        self._stage_s = collections.Counter()  # seconds spent per stage of the data path
+        self._running = collections.Counter()  # placement version -> batches running under it
         self._expert_load = torch.zeros(spec.num_experts, dtype=torch.int64)
         self._load_lock = threading.Lock()  # batches are gated in worker threads
         self._shard_load = torch.zeros(0, dtype=torch.int64)
@@ -214,14 +217,45 @@ class Router:
         self._inflight -= 1
         self._slots.release()
 
+    async def drained(self, version: int, timeout_s: float) -> bool:
+        """Wait until no batch runs under a placement older than ``version`` (make before
+        break: the controller frees old places only then); False on timeout."""
+        end = time.monotonic() + timeout_s
+        while any(v < version for v, n in self._running.items() if n):
+            if time.monotonic() >= end:
+                return False
+            await asyncio.sleep(0.005)
+        return True
+
+    def take_load(self) -> np.ndarray:
+        """Tokens routed to each expert since the last call ([E] int64); resets the counts."""
+        with self._load_lock:
+            out = self._expert_load.numpy().copy()
+            self._expert_load.zero_()
+        return out
+
     async def _run_batch(self, batch: list[_Request]) -> None:
+        placement = self.placement  # the one version this batch runs under
+        self._running[placement.version] += 1
+        try:
+            await self._run_batch_under(batch, placement)
+        finally:
+            self._running[placement.version] -= 1
+
+    async def _run_batch_under(self, batch: list[_Request], placement: Placement) -> None:
         batch = [r for r in batch if not r.future.done()]
         try:
-            placement = self.placement  # the one version this batch runs under
-            flat, ids, w = await asyncio.to_thread(self._route, batch)
+            t0 = time.perf_counter()
+            flat, ids, w = await self._offload(self._route, batch)
+            t1 = time.perf_counter()
             deadline = max(r.deadline for r in batch)
             parts = await self._dispatch(flat, ids, w, placement, deadline)
-            y = await asyncio.to_thread(self._combine, flat, parts)
+            t2 = time.perf_counter()
+            y = await self._offload(self._combine, flat, parts)
+            stages = self._stage_s
+            stages["route"] += t1 - t0
+            stages["dispatch"] += t2 - t1
+            stages["combine"] += time.perf_counter() - t2
         except BaseException as e:  # every caller of the batch hears about it
             for r in batch:
                 if not r.future.done():
@@ -237,6 +271,15 @@ class Router:
             start += r.tokens
             if not r.future.done():
                 r.future.set_result(out.numpy())
+
+    async def _offload(self, fn, batch_or_flat, *args):
+        """Run ``fn`` in a worker thread for big batches (the loop keeps taking requests
+        meanwhile); inline for small ones, where the thread hand-off would cost more."""
+        first = batch_or_flat
+        tokens = first.shape[0] if isinstance(first, torch.Tensor) else _tokens(first)
+        if tokens < INLINE_TOKENS:
+            return fn(batch_or_flat, *args)
+        return await asyncio.to_thread(fn, batch_or_flat, *args)
 
     @torch.no_grad()
     def _route(self, batch: list[_Request]):
@@ -264,9 +307,9 @@ class Router:
         S = max(a.shape[1] for a, _ in routes)
         ids = torch.cat([_pad(a, S, -1) for a, _ in routes])
         w = torch.cat([_pad(b, S, 0.0) for _, b in routes])
-        counts = torch.bincount(ids[ids >= 0], minlength=self.spec.num_experts)
-        with self._load_lock:
-            self._expert_load += counts
+        valid = ids[ids >= 0]
+        with self._load_lock:  # O(pairs), not O(experts)
+            self._expert_load.index_put_((valid,), torch.ones_like(valid), accumulate=True)
         return flat, ids, w
 
     async def _dispatch(self, flat, ids, w, placement: Placement, deadline: float):
@@ -296,7 +339,7 @@ class Router:
                 raise DeadlineExceededError("shards unavailable until the request's deadline")
             await asyncio.sleep(backoff)
             backoff = min(2 * backoff, BACKOFF_S[1])
-            todo = [s for sub in failed for s in _resplit(sub, ids, w, placement, avoid)]
+            todo = [s for sub in failed for s in _resplit(sub, placement, avoid)]
         raise PoolUnavailableError(f"shards still failing after {MAX_ATTEMPTS} attempts")
 
     async def _call(self, sub: SubBatch, flat: torch.Tensor) -> np.ndarray:
@@ -332,6 +375,7 @@ class Router:
             "requests": list(self._window),
             "batch_tokens": list(self._batches),
             "counters": dict(self._counters),
+            "stage_s": dict(self._stage_s),
             "queued": len(self._queue),
             "shard_load": self._shard_load.numpy().copy(),
         }
@@ -344,14 +388,11 @@ class Router:
         return out
 
 
-def _resplit(sub: SubBatch, ids, w, placement, avoid) -> list[SubBatch]:
-    """The failed pairs of ``sub`` split again, away from ``avoid``ed shards where possible."""
-    mine = sub.local_ids >= 0
-    gids = torch.where(mine, ids[sub.tokens], -1)
-    gw = torch.where(mine, w[sub.tokens], 0)
+def _resplit(sub: SubBatch, placement, avoid) -> list[SubBatch]:
+    """The pairs of a failed ``sub`` split again, away from ``avoid``ed shards where possible."""
     return [
-        SubBatch(s.shard, sub.tokens[s.tokens], s.local_ids, s.weights)
-        for s in split_by_shard(gids, gw, placement, avoid=avoid)
+        SubBatch(s.shard, sub.tokens[s.tokens], s.local_ids, s.weights, s.expert_ids)
+        for s in split_by_shard(sub.expert_ids, sub.weights, placement, avoid=avoid)
     ]
 
 

@@ -33,25 +33,86 @@ class ExpertShard:
         self.spec = spec
         self.shard_id = shard_id
         self.device = torch.device(device)
-        self.bank = None
+        self.bank = None  # the bank in service; None while (re)loading
+        self._bank = None  # the bank being built or loaded
         self.expert_ids = torch.zeros(0, dtype=torch.int64)
         if expert_ids is not None:
             self.configure(expert_ids, rows)
 
-    def configure(self, expert_ids: np.ndarray, rows: dict[str, np.ndarray] | None = None):
-        """Build the bank of ``expert_ids`` (seeded init), then load ``rows`` if given."""
+    def configure(
+        self,
+        expert_ids: np.ndarray,
+        rows: dict[str, np.ndarray] | None = None,
+        ready: bool = True,
+    ) -> None:
+        """Build the bank for ``expert_ids`` ([L], the global id at each local index, -1 = a
+        free place) with the seeded init, then load ``rows`` (of the live ids, in local
+        order) if given. With ``ready=False`` the shard refuses work until
+        :meth:`mark_ready` (while its controller imports the rest of its weights)."""
+        self.bank = None
         self.expert_ids = torch.as_tensor(np.asarray(expert_ids), dtype=torch.int64)  # [L]
-        self.bank = make_bank(self.spec, self.expert_ids, device=self.device).eval()
+        bank = make_bank(self.spec, self.expert_ids.clamp(min=0), device=self.device).eval()
         self.tokens_per_local = torch.zeros(len(self.expert_ids), dtype=torch.int64)
+        self._bank = bank
         if rows:
-            self.import_experts(self.expert_ids.numpy(), rows)
+            live = self.expert_ids[self.expert_ids >= 0].numpy()
+            self.import_experts(live, rows)
+        if ready:
+            self.mark_ready()
+
+    def restore(self, global_ids: np.ndarray, rows: dict[str, np.ndarray]) -> None:
+        """Import a weight increment while (re)loading; ids that no longer live here skip."""
+        self.import_experts(global_ids, rows, missing_ok=True)
+
+    def mark_ready(self) -> None:
+        self.bank = self._bank
+
+    def place(self, local: np.ndarray, global_ids: np.ndarray, rows=None) -> None:
+        """Put experts ``global_ids`` at local indices ``local`` ([n]; the bank grows when
+        they lie beyond it), with ``rows`` (``{name: [n, ...]}``) or the seeded init.
+
+        NOTE: make before break: the places that running batches read are never touched;
+        a controller only places an expert where its current placement has no replica.
+        """
+        local = torch.as_tensor(np.asarray(local), dtype=torch.int64)
+        gid = torch.as_tensor(np.asarray(global_ids), dtype=torch.int64)
+        if not len(local):
+            return
+        size = len(self.expert_ids)
+        need = int(local.max()) + 1
+        if need > size:
+            self._grow(max(need, size + size // 4))
+        if rows is None:
+            rows = make_bank(self.spec, gid, device=self.device).export_rows(torch.arange(len(gid)))
+        tensors = {k: torch.as_tensor(np.asarray(v)) for k, v in rows.items()}
+        self._bank.import_rows(local, tensors)
+        self.expert_ids[local] = gid
+
+    def free(self, local: np.ndarray) -> None:
+        """Forget the experts at ``local`` (their places may be reused by a later ``place``)."""
+        self.expert_ids[torch.as_tensor(np.asarray(local), dtype=torch.int64)] = -1
+
+    def _grow(self, size: int) -> None:
+        old = self._bank
+        ids = torch.full((size,), -1, dtype=torch.int64)
+        ids[: len(self.expert_ids)] = self.expert_ids
+        bank = make_bank(self.spec, ids.clamp(min=0), device=self.device).eval()
+        keep = torch.arange(len(self.expert_ids))
+        bank.import_rows(keep, old.export_rows(keep))
+        counts = torch.zeros(size, dtype=torch.int64)
+        counts[: len(self.tokens_per_local)] = self.tokens_per_local
+        self._bank, self.expert_ids, self.tokens_per_local = bank, ids, counts
+        if self.bank is not None:
+            self.bank = bank
 
     @property
     def ready(self) -> bool:
         return self.bank is not None
 
     def status(self) -> dict:
-        return {"shard": self.shard_id, "ready": self.ready, "experts": len(self.expert_ids)}
+        live = int((self.expert_ids >= 0).sum())
+        return {"shard": self.shard_id, "ready": self.ready, "experts": live,
+                "places": len(self.expert_ids)}  # fmt: skip
 
     @torch.no_grad()
     def compute(self, x: np.ndarray, local_ids: np.ndarray, weights: np.ndarray) -> np.ndarray:
@@ -62,7 +123,8 @@ class ExpertShard:
         ids = torch.from_numpy(local_ids).to(self.device)
         w = torch.from_numpy(weights).to(self.device)
         flat = ids[ids >= 0].cpu()
-        self.tokens_per_local += torch.bincount(flat, minlength=len(self.expert_ids))
+        # NOTE: O(pairs), not O(local experts): a PEER shard holds ~10^5..10^6 experts
+        self.tokens_per_local.index_put_((flat,), torch.ones_like(flat), accumulate=True)
         return self.bank(xt, ids, w).cpu().numpy()
 
     def take_load(self) -> tuple[np.ndarray, np.ndarray]:
@@ -76,12 +138,21 @@ class ExpertShard:
     def export_experts(self, global_ids: np.ndarray) -> dict[str, np.ndarray]:
         """Weights of ``global_ids`` (which must live here) as ``{name: [n, ...]}``."""
         local = self._local(global_ids)
-        return {k: v.cpu().numpy() for k, v in self.bank.export_rows(local).items()}
+        return {k: v.cpu().numpy() for k, v in self._bank.export_rows(local).items()}
 
-    def import_experts(self, global_ids: np.ndarray, rows: dict[str, np.ndarray]) -> None:
-        """Overwrite experts ``global_ids`` (which must live here) with ``rows``."""
+    def import_experts(
+        self, global_ids: np.ndarray, rows: dict[str, np.ndarray], missing_ok: bool = False
+    ) -> None:
+        """Overwrite experts ``global_ids`` with ``rows``; ids that do not live here are an
+        error, or skipped with ``missing_ok``."""
         tensors = {k: torch.from_numpy(np.asarray(v)) for k, v in rows.items()}
-        self.bank.import_rows(self._local(global_ids), tensors)
+        if missing_ok:
+            here = torch.isin(torch.as_tensor(np.asarray(global_ids)), self.expert_ids)
+            if not bool(here.any()):
+                return
+            global_ids = np.asarray(global_ids)[here.numpy()]
+            tensors = {k: v[here] for k, v in tensors.items()}
+        self._bank.import_rows(self._local(global_ids), tensors)
 
     def _local(self, global_ids: np.ndarray) -> torch.Tensor:
         gid = torch.as_tensor(np.asarray(global_ids), dtype=torch.int64)

@@ -51,16 +51,21 @@ MATRIX = [
 ]  # fmt: skip
 
 
-def _spec(case: str, shards: int, routers: int, replicated: bool) -> PoolSpec:
+# every routing kind again over the gRPC transport (routers -> shards on loopback)
+GRPC_MATRIX = [(kind, 2, 1, kind in ("topk", "product_key")) for kind in sorted(ROUTINGS)]
+
+
+def _spec(case: str, shards: int, routers: int, replicated: bool, transport="object_store"):
     if case in ROUTINGS:
         data = dict(ROUTINGS[case])
     else:
         data = PoolSpec.from_yaml(CONFIGS / f"{case}.yaml").model_dump(mode="json")
     E = PoolSpec.from_dict(data).num_experts
-    layout = {"count": shards, "routers": routers}
+    layout = {"count": shards, "routers": routers, "transport": transport}
     if replicated and shards > 1:
         layout["replicas"] = {0: shards, E // 2: 2, E - 1: 2}
-    return PoolSpec.from_dict({**data, "name": f"t-{case}-{shards}-{routers}", "shards": layout})
+    name = f"t-{case}-{shards}-{routers}-{transport}"
+    return PoolSpec.from_dict({**data, "name": name, "shards": layout})
 
 
 def _perturbed(spec: PoolSpec) -> MoELayer:
@@ -71,11 +76,14 @@ def _perturbed(spec: PoolSpec) -> MoELayer:
     return layer
 
 
-@pytest.mark.parametrize("case,shards,routers,replicated", MATRIX,
-                         ids=[f"{c}-{s}shards-{r}routers{'-replicas' if p else ''}"
-                              for c, s, r, p in MATRIX])  # fmt: skip
-def test_pool_equals_layer(ray_cluster, case, shards, routers, replicated):
-    spec = _spec(case, shards, routers, replicated)
+CASES = [(*m, "object_store") for m in MATRIX] + [(*m, "grpc") for m in GRPC_MATRIX]
+
+
+@pytest.mark.parametrize("case,shards,routers,replicated,transport", CASES,
+                         ids=[f"{c}-{s}shards-{r}routers{'-replicas' if p else ''}-{t}"
+                              for c, s, r, p, t in CASES])  # fmt: skip
+def test_pool_equals_layer(ray_cluster, case, shards, routers, replicated, transport):
+    spec = _spec(case, shards, routers, replicated, transport)
     layer = _perturbed(spec)
     pool = raymoe.serve(spec, weights=layer.state_dict())
     try:
@@ -192,9 +200,10 @@ def _traffic(pool, layer, kill, clients=8, rounds=6):
     return max(errors, default=0.0), failures
 
 
-def _pool_with_weights(name, shards=3, routers=2):
+def _pool_with_weights(name, shards=3, routers=2, transport="object_store"):
+    layout = {"count": shards, "routers": routers, "transport": transport}
     spec = PoolSpec.from_dict({**spec_dict({"kind": "topk", "k": 3}, E=8), "name": name,
-                               "shards": {"count": shards, "routers": routers}})  # fmt: skip
+                               "shards": layout})  # fmt: skip
     layer = MoELayer(spec).eval()
     with torch.no_grad():
         for p in layer.experts.parameters():
@@ -202,9 +211,11 @@ def _pool_with_weights(name, shards=3, routers=2):
     return raymoe.serve(spec, weights=layer.state_dict()), layer
 
 
-@pytest.mark.parametrize("role", ["shard", "router", "controller"])
-def test_killed_actor_comes_back_and_no_request_fails(ray_cluster, role):
-    pool, layer = _pool_with_weights(f"t-kill-{role}")
+@pytest.mark.parametrize("role,transport", [("shard", "object_store"), ("shard", "grpc"),
+                                            ("router", "object_store"),
+                                            ("controller", "object_store")])  # fmt: skip
+def test_killed_actor_comes_back_and_no_request_fails(ray_cluster, role, transport):
+    pool, layer = _pool_with_weights(f"t-kill-{role}-{transport}", transport=transport)
     index = 1 if role != "controller" else 0
     victim = ray.get_actor(f"{pool.name}:{role}:{index}", namespace="raymoe")
     try:

@@ -91,8 +91,9 @@ def test_start_configures_everything_and_saves_the_goal_first():
     y = asyncio.run(main())
     with torch.no_grad():
         assert np.abs(y - layer(x).numpy()).max() <= 1e-5
-    spec, placement, has_rows = Controller.load_goal(ctl.store, ctl.spec.name)
-    assert spec == ctl.spec and placement.version == 1 and has_rows
+    g = Controller.load_goal(ctl.store, ctl.spec.name)
+    assert g["spec"] == ctl.spec and g["placement"].version == 1 and g["has_rows"]
+    assert g["pending"] is None
     assert all(r.ready for r in ctl.routers)
 
 

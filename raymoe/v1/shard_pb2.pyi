@@ -1,0 +1,23 @@
+from raymoe.v1 import tensor_pb2 as _tensor_pb2
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class ComputeRequest(_message.Message):
+    __slots__ = ("x", "local_ids", "weights")
+    X_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_IDS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    x: _tensor_pb2.Tensor
+    local_ids: _tensor_pb2.Tensor
+    weights: _tensor_pb2.Tensor
+    def __init__(self, x: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., local_ids: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., weights: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
+
+class ComputeReply(_message.Message):
+    __slots__ = ("y",)
+    Y_FIELD_NUMBER: _ClassVar[int]
+    y: _tensor_pb2.Tensor
+    def __init__(self, y: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
