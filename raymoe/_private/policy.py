@@ -114,15 +114,14 @@ def _plan(current, load, expert, shard, version, bytes_per_expert) -> Plan:
     N = current.num_shards
     old_e, old_s = pairs(current)
     new = realize(current, expert, shard, version)
-    old_keys = set((old_e.astype(np.int64) * N + old_s).tolist()) if len(old_e) < 1 << 16 else None
-    added = _count_new(old_e, old_s, expert, shard, N, old_keys)
+    added = _count_new(old_e, old_s, expert, shard, N)
     dropped = len(old_e) - (len(expert) - added)
     before = imbalance(shard_loads(load, old_e, old_s, N))
     after = imbalance(shard_loads(load, expert, shard, N))
     return Plan(new, added, dropped, added * bytes_per_expert, before, after)
 
 
-def _count_new(old_e, old_s, expert, shard, N, old_keys) -> int:
+def _count_new(old_e, old_s, expert, shard, N) -> int:
     old_key = np.sort(old_e.astype(np.int64) * N + old_s)
     key = expert.astype(np.int64) * N + shard
     pos = np.searchsorted(old_key, key).clip(max=len(old_key) - 1)

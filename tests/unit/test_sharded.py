@@ -13,22 +13,7 @@ from raymoe import MoELayer, PoolSpec
 from raymoe._private.dispatch import combine, split_by_shard
 from raymoe._private.placement import contiguous, with_replicas
 from raymoe._private.shard import ExpertShard
-from tests.helpers import spec_dict
-
-ROUTINGS = {
-    "topk": spec_dict({"kind": "topk", "k": 3, "renormalize": True}, E=16),
-    "groups": spec_dict({"kind": "topk", "k": 2, "score": "sigmoid", "n_groups": 4,
-                         "topk_groups": 2, "correction_bias": True}, E=16,
-                        shared={"hidden": 8, "gate": True}),
-    "dense": spec_dict({"kind": "dense"}, E=16),
-    "switch": spec_dict({"kind": "switch", "capacity_factor": 0.5}, E=16),
-    "expert_choice": spec_dict({"kind": "expert_choice", "k": 2}, E=16),
-    "hash": spec_dict({"kind": "hash", "vocab_size": 100}, E=16),
-    "product_key": spec_dict({"kind": "product_key", "heads": 2, "k": 3, "d_key": 8}, E=64,
-                             kind="peer"),
-    "hierarchical": spec_dict({"kind": "hierarchical", "n_groups": 4, "k_groups": 2, "k": 2},
-                              E=16),
-}  # fmt: skip
+from tests.helpers import ROUTINGS
 
 
 def served_like(layer: MoELayer, x, placement, token_ids=None):
