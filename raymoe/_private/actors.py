@@ -61,7 +61,7 @@ class ShardActor(ExpertShard):
     def __init__(self, spec: PoolSpec, shard_id: int):
         torch.set_num_threads(spec.shards.shard_threads)
         super().__init__(spec, shard_id, device=_device(spec))
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # configure() calls mark_ready()
         self._server, self._endpoint = None, None
         if spec.shards.transport == "grpc":
             host = ray.util.get_node_ip_address()

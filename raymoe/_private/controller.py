@@ -351,7 +351,8 @@ class Controller:
             return await self._replan()
 
     async def scale_shards(self, count: int, max_shards: int | None = None) -> dict:
-        """Grow or shrink the pool to ``count`` shards; experts are redistributed."""
+        """Grow or shrink the pool to ``count`` active shards; experts are redistributed.
+        Scaling ends maintenance: shards drained before are active again afterwards."""
         top = min(max_shards or self.spec.num_experts, self.spec.num_experts)
         if not 1 <= count <= top:
             raise ConfigError(f"shards must be in [1, {top}], got {count}", "shards")
@@ -360,9 +361,10 @@ class Controller:
             return self._noop_report()
         async with self._ops:
             if count > N:
+                self.drained.clear()
                 await self._add_shards(count)
                 return await self._replan(force=True)
-            self.drained |= set(range(count, N))
+            self.drained = set(range(count, N))
             self.save()
             report = await self._replan()
             await self._remove_shards(count)
