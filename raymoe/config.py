@@ -39,22 +39,39 @@ class _Section(BaseModel):
 # --- experts -------------------------------------------------------------------------------
 
 
-class FFNExperts(_Section):
+class _Experts(_Section):
+    """``num_experts`` counts every id ever created; ``removed`` ids are never routed to
+    again (ids are stable: an id is never reused, so client routes keep their meaning)."""
+
+    num_experts: PositiveInt
+    removed: tuple[NonNegativeInt, ...] = ()
+
+    @pydantic.field_validator("removed")
+    @classmethod
+    def _sorted_unique(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if list(v) != sorted(set(v)):
+            raise ValueError("removed expert ids must be sorted and unique")
+        return v
+
+    @property
+    def live(self) -> int:
+        return self.num_experts - len(self.removed)
+
+
+class FFNExperts(_Experts):
     """FFN experts: gated ``down(act(gate x) * up x)`` or plain ``out(act(in x))``."""
 
     kind: Literal["ffn"] = "ffn"
-    num_experts: PositiveInt
     hidden: PositiveInt
     gated: bool = True
     activation: Activation = "silu"
     bias: bool = False
 
 
-class PeerExperts(_Section):
+class PeerExperts(_Experts):
     """Single-neuron experts (PEER): ``E_i(x) = v_i * act(u_i · x)``."""
 
     kind: Literal["peer"] = "peer"
-    num_experts: PositiveInt
     activation: Activation = "gelu"
     sparse_grad: bool = True
 
@@ -112,13 +129,21 @@ class HashRouting(_Routing):
 
 
 class ProductKeyRouting(_Routing):
-    """Multi-head product-key retrieval over sqrt(N) x sqrt(N) sub-keys (PEER, Lample 2019)."""
+    """Multi-head product-key retrieval over rows x columns sub-keys (PEER, Lample 2019):
+    expert ``i * columns + j`` pairs row key ``i`` with column key ``j``. ``columns`` defaults
+    to sqrt(N) (a square grid); a pool grows by whole rows of ``columns`` experts."""
 
     kind: Literal["product_key"] = "product_key"
     heads: PositiveInt = 8
     k: PositiveInt = 16
     d_key: PositiveInt = 128
     query_batchnorm: bool = False
+    columns: PositiveInt | None = None
+
+    def grid(self, num_experts: int) -> tuple[int, int]:
+        """(rows, columns) of the sub-key grid for ``num_experts``."""
+        cols = self.columns or math.isqrt(num_experts)
+        return num_experts // cols, cols
 
 
 class HierarchicalRouting(_Routing):
@@ -239,6 +264,7 @@ class PoolSpec(_Section):
     @pydantic.model_validator(mode="after")
     def _check_possible(self) -> PoolSpec:
         _check_routing(self.routing, self.num_experts)
+        _check_removed(self)
         if self.shards.count > self.num_experts:
             raise SpecProblem(
                 "shards.count", f"{self.shards.count} shards exceed {self.num_experts} experts"
@@ -322,8 +348,14 @@ def _check_routing(r: Any, num_experts: int) -> None:
              "give capacity or capacity_factor, not both")  # fmt: skip
     elif isinstance(r, ProductKeyRouting):
         root = math.isqrt(E)
-        need(root * root == E, "kind", f"product_key needs a square expert count, got {E}")
-        need(r.k <= root, "k", f"k={r.k} exceeds the {root} sub-keys per half")
+        if r.columns is None:
+            need(root * root == E, "kind", f"product_key needs a square expert count, got {E}")
+        else:
+            need(E % r.columns == 0, "columns",
+                 f"{E} experts are not whole rows of {r.columns} columns")  # fmt: skip
+        rows, cols = r.grid(E)
+        need(r.k <= min(rows, cols), "k",
+             f"k={r.k} exceeds the {min(rows, cols)} sub-keys of the smaller half")  # fmt: skip
         need(r.d_key % 2 == 0, "d_key", f"d_key={r.d_key} must be even")
     elif isinstance(r, HierarchicalRouting):
         need(E % r.n_groups == 0, "n_groups", f"n_groups={r.n_groups} does not divide {E}")
@@ -331,6 +363,31 @@ def _check_routing(r: Any, num_experts: int) -> None:
         need(
             r.k <= E // r.n_groups, "k", f"k={r.k} exceeds the {E // r.n_groups} experts per group"
         )
+
+
+# routing kinds whose experts can be removed at runtime (the gate masks them out)
+REMOVABLE = ("topk", "dense", "product_key")
+
+
+def _check_removed(spec: PoolSpec) -> None:
+    removed, E = spec.experts.removed, spec.num_experts
+    if not removed:
+        return
+    if spec.routing.kind not in REMOVABLE:
+        raise SpecProblem("experts.removed", f"{spec.routing.kind} routing cannot remove experts; "
+                          f"routing kinds that can: {', '.join(REMOVABLE)}")  # fmt: skip
+    if removed[-1] >= E:
+        raise SpecProblem("experts.removed", f"expert {removed[-1]} not in [0, {E})")
+    live = E - len(removed)
+    k = getattr(spec.routing, "k", 1) if spec.routing.kind == "topk" else 1
+    if live < max(k, 1):
+        need = max(k, 1)
+        raise SpecProblem("experts.removed", f"{live} live experts left; routing needs {need}")
+    if spec.shards.count > live:
+        raise SpecProblem("shards.count", f"{spec.shards.count} shards exceed {live} live experts")
+    pinned_removed = sorted(set(spec.shards.replicas) & set(removed))
+    if pinned_removed:
+        raise SpecProblem("shards.replicas", f"experts {pinned_removed[:5]} are removed")
 
 
 def _config_error(e: pydantic.ValidationError) -> ConfigError:

@@ -131,7 +131,7 @@ class MoELayer(nn.Module):
         T = flat.shape[0]
         if expert_ids is not None or weights is not None:
             check_routes(expert_ids, weights, tokens=T, num_experts=self.spec.num_experts,
-                         device=self.device)  # fmt: skip
+                         device=self.device, removed=self.router.removed)  # fmt: skip
             return
         gate = self.router
         if gate.needs_token_ids:

@@ -73,8 +73,10 @@ def check_routes(
     num_experts: int,
     device: torch.device | None = None,
     max_slots: int | None = None,
+    removed: torch.Tensor | None = None,
 ) -> None:
-    """Client routes: ``expert_ids`` [T, S] int (-1 = empty slot), ``weights`` [T, S] float."""
+    """Client routes: ``expert_ids`` [T, S] int (-1 = empty slot), ``weights`` [T, S] float;
+    ``removed`` ([E] bool) marks ids that no longer exist."""
     ids = _tensor(expert_ids, "expert_ids")
     w = _tensor(weights, "weights")
     if ids.dtype not in _INT_DTYPES:
@@ -98,6 +100,11 @@ def check_routes(
             raise ExpertIdError(
                 f"expert id {bad} is out of range [0, {num_experts}) (-1 marks an empty slot)"
             )
+        if removed is not None:
+            hit = ids[ids >= 0]
+            gone = hit[removed.to(hit.device)[hit]]
+            if gone.numel():
+                raise ExpertIdError(f"expert {int(gone[0])} was removed from the pool")
     check_finite(w, "weights")
 
 

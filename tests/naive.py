@@ -123,8 +123,10 @@ def expert_choice_routes(sd, x, E, capacity):
                                           for t in range(T)]  # fmt: skip
 
 
-def product_key_routes(sd, x, heads, k, d_key, n, shift=0.0):
-    """Brute force: score every one of the n*n experts, per head (q = W x + shift)."""
+def product_key_routes(sd, x, heads, k, d_key, n, shift=0.0, rows=None, cols=None):
+    """Brute force: score every one of the rows*cols (default n*n) experts, per head
+    (q = W x + shift)."""
+    rows, cols = rows or n, cols or n
     q_all = x @ sd["router.query.weight"].T + shift
     keys = sd["router.keys"]  # [h, 2, n, c]
     c = d_key // 2
@@ -133,8 +135,8 @@ def product_key_routes(sd, x, heads, k, d_key, n, shift=0.0):
         row_ids, row_w = [], []
         for h in range(heads):
             q = q_all[t, h * d_key : (h + 1) * d_key]
-            s1 = keys[h, 0] @ q[:c]
-            s2 = keys[h, 1] @ q[c:]
+            s1 = keys[h, 0, :rows] @ q[:c]
+            s2 = keys[h, 1, :cols] @ q[c:]
             full = (s1[:, None] + s2[None, :]).reshape(-1).tolist()
             top = topk_list(full, k)
             vals = torch.tensor([full[i] for i in top])

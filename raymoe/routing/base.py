@@ -47,6 +47,10 @@ class Gate(nn.Module):
         super().__init__()
         self.num_experts = spec.num_experts
         self.d_model = spec.d_model
+        # [E] bool, True for removed experts (never selected); None when none are
+        removed = torch.zeros(spec.num_experts, dtype=torch.bool)
+        removed[list(spec.experts.removed)] = True
+        self.register_buffer("removed", removed if removed.any() else None, persistent=False)
         self.aux_loss_coef = spec.routing.aux_loss_coef
         self.z_loss_coef = spec.routing.z_loss_coef
 

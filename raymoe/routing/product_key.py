@@ -1,21 +1,23 @@
-"""Product-key retrieval over N = n x n experts (Lample et al. 2019; PEER, He 2024).
+"""Product-key retrieval over N = rows x cols experts (Lample et al. 2019; PEER, He 2024).
 
-Shape letters: T tokens, h heads, n = sqrt(N) sub-keys per half, c = d_key / 2, k top-k.
+Shape letters: T tokens, h heads, n = max(rows, cols) sub-keys per half (the shorter half is
+padded and its padding never selected), c = d_key / 2, k top-k.
 
     q            = W_q x (BatchNorm'd if configured)       [T, h * d_key] -> [T, h, 2, c]
     s_half       = q_half · K_half                          [T, h, 2, n]
     (i1, v1), (i2, v2) = top-k of each half                [T, h, k]
     candidates   = v1[a] + v2[b] over the k x k pairs       [T, h, k * k]
-    ids          = i1[a] * n + i2[b] for the top-k pairs    [T, h, k]
+    ids          = i1[a] * cols + i2[b] for the top-k pairs [T, h, k]
     weights      = softmax over each head's k scores
 
 The exact top-k of the N scores ``s1[i] + s2[j]`` is always among the k x k candidates, so this
 is exact retrieval at O(n) cost. Heads' outputs add up: the routes are [T, h * k].
+
+Removed experts are masked among the candidates: a head then takes the best live ones of its
+k x k candidates, and a slot with no live candidate stays empty (id -1, weight 0).
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 from torch import nn
@@ -34,7 +36,8 @@ class ProductKeyGate(Gate):
         r = spec.routing
         assert isinstance(r, ProductKeyRouting)
         self.cfg = r
-        self.n = math.isqrt(spec.num_experts)
+        self.rows, self.cols = r.grid(spec.num_experts)
+        self.n = max(self.rows, self.cols)
         d = spec.d_model
         self.query = nn.Linear(d, r.heads * r.d_key, bias=False)
         self.query.weight = seeded_parameter(spec, "router.query.weight", (r.heads * r.d_key, d))
@@ -50,17 +53,30 @@ class ProductKeyGate(Gate):
         if self.query_norm is not None:
             q = self.query_norm(q)
         q = q.view(x.shape[0], r.heads, 2, r.d_key // 2)
-        return torch.einsum("thpc,hpnc->thpn", q, self.keys.float())
+        s = torch.einsum("thpc,hpnc->thpn", q, self.keys.float())
+        if self.rows != self.cols:  # the shorter half's padding is never selected
+            s[:, :, 0, self.rows :] = float("-inf")
+            s[:, :, 1, self.cols :] = float("-inf")
+        return s
 
     def forward(self, x, *, token_ids=None, seq_len=None) -> Routes:
-        k, n = self.cfg.k, self.n
+        k, cols = self.cfg.k, self.cols
         s = self.sub_key_scores(x)
         v, i = select_topk(s, k)  # [T, h, 2, k]: both halves in one call, no copies
         v1, v2, i1, i2 = v[:, :, 0], v[:, :, 1], i[:, :, 0], i[:, :, 1]
         cand = (v1.unsqueeze(-1) + v2.unsqueeze(-2)).flatten(-2)  # [T, h, k*k]
+        T = x.shape[0]
+        if self.removed is not None:
+            ids = (i1.unsqueeze(-1) * cols + i2.unsqueeze(-2)).flatten(-2)  # [T, h, k*k]
+            cand = cand.masked_fill(self.removed[ids], float("-inf"))
+            cv, ci = select_topk(cand, k)
+            ids = ids.gather(-1, ci)
+            empty = torch.isinf(cv)
+            w = cv.softmax(-1).nan_to_num(0.0).masked_fill(empty, 0.0)
+            ids = ids.masked_fill(empty, -1)
+            return Routes(ids.reshape(T, -1), w.reshape(T, -1))
         cv, ci = select_topk(cand, k)
         a = torch.div(ci, k, rounding_mode="floor")
-        ids = i1.gather(-1, a) * n + i2.gather(-1, ci - a * k)
+        ids = i1.gather(-1, a) * cols + i2.gather(-1, ci - a * k)
         w = cv.softmax(-1)
-        T = x.shape[0]
         return Routes(ids.reshape(T, -1), w.reshape(T, -1))

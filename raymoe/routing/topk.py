@@ -48,6 +48,8 @@ class TopKGate(Gate):
         if self.noise is not None and self.training:
             std = F.softplus(F.linear(x.float(), self.noise.weight.float()))
             logits = logits + torch.randn_like(logits) * std
+        if self.removed is not None:  # as if their gate rows were deleted
+            logits = logits.masked_fill(self.removed, float("-inf"))
         return logits
 
     def forward(self, x, *, token_ids=None, seq_len=None) -> Routes:
@@ -57,6 +59,8 @@ class TopKGate(Gate):
         choice = scores.detach()
         if self.correction_bias is not None:
             choice = choice + self.correction_bias
+        if self.removed is not None:
+            choice = choice.masked_fill(self.removed, float("-inf"))
         if r.n_groups is not None:
             choice = self._mask_groups(choice)
         _, ids = select_topk(choice, r.k)
@@ -95,6 +99,12 @@ class DenseGate(Gate):
 
     def forward(self, x, *, token_ids=None, seq_len=None) -> Routes:
         logits = F.linear(x.float(), self.weight.float())
+        if self.removed is not None:
+            logits = logits.masked_fill(self.removed, float("-inf"))
         probs = logits.softmax(-1)
         ids = torch.arange(self.num_experts, device=x.device).expand(x.shape[0], -1)
-        return Routes(ids, probs, self._aux_losses(logits, probs, ids))
+        aux = self._aux_losses(logits, probs, ids)
+        if self.removed is not None:  # live experts only
+            live = (~self.removed).nonzero().squeeze(1)
+            ids, probs = ids[:, live], probs[:, live]
+        return Routes(ids, probs, aux)

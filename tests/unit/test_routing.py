@@ -221,3 +221,73 @@ def test_groups_leaving_fewer_than_k_is_a_spec_error():
 
     with pytest.raises(ConfigError, match="fewer than k=5"):
         PoolSpec.from_dict(spec_dict({"kind": "topk", "k": 5, "n_groups": 4, "topk_groups": 2}))
+
+
+# --- removed experts: the gate behaves as if their rows were deleted ------------------------
+
+
+@pytest.mark.parametrize("case", ["softmax", "softmax-renorm", "sigmoid-scaled", "bias",
+                                  "correction-bias"])  # fmt: skip
+def test_topk_with_removed_experts_equals_deleted_gate_rows(case):
+    r, removed = TOPK_CASES[case], [1, 4, 5]
+    layer = make_layer(r, removed=removed)
+    live = [e for e in range(8) if e not in removed]
+    sub = {k: v[live] if k.startswith("router.") else v for k, v in state(layer).items()}
+    x = _x(23)
+    ids, ws = naive.topk_routes(sub, x, r)
+    _check(layer, x, [[live[e] for e in row] for row in ids], ws)
+
+
+def test_dense_with_removed_experts_mixes_only_live_ones():
+    layer = make_layer({"kind": "dense"}, removed=[0, 6])
+    live = [1, 2, 3, 4, 5, 7]
+    x = _x(5)
+    probs = torch.softmax(x @ state(layer)["router.weight"][live].T, -1)
+    _check(layer, x, [live] * 5, probs.tolist())
+
+
+def test_product_key_on_a_rectangular_grid_matches_brute_force():
+    r = {"kind": "product_key", "heads": 2, "k": 4, "d_key": 8, "columns": 8}
+    layer = make_layer(r, E=48, kind="peer").eval()  # 6 rows x 8 columns
+    assert layer.router.keys.shape == (2, 2, 8, 4)
+    x = _x(17)
+    ids, ws = naive.product_key_routes(state(layer), x, 2, 4, 8, 8, rows=6, cols=8)
+    _check(layer, x, ids, ws)
+
+
+def test_product_key_never_selects_removed_experts():
+    r = {"kind": "product_key", "heads": 2, "k": 4, "d_key": 8}
+    full = make_layer(r, E=256, kind="peer").eval()
+    x = _x(40)
+    _, before = full(x, return_info=True)
+    removed = sorted(set(before.expert_ids[0].tolist()))  # every choice of the first token
+    layer = make_layer(r, E=256, kind="peer", removed=removed).eval()
+    y, info = layer(x, return_info=True)
+    assert not torch.isin(info.expert_ids, torch.tensor(removed)).any()
+    assert torch.isfinite(y).all() and torch.isfinite(info.weights).all()
+    untouched = ~torch.isin(before.expert_ids, torch.tensor(removed)).any(1)
+    assert untouched.sum() > 10  # tokens that never chose a removed expert route as before
+    assert torch.equal(info.expert_ids[untouched], before.expert_ids[untouched])
+
+
+def test_client_routes_to_removed_experts_are_refused():
+    from raymoe import ExpertIdError
+
+    layer = make_layer({"kind": "topk", "k": 2}, removed=[3])
+    ids = torch.tensor([[0, 3]])
+    with pytest.raises(ExpertIdError, match="removed"):
+        layer(_x(1), expert_ids=ids, weights=torch.ones(1, 2))
+
+
+@pytest.mark.parametrize("routing,removed,field", [
+    ({"kind": "switch"}, [1], "experts.removed"),           # kind cannot remove
+    ({"kind": "topk", "k": 2}, [9], "experts.removed"),      # out of range
+    ({"kind": "topk", "k": 2}, [2, 1], "experts.removed"),   # unsorted
+    ({"kind": "topk", "k": 3}, list(range(6)), "experts.removed"),  # fewer live than k
+])  # fmt: skip
+def test_bad_removed_lists_are_config_errors(routing, removed, field):
+    from raymoe import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        PoolSpec.from_dict(spec_dict(routing, removed=removed))
+    assert e.value.field == field, e.value
