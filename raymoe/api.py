@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import math
 from pathlib import Path
 
 import numpy as np
@@ -12,8 +11,8 @@ import ray
 import torch
 
 from raymoe._private import actors
-from raymoe._private.placement import contiguous, replicated
-from raymoe.config import PoolSpec, ProductKeyRouting, load_spec
+from raymoe._private.controller import initial_placement
+from raymoe.config import PoolSpec, load_spec
 from raymoe.errors import PoolExistsError, PoolNotFoundError, RaymoeError
 
 
@@ -80,6 +79,21 @@ class PoolHandle:
         """Grow or shrink the pool to ``count`` shards, redistributing experts."""
         return self._op("scale_shards", int(count))
 
+    def add_experts(self, count: int, weights: dict | None = None) -> dict:
+        """Add ``count`` experts; the report's ``expert_ids`` are their (new, stable) ids.
+
+        ``weights`` in neutral names, stacked over the new experts: ``experts.*`` rows, and
+        the gate rows (``router.weight`` etc. for ``topk``; ``router.keys`` of the new
+        sub-key rows, [heads, rows, d_key/2], for ``product_key``, which grows by whole rows).
+        Missing ones take the seeded init of the new ids."""
+        w = {k: _np(v) for k, v in (weights or {}).items()}
+        return self._op("add_experts", count, w)
+
+    def remove_experts(self, expert_ids) -> dict:
+        """Stop routing to ``expert_ids`` from the next placement version; free them once
+        drained. Their ids are never reused."""
+        return self._op("remove_experts", np.asarray(_np(expert_ids)))
+
     def _op(self, name: str, *args) -> dict:
         return _get(self._controller.op.remote(name, *args))
 
@@ -107,12 +121,7 @@ def serve(spec: PoolSpec | dict | str | Path, weights: dict | None = None,
     else:
         raise PoolExistsError(f"a raymoe pool named {spec.name!r} already runs; "
                               "connect() to it or shut it down first")  # fmt: skip
-    align = 1
-    if isinstance(spec.routing, ProductKeyRouting):
-        align = math.isqrt(spec.num_experts)  # whole sub-key rows per shard
-    placement = contiguous(spec.num_experts, spec.shards.count, align=align)
-    if spec.shards.replicas:
-        placement = replicated(placement, spec.shards.replicas)
+    placement = initial_placement(spec)
     controller = actors.start_controller(spec)
     np_weights = {k: _np(v) for k, v in (weights or {}).items()}
     try:

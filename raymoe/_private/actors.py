@@ -34,7 +34,8 @@ from raymoe.config import PoolSpec
 from raymoe.store import EmbeddedStore
 
 NAMESPACE = "raymoe"
-OPERATIONS = ("rebalance", "replicate", "pin", "unpin", "drain_shard", "scale_shards")
+OPERATIONS = ("rebalance", "replicate", "pin", "unpin", "drain_shard", "scale_shards",
+              "add_experts", "remove_experts")  # fmt: skip
 
 # NOTE: arrays arrive read-only from the object store; raymoe never writes into them.
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
@@ -103,8 +104,10 @@ class RouterActor(Router):
         torch.set_num_threads(spec.shards.router_threads)
         super().__init__(spec)
 
-    def configure_pool(self, shard_handles: list, placement, weights=None) -> None:
-        self.configure(make_shard_calls(self.spec, shard_handles), placement, weights)
+    def configure_pool(self, shard_handles: list, placement, weights=None, spec=None,
+                       routing_version: int = 0) -> None:  # fmt: skip
+        calls = make_shard_calls(self.spec, shard_handles)
+        self.configure(calls, placement, weights, spec, routing_version)
 
 
 class RayCluster:

@@ -34,7 +34,14 @@ import torch
 from raymoe._private import policy
 from raymoe._private.placement import Placement
 from raymoe.config import PoolSpec
-from raymoe.errors import ConfigError, ExpertIdError, PoolUnavailableError
+from raymoe.errors import (
+    ConfigError,
+    DTypeError,
+    ExpertIdError,
+    NonFiniteError,
+    PoolUnavailableError,
+    ShapeError,
+)
 from raymoe.kernels import make_bank
 from raymoe.store import MetadataStore
 
@@ -70,6 +77,7 @@ class Controller:
         self.pins: dict[int, int] = {}  # operator replica targets (goal state)
         self.drained: set[int] = set()  # shards that must hold nothing (goal state)
         self.pending: Placement | None = None  # placement being applied
+        self.routing_version = 0  # placement version that last changed spec or gate weights
         self.load = np.zeros(spec.num_experts)  # decayed tokens per expert
         self._load_t = time.monotonic()
         self._ops = asyncio.Lock()  # one runtime operation at a time
@@ -83,7 +91,8 @@ class Controller:
     def save(self) -> None:
         goal = {"spec": self.spec.model_dump(mode="json"), "has_rows": self.has_rows,
                 "pins": {str(e): c for e, c in self.pins.items()},
-                "drained": sorted(self.drained)}  # fmt: skip
+                "drained": sorted(self.drained),
+                "routing_version": self.routing_version}  # fmt: skip
         self.store.put(self._key("placement"), self.placement.to_bytes())
         self.store.put(self._key("goal"), json.dumps(goal).encode())
 
@@ -95,10 +104,13 @@ class Controller:
             raise LookupError(f"no saved state for pool {pool!r}")
         g = json.loads(goal)
         pending = store.get(f"{pool}/pending")
+        pending_spec = store.get(f"{pool}/pending_spec")
         return {"spec": PoolSpec.from_dict(g["spec"]), "placement": Placement.from_bytes(placement),
                 "has_rows": g["has_rows"], "pins": {int(e): c for e, c in g["pins"].items()},
-                "drained": set(g["drained"]),
-                "pending": Placement.from_bytes(pending) if pending else None}  # fmt: skip
+                "drained": set(g["drained"]), "routing_version": g.get("routing_version", 0),
+                "pending": Placement.from_bytes(pending) if pending else None,
+                "pending_spec": PoolSpec.from_dict(json.loads(pending_spec))
+                if pending_spec else None}  # fmt: skip
 
     # --- lifecycle ----------------------------------------------------------------------
 
@@ -127,6 +139,7 @@ class Controller:
         g = self.load_goal(self.store, self.spec.name)
         self.spec, self.placement, self.has_rows = g["spec"], g["placement"], g["has_rows"]
         self.pins, self.drained = g["pins"], g["drained"]
+        self.routing_version = g["routing_version"]
         self.load = np.zeros(self.spec.num_experts)
         self.shards = [self.cluster.shard(n) for n in range(self.placement.num_shards)]
         self.routers = [self.cluster.router(i) for i in range(self.spec.shards.routers)]
@@ -135,17 +148,26 @@ class Controller:
         live = next((g for g in gate if g is not None), None)
         self._gate = self.cluster.put(live) if live else None
         if self.has_rows:
-            for n, h in enumerate(self.shards):
-                ids = self.placement.shard_experts(n).numpy()
-                try:
-                    rows = await self.cluster.call(h, "export_experts", ids, timeout=60)
-                    self._rows[n] = [(ids, self.cluster.put(rows))]
-                except Exception as e:
-                    self.degraded.append(f"shard {n} lost its weights with the controller: {e}")
-        if g["pending"] is not None:
+            await self._capture_rows()
+        pending, spec = g["pending"], g["pending_spec"]
+        if pending is not None and pending.num_experts != self.placement.num_experts:
+            # an unacknowledged add_experts: drop it (Ray retries the call, which starts over)
+            pending = None
+            self._end_pending()
+        if pending is not None:
             async with self._ops:
-                await self._apply(g["pending"])
+                await self._apply(pending, spec=spec)
         await self.update()
+
+    async def _capture_rows(self) -> None:
+        """Take every shard's current rows into the controller's weight increments."""
+        for n, h in enumerate(self.shards):
+            ids = self.placement.shard_experts(n).numpy()
+            try:
+                rows = await self.cluster.call(h, "export_experts", ids, timeout=60)
+                self._rows[n] = [(ids, self.cluster.put(rows))]
+            except Exception as e:
+                self.degraded.append(f"shard {n} lost its weights with the controller: {e}")
 
     async def shutdown(self) -> None:
         for t in self._busy.values():
@@ -167,7 +189,7 @@ class Controller:
             for i, st in enumerate(router_status):  # 2. routers configured
                 if st is None:
                     continue
-                if not st["ready"]:
+                if not st["ready"] or st.get("routing_version") != self.routing_version:
                     self._spawn(("router", i), self._configure_router(i))
                 elif st["placement_version"] != self.placement.version:  # 3. current version
                     self._spawn(("router", i), self._publish(i))
@@ -206,9 +228,9 @@ class Controller:
         """(Re)load shard ``n``: the layout of the current placement merged with the one
         being applied (a restart mid-operation keeps both), then every weight increment."""
         increments = self._rows.get(n, [])
-        if self.has_rows and not increments:
-            return  # NOTE: never serve seeded weights in place of lost ones (see degraded)
         layout = self._layout(n)
+        if self.has_rows and not increments and (layout >= 0).any():
+            return  # NOTE: never serve seeded weights in place of lost ones (see degraded)
         h = self.shards[n]
         await self.cluster.call(h, "configure", layout, None, False)
         for ids, rows in increments:
@@ -228,12 +250,19 @@ class Controller:
 
     async def _configure_router(self, i: int) -> None:
         await self.cluster.call(self.routers[i], "configure_pool", self.shards, self.placement,
-                                self._gate)  # fmt: skip
+                                self._gate, self.spec, self.routing_version)  # fmt: skip
         self._published[i] = self.placement.version
 
-    async def _publish(self, i: int) -> None:
-        await self.cluster.call(self.routers[i], "set_placement", self.placement)
-        self._published[i] = self.placement.version
+    async def _publish(self, i: int, routing: bool = False) -> None:
+        """Send router ``i`` the current placement (and with ``routing``, the spec and gate
+        weights that change with it)."""
+        p = self.placement
+        if routing:
+            args = (p, self.spec, self._gate, self.routing_version)
+            await self.cluster.call(self.routers[i], "set_placement", *args)
+        else:
+            await self.cluster.call(self.routers[i], "set_placement", p)
+        self._published[i] = p.version
 
     async def _call_or_none(self, handles: list, method: str) -> list:
         async def one(h):
@@ -253,8 +282,10 @@ class Controller:
         self.load *= 0.5 ** ((now - self._load_t) / self.spec.control.load_half_life_s)
         self._load_t = now
         for counts in got:
-            if counts is not None and len(counts) == len(self.load):
-                self.load += counts
+            if counts is not None:  # NOTE: lengths differ briefly while experts are added
+                m = min(len(counts), len(self.load))
+                self.load[:m] += counts[:m]
+        self.load[list(self.spec.experts.removed)] = 0
 
     def imbalance(self, placement: Placement | None = None) -> float:
         p = placement or self.placement
@@ -264,14 +295,19 @@ class Controller:
         return policy.imbalance(loads[active])
 
     def _load_or_uniform(self) -> np.ndarray:
-        """The load window, or a uniform load when nothing was measured yet."""
-        return self.load if self.load.sum() > 0 else np.ones(self.spec.num_experts)
+        """The load window, or a uniform load over live experts when nothing was measured."""
+        if self.load.sum() > 0:
+            return self.load
+        load = np.ones(self.spec.num_experts)
+        load[list(self.spec.experts.removed)] = 0
+        return load
 
     def _budget(self, num_shards: int | None = None) -> policy.Budget:
-        c, E = self.spec.control, self.spec.num_experts
+        c, E = self.spec.control, self.spec.experts.live
         n = num_shards or self.placement.num_shards
         extra = max(n, int(c.extra_replicas * E), sum(self.pins.values()) - len(self.pins))
-        return policy.Budget(n, E + extra, c.capacity, dict(self.pins), c.target_imbalance,
+        pins = {**{e: 0 for e in self.spec.experts.removed}, **self.pins}  # removed: no replica
+        return policy.Budget(n, E + extra, c.capacity, pins, c.target_imbalance,
                              frozenset(self.drained))  # fmt: skip
 
     def expert_bytes(self) -> int:
@@ -353,7 +389,8 @@ class Controller:
     async def scale_shards(self, count: int, max_shards: int | None = None) -> dict:
         """Grow or shrink the pool to ``count`` active shards; experts are redistributed.
         Scaling ends maintenance: shards drained before are active again afterwards."""
-        top = min(max_shards or self.spec.num_experts, self.spec.num_experts)
+        live = self.spec.experts.live
+        top = min(max_shards or live, live)
         if not 1 <= count <= top:
             raise ConfigError(f"shards must be in [1, {top}], got {count}", "shards")
         N = self.placement.num_shards
@@ -403,19 +440,73 @@ class Controller:
             self._rows.pop(n, None)
         self.cluster.kill(gone)
 
+    async def add_experts(self, count: int, weights: dict | None = None) -> dict:
+        """Grow the pool by ``count`` experts with ids ``E .. E+count-1``: their weights
+        (``experts.*`` rows, stacked over the new experts) and gate rows (``router.weight``
+        etc. for ``topk``; ``router.keys`` [heads, rows, d_key/2] for the new sub-key rows of
+        ``product_key``), or the seeded init of those ids where not given."""
+        spec, E = self.spec, self.spec.num_experts
+        grown = _grown_spec(spec, count)
+        expert_rows, gate_rows = _new_weights(grown, E, count, weights or {})
+        async with self._ops:
+            gate = await self._gate_weights()
+            new_gate = _grow_gate(spec, grown, gate, gate_rows)
+            if expert_rows and not self.has_rows:
+                await self._capture_rows()  # from now on the controller keeps every row
+                self.has_rows = True
+            align = spec.routing.grid(E)[1] if spec.routing.kind == "product_key" else 1
+            target = _place_new(self.placement, count, align, self._budget().active())
+            ids = list(range(E, E + count))
+            report = await self._apply_report(target, grown, new_gate, expert_rows)
+            return {**report, "expert_ids": ids}
+
+    async def remove_experts(self, ids) -> dict:
+        """Never route to experts ``ids`` again from the next placement version; their
+        places are freed once no batch runs under an older one. Ids are never reused."""
+        a = np.asarray(ids)
+        if a.size and a.dtype.kind not in "iu":
+            raise DTypeError(f"expert ids must be integers, got {a.dtype}")
+        ids = sorted({int(e) for e in a.reshape(-1).tolist()})
+        if not ids:
+            raise ConfigError("remove_experts needs at least one expert id", "ids")
+        for e in ids:
+            self._check_expert(e)
+        data = self.spec.model_dump(mode="json")
+        data["experts"]["removed"] = sorted(set(self.spec.experts.removed) | set(ids))
+        data["shards"]["replicas"] = {e: r for e, r in self.spec.shards.replicas.items()
+                                      if e not in ids}  # fmt: skip
+        spec = PoolSpec.from_dict(data)  # the spec's checks: routing kind, experts left, ...
+        async with self._ops:
+            expert, shard = policy.pairs(self.placement)
+            keep = ~np.isin(expert, ids)
+            target = policy.realize(self.placement, expert[keep], shard[keep],
+                                    self.placement.version + 1)  # fmt: skip
+            return {**(await self._apply_report(target, spec)), "removed": ids}
+
+    async def _gate_weights(self) -> dict[str, np.ndarray]:
+        """The gate weights in service (from a router when the pool runs the seeded ones)."""
+        for h in self.routers:
+            try:
+                return await self.cluster.call(h, "gate_weights", timeout=30)
+            except Exception:
+                continue
+        raise PoolUnavailableError("no router answered; cannot read the gate weights")
+
     def _check_expert(self, expert: int) -> None:
         if not 0 <= expert < self.spec.num_experts:
             raise ExpertIdError(f"expert {expert} is not in [0, {self.spec.num_experts})")
+        if expert in self.spec.experts.removed:
+            raise ExpertIdError(f"expert {expert} was removed from the pool")
 
     def _noop_report(self) -> dict:
         imb = self.imbalance()
         return {"version": self.placement.version, "replicas_added": 0, "replicas_dropped": 0,
                 "bytes_moved": 0, "imbalance_before": imb, "imbalance_after": imb}  # fmt: skip
 
-    async def _apply_report(self, target: Placement) -> dict:
+    async def _apply_report(self, target: Placement, *routing) -> dict:
         before = self.imbalance()
         old = self.placement
-        await self._apply(target)
+        await self._apply(target, *routing)
         added, dropped = _diff(old, target)
         return {"version": target.version, "replicas_added": len(added[0]),
                 "replicas_dropped": len(dropped[0]),
@@ -424,30 +515,48 @@ class Controller:
 
     # --- make before break --------------------------------------------------------------------
 
-    async def _apply(self, target: Placement) -> None:
+    async def _apply(self, target: Placement, spec: PoolSpec | None = None,
+                     gate: dict | None = None, new_rows: dict | None = None) -> None:  # fmt: skip
         """Move from the current placement to ``target`` without pausing or failing requests.
-        Callers hold ``self._ops``."""
+        With ``spec`` (and ``gate``: the gate weights, when they change) the routing state
+        moves with it: experts added (``new_rows``: their weights, by name, in id order) or
+        removed. Callers hold ``self._ops``."""
         old = self.placement
         self.pending = target
         self.store.put(self._key("pending"), target.to_bytes())
+        if spec is not None:
+            self.store.put(self._key("pending_spec"), spec.model_dump_json().encode())
         try:
-            await self._make(old, target)  # 1. weights at their new places
+            await self._make(old, target, spec or self.spec, new_rows)  # 1. weights placed
         except Exception as e:
-            self.pending = None
-            self.store.delete(self._key("pending"))
+            self._end_pending()
             raise PoolUnavailableError(f"could not copy weights to new places: {e}") from e
+        if spec is not None:
+            self.spec, self.routing_version = spec, target.version
+            if gate is not None:
+                self._gate = self.cluster.put(gate)
+            grown = np.zeros(spec.num_experts)
+            grown[: len(self.load)] = self.load[: spec.num_experts]
+            self.load = grown
+            self.load[list(spec.experts.removed)] = 0
+            self.pins = {e: c for e, c in self.pins.items() if e not in spec.experts.removed}
         self.placement = target
-        await asyncio.gather(*(self._publish_quiet(i) for i in range(len(self.routers))))  # 2.
-        timeout = self.spec.control.drain_timeout_s
+        routing = spec is not None
+        await asyncio.gather(*(self._publish_quiet(i, routing) for i in range(len(self.routers))))
+        timeout = self.spec.control.drain_timeout_s  # 3. no batch left on the old version
         await asyncio.gather(*(self._drain(r, target.version, timeout) for r in self.routers))
         await self._break(old, target)  # 4. old places freed
-        self.pending = None
         self.save()
-        self.store.delete(self._key("pending"))
+        self._end_pending()
 
-    async def _publish_quiet(self, i: int) -> None:
+    def _end_pending(self) -> None:
+        self.pending = None
+        self.store.delete(self._key("pending"))
+        self.store.delete(self._key("pending_spec"))
+
+    async def _publish_quiet(self, i: int, routing: bool = False) -> None:
         try:
-            await self._publish(i)
+            await self._publish(i, routing)
         except Exception:
             log.warning("router %d missed placement %d; the update loop retries", i,
                         self.placement.version)  # fmt: skip
@@ -457,20 +566,27 @@ class Controller:
         with contextlib.suppress(Exception):
             await self.cluster.call(router, "drained", version, timeout, timeout=timeout + 5)
 
-    async def _make(self, old: Placement, new: Placement) -> None:
+    async def _make(self, old: Placement, new: Placement, spec: PoolSpec, new_rows) -> None:
         (add_e, add_s, add_l), _ = _diff(old, new)
         if not len(add_e):
             return
         rows = None
         if self.has_rows:  # copy from a replica in the old placement, one export per source
+            known = add_e < old.num_experts
             src_shard, _ = old.primary()
-            src = src_shard.numpy()[add_e]
+            src = src_shard.numpy()[add_e[known]]
             rows = {}
             for s in np.unique(src).tolist():
-                ids = np.unique(add_e[src == s])
+                ids = np.unique(add_e[known][src == s])
                 got = await self.cluster.call(self.shards[s], "export_experts", ids, timeout=120)
                 for k, v in got.items():
                     rows.setdefault(k, {}).update(zip(ids.tolist(), v, strict=True))
+            fresh = np.unique(add_e[~known])  # added experts: given rows, or the seeded init
+            if len(fresh):
+                given = new_rows or _seeded_rows(spec, fresh)
+                for k, v in given.items():
+                    at = fresh - old.num_experts if new_rows else np.arange(len(fresh))
+                    rows.setdefault(k, {}).update(zip(fresh.tolist(), v[at], strict=True))
         calls = []
         for n in np.unique(add_s).tolist():
             on = add_s == n
@@ -525,6 +641,155 @@ def _diff(old: Placement, new: Placement):
         only = ~np.isin(ka, kb)
         out.append((ea[only], sa[only], a.local.numpy()[only]))
     return out[0], out[1]
+
+
+def initial_placement(spec: PoolSpec) -> Placement:
+    """Contiguous blocks (whole sub-key rows for product-key pools), the spec's replica
+    targets, and no replica for removed experts."""
+    from raymoe._private.placement import contiguous, replicated
+
+    r = spec.routing
+    align = r.grid(spec.num_experts)[1] if r.kind == "product_key" else 1
+    p = contiguous(spec.num_experts, spec.shards.count, align=align)
+    if spec.shards.replicas:
+        p = replicated(p, spec.shards.replicas)
+    if spec.experts.removed:
+        expert, shard = policy.pairs(p)
+        keep = ~np.isin(expert, spec.experts.removed)
+        p = policy.realize(p, expert[keep], shard[keep], p.version)
+    return p
+
+
+MAX_ADD = 1 << 20  # experts one add_experts call may create
+
+
+def _grown_spec(spec: PoolSpec, count: int) -> PoolSpec:
+    """``spec`` with ``count`` more experts, or a ConfigError saying why it cannot grow."""
+    r = spec.routing
+    if isinstance(count, bool) or not isinstance(count, (int, np.integer)):
+        raise ConfigError(f"count must be an int, got {type(count).__name__}", "count")
+    if not 1 <= count <= MAX_ADD:
+        raise ConfigError(f"count must be in [1, {MAX_ADD}], got {count}", "count")
+    data = spec.model_dump(mode="json")
+    if r.kind == "product_key":
+        cols = r.grid(spec.num_experts)[1]
+        if count % cols:
+            raise ConfigError(f"a product_key pool grows by whole sub-key rows of {cols} "
+                              f"experts; {count} is not a multiple of {cols}", "count")  # fmt: skip
+        data["routing"]["columns"] = cols
+    elif r.kind != "topk" or r.n_groups is not None:
+        raise ConfigError(f"{r.kind} routing cannot add experts at runtime; topk (without "
+                          "groups) and product_key can", "routing")  # fmt: skip
+    data["experts"]["num_experts"] = spec.num_experts + count
+    return PoolSpec.from_dict(data)
+
+
+def _gate_shapes(spec: PoolSpec, count: int) -> dict[str, tuple[int, ...]]:
+    """Shapes of the gate rows that ``count`` new experts of ``spec`` bring."""
+    r, d = spec.routing, spec.d_model
+    if r.kind == "product_key":
+        return {"router.keys": (r.heads, count // r.grid(spec.num_experts)[1], r.d_key // 2)}
+    out = {"router.weight": (count, d)}
+    if r.bias:
+        out["router.bias"] = (count,)
+    if r.noise:
+        out["router.noise.weight"] = (count, d)
+    if r.correction_bias:
+        out["router.correction_bias"] = (count,)
+    return out
+
+
+def _new_weights(grown: PoolSpec, E: int, count: int, weights: dict):
+    """Validate an add_experts ``weights`` dict -> (expert rows by bank name, gate rows)."""
+    bank = make_bank(grown, torch.zeros(1, dtype=torch.int64))
+    want = {f"experts.{k}": (count, *v.shape[1:]) for k, v in bank.export_rows(
+        torch.zeros(1, dtype=torch.int64)).items()}  # fmt: skip
+    want.update(_gate_shapes(grown, count))
+    unknown = sorted(set(weights) - set(want))
+    if unknown:
+        raise ConfigError(f"unknown weights {unknown[:5]}; expected {sorted(want)}", "weights")
+    expert_rows, gate_rows = {}, {}
+    for name, v in weights.items():
+        a = np.asarray(v)
+        if a.dtype.kind != "f":
+            raise DTypeError(f"{name} must be a float array, got {a.dtype}")
+        if a.shape != want[name]:
+            raise ShapeError(f"{name} must have shape {list(want[name])}, got {list(a.shape)}")
+        if not np.isfinite(a).all():
+            raise NonFiniteError(f"{name} contains NaN or Inf")
+        a = a.astype(np.float32 if grown.dtype != "float64" else np.float64)
+        if name.startswith("experts."):
+            expert_rows[name.removeprefix("experts.")] = a
+        else:
+            gate_rows[name] = a
+    if expert_rows and len(expert_rows) != sum(n.startswith("experts.") for n in want):
+        missing = sorted(n for n in want if n.startswith("experts.") and
+                         n.removeprefix("experts.") not in expert_rows)  # fmt: skip
+        raise ConfigError(f"expert weights {missing} missing (give all or none)", "weights")
+    return expert_rows or None, gate_rows
+
+
+def _grow_gate(old: PoolSpec, grown: PoolSpec, gate: dict, rows: dict) -> dict:
+    """The gate weights of ``grown``: ``gate`` with the new experts' rows appended (given in
+    ``rows``, else drawn from the seeded init by expert id)."""
+    from raymoe.kernels.init import init_rows
+
+    E, count = old.num_experts, grown.num_experts - old.num_experts
+    out = {k: np.asarray(v) for k, v in gate.items()}
+    for name, shape in _gate_shapes(grown, count).items():
+        new = rows.get(name)
+        if new is None and name == "router.correction_bias":
+            new = np.zeros(shape, np.float32)
+        elif new is None:
+            ids = torch.arange(E, E + count) if name != "router.keys" else torch.arange(
+                shape[1]) + E // shape[1]  # fmt: skip
+            scale = grown.d_model**-0.5 if name != "router.keys" else (shape[2]) ** -0.5
+            per = shape[1:] if name != "router.keys" else (shape[0], shape[2])
+            new = init_rows(f"{name}.grown", ids, per, seed=grown.seed, scale=scale,
+                            dtype=torch.float32).numpy()  # fmt: skip
+            if name == "router.keys":
+                new = new.transpose(1, 0, 2)  # [rows, h, c] -> [h, rows, c]
+        if name == "router.keys":
+            out[name] = _grow_keys(out[name], old, grown, new)
+        else:
+            out[name] = np.concatenate([out[name], new.astype(out[name].dtype)])
+    return out
+
+
+def _grow_keys(keys: np.ndarray, old: PoolSpec, grown: PoolSpec, new_rows: np.ndarray):
+    """[h, 2, n, c] sub-keys with ``new_rows`` ([h, r, c]) appended to the row half; both
+    halves padded to the longer one."""
+    rows, cols = old.routing.grid(old.num_experts)
+    rows2, _ = grown.routing.grid(grown.num_experts)
+    h, _, _, c = keys.shape
+    out = np.zeros((h, 2, max(rows2, cols), c), keys.dtype)
+    out[:, 0, :rows] = keys[:, 0, :rows]
+    out[:, 0, rows:rows2] = new_rows
+    out[:, 1, :cols] = keys[:, 1, :cols]
+    return out
+
+
+def _place_new(p: Placement, count: int, align: int, active: np.ndarray) -> Placement:
+    """``p`` with experts ``E .. E+count-1`` added, in units of ``align`` (whole sub-key rows),
+    each unit on the active shard holding the fewest replicas at that point."""
+    E = p.num_experts
+    held = np.bincount(p.shard.numpy(), minlength=p.num_shards).astype(np.float64)
+    held[~active] = np.inf
+    shard = np.empty(count, np.int64)
+    for u in range(count // align):  # NOTE: a loop over units (rows), not experts
+        n = int(np.argmin(held))
+        shard[u * align : (u + 1) * align] = n
+        held[n] += align
+    ptr = torch.cat([p.ptr, p.ptr[-1].repeat(count)])
+    wide = Placement(p.version, p.num_shards, ptr, p.shard, p.local)
+    expert, old_shard = policy.pairs(p)
+    return policy.realize(wide, np.concatenate([expert, np.arange(E, E + count)]),
+                          np.concatenate([old_shard, shard]), p.version + 1)  # fmt: skip
+
+
+def _seeded_rows(spec: PoolSpec, ids: np.ndarray) -> dict[str, np.ndarray]:
+    bank = make_bank(spec, torch.as_tensor(ids))
+    return {k: v.numpy() for k, v in bank.export_rows(torch.arange(len(ids))).items()}
 
 
 def _with_shards(spec: PoolSpec, count: int) -> PoolSpec:

@@ -73,8 +73,9 @@ class Placement:
                 torch.from_numpy(z[k].copy()) for k in ("ptr", "shard", "local")))  # fmt: skip
 
     def primary(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(shard [E], local [E]) of each expert's first replica."""
-        first = self.ptr[:-1]
+        """(shard [E], local [E]) of each expert's first replica (meaningless for an expert
+        without replicas: a removed one)."""
+        first = self.ptr[:-1].clamp(max=max(self.shard.numel() - 1, 0))
         return self.shard[first], self.local[first]
 
 

@@ -77,9 +77,9 @@ class Router:
     def __init__(self, spec: PoolSpec):
         self.spec = spec
         self.layer = MoELayer(spec, experts=False).eval()
-        self.batch_coupled = self.layer.router.batch_coupled
         self.shards: ShardCalls | None = None
         self.placement: Placement | None = None
+        self.routing_version = 0  # placement version that last changed spec or gate weights
         self._ready = asyncio.Event()
         self._queue: collections.deque[_Request] = collections.deque()
         self._wakeup = asyncio.Event()
@@ -103,26 +103,49 @@ class Router:
         shards: ShardCalls,
         placement: Placement,
         weights: dict[str, np.ndarray] | None = None,
+        spec: PoolSpec | None = None,
+        routing_version: int = 0,
     ) -> None:
         """Attach shards, a placement and the gate / shared-expert weights; ready to serve."""
-        if weights:
-            own = self.layer.state_dict()
-            self.layer.load_state_dict(
-                {k: torch.as_tensor(np.asarray(v)) for k, v in weights.items() if k in own},
-                strict=True,
-            )
         self.shards = shards
-        self.set_placement(placement)
+        self.placement = None  # a reconfigure may go back in versions (a fresh controller)
+        self.set_placement(placement, spec or self.spec, weights or {}, routing_version)
         self._ready.set()
 
-    def set_placement(self, placement: Placement) -> None:
-        """Batches dispatched from now on use ``placement``; running ones keep theirs."""
+    def set_placement(
+        self,
+        placement: Placement,
+        spec: PoolSpec | None = None,
+        weights: dict[str, np.ndarray] | None = None,
+        routing_version: int | None = None,
+    ) -> None:
+        """Batches dispatched from now on use ``placement``; running ones keep theirs.
+
+        Routing state that grows or shrinks with the experts (``spec``: the expert count and
+        the removed ids; ``weights``: the gate, absent = keep the current one's) changes in
+        the same step, so a batch gates and dispatches under one version of both."""
         if self.placement is not None and placement.version < self.placement.version:
             return  # an old publication arriving late
         n = placement.num_shards
         if self._outstanding is None or len(self._outstanding) != n:
             self._outstanding = torch.zeros(n)
             self._shard_load = torch.zeros(n, dtype=torch.int64)
+        if spec is not None:
+            layer = MoELayer(spec, experts=False).eval()
+            own = layer.state_dict()
+            state = weights if weights else self.layer.state_dict()
+            if weights or spec.num_experts == self.spec.num_experts:
+                layer.load_state_dict(
+                    {k: torch.as_tensor(np.asarray(v)) for k, v in state.items() if k in own},
+                    strict=True,
+                )  # fmt: skip
+            with self._load_lock:
+                load = torch.zeros(spec.num_experts, dtype=torch.int64)
+                m = min(len(load), len(self._expert_load))
+                load[:m] = self._expert_load[:m]
+                self._expert_load = load
+            self.spec, self.layer = spec, layer
+            self.routing_version = placement.version if routing_version is None else routing_version
         self.placement = placement
 
     def gate_weights(self) -> dict[str, np.ndarray]:
@@ -235,18 +258,20 @@ class Router:
         return out
 
     async def _run_batch(self, batch: list[_Request]) -> None:
-        placement = self.placement  # the one version this batch runs under
+        placement, layer = self.placement, self.layer  # the one version this batch runs under
         self._running[placement.version] += 1
         try:
-            await self._run_batch_under(batch, placement)
+            await self._run_batch_under(batch, placement, layer)
         finally:
             self._running[placement.version] -= 1
 
-    async def _run_batch_under(self, batch: list[_Request], placement: Placement) -> None:
-        batch = [r for r in batch if not r.future.done()]
+    async def _run_batch_under(self, batch: list[_Request], placement: Placement, layer) -> None:
+        batch = [r for r in batch if not r.future.done() and _still_valid(r, layer)]
+        if not batch:
+            return
         try:
             t0 = time.perf_counter()
-            flat, ids, w = await self._offload(self._route, batch)
+            flat, ids, w = await self._offload(self._route, batch, layer)
             t1 = time.perf_counter()
             deadline = max(r.deadline for r in batch)
             parts = await self._dispatch(flat, ids, w, placement, deadline)
@@ -282,7 +307,7 @@ class Router:
         return await asyncio.to_thread(fn, batch_or_flat, *args)
 
     @torch.no_grad()
-    def _route(self, batch: list[_Request]):
+    def _route(self, batch: list[_Request], layer: MoELayer):
         """(flat [T, d], ids [T, S], weights [T, S]) of the whole batch, in request order."""
         flat = torch.cat([r.flat for r in batch]) if len(batch) > 1 else batch[0].flat
         routes: list = [None] * len(batch)
@@ -290,8 +315,8 @@ class Router:
         for i, r in enumerate(batch):
             if r.expert_ids is not None:
                 routes[i] = (r.expert_ids.long(), r.weights.to(torch.float32))
-            elif self.batch_coupled:
-                rt = self.layer.route(r.flat, r.x, token_ids=r.token_ids)
+            elif layer.router.batch_coupled:
+                rt = layer.route(r.flat, r.x, token_ids=r.token_ids)
                 routes[i] = (rt.ids, rt.weights)
             else:
                 gated.append(i)
@@ -299,9 +324,9 @@ class Router:
             # token-wise gates: one gating call for all of them (batched routing matmuls)
             xs = torch.cat([batch[i].flat for i in gated])
             tok = None
-            if self.layer.router.needs_token_ids:
+            if layer.router.needs_token_ids:
                 tok = torch.cat([batch[i].token_ids for i in gated])
-            rt = self.layer.route(xs, xs, token_ids=tok)
+            rt = layer.route(xs, xs, token_ids=tok)
             for i, (a, b) in zip(gated, _chunks(rt.ids, rt.weights, batch, gated), strict=True):
                 routes[i] = (a, b)
         S = max(a.shape[1] for a, _ in routes)
@@ -363,7 +388,8 @@ class Router:
 
     def describe(self) -> dict:
         p = self.placement
-        out = {"ready": self.ready, "placement_version": p.version if p else None}
+        out = {"ready": self.ready, "placement_version": p.version if p else None,
+               "routing_version": self.routing_version}  # fmt: skip
         if p is not None:
             out["shards"] = p.num_shards
             out["experts_per_shard"] = np.bincount(p.shard.numpy(), minlength=p.num_shards).tolist()
@@ -386,6 +412,19 @@ class Router:
         if reset_load:
             self._shard_load.zero_()
         return out
+
+
+def _still_valid(r: _Request, layer: MoELayer) -> bool:
+    """False (and the caller told why) when ``r``'s client routes name experts removed after
+    it was admitted."""
+    if r.expert_ids is None or layer.router.removed is None:
+        return True
+    try:
+        layer.check_route_inputs(r.flat, r.x, expert_ids=r.expert_ids, weights=r.weights)
+    except Exception as e:
+        r.future.set_exception(e)
+        return False
+    return True
 
 
 def _resplit(sub: SubBatch, placement, avoid) -> list[SubBatch]:

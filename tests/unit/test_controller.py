@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from raymoe import MoELayer, PoolSpec
+from raymoe import ConfigError, DTypeError, ExpertIdError, MoELayer, PoolSpec, ShapeError
 from raymoe._private.controller import Controller, merge_stats
 from raymoe._private.placement import Placement, contiguous, replicated
 from raymoe._private.router import Router
 from raymoe._private.shard import ExpertShard
+from raymoe.errors import NonFiniteError
 from raymoe.store import EmbeddedStore, MemoryStore
 from tests.helpers import spec_dict
 
@@ -30,8 +31,8 @@ class Calls:
 
 
 class FakeRouter(Router):
-    def configure_pool(self, shards, placement, weights=None):
-        self.configure(Calls(shards), placement, weights)
+    def configure_pool(self, shards, placement, weights=None, spec=None, routing_version=0):
+        self.configure(Calls(shards), placement, weights, spec, routing_version)
 
 
 class FakeCluster:
@@ -196,3 +197,148 @@ def test_placement_bytes_roundtrip():
     q = Placement.from_bytes(p.to_bytes())
     assert q.version == 7 and q.num_shards == 3
     assert all(torch.equal(getattr(p, k), getattr(q, k)) for k in ("ptr", "shard", "local"))
+
+
+# --- experts added and removed at runtime (fake cluster: the real shards and routers) -----
+
+
+def _grown_reference(ctl, layer, extra: dict) -> MoELayer:
+    """MoELayer of the controller's current spec holding ``layer``'s weights + ``extra`` rows."""
+    ref = MoELayer(ctl.spec).eval()
+    sd = {k: v.clone() for k, v in layer.state_dict().items()}
+    for k, v in extra.items():
+        if k == "router.keys":
+            rows = v.shape[1]
+            keys = torch.zeros(ref.state_dict()[k].shape)
+            old = sd[k]
+            keys[:, 0, : old.shape[2]] = old[:, 0]
+            keys[:, 0, old.shape[2] : old.shape[2] + rows] = torch.as_tensor(v)
+            keys[:, 1, : old.shape[2]] = old[:, 1]
+            sd[k] = keys
+        else:
+            sd[k] = torch.cat([sd[k], torch.as_tensor(v)])
+    ref.load_state_dict(sd)
+    return ref
+
+
+def _close(ctl, ref, x, atol=1e-5):
+    async def each():
+        return await asyncio.gather(*(r.forward(x.numpy()) for r in ctl.routers))
+
+    ys = asyncio.run(each())
+    with torch.no_grad():
+        want = ref(x).numpy()
+    assert all(np.abs(y - want).max() <= atol for y in ys)
+
+
+def test_add_experts_with_weights_serves_them():
+    ctl, _, layer, weights = setup()
+    g = torch.Generator().manual_seed(3)
+    extra = {
+        "experts.w_gate": torch.randn(3, 24, 16, generator=g) * 0.2,
+        "experts.w_up": torch.randn(3, 24, 16, generator=g) * 0.2,
+        "experts.w_down": torch.randn(3, 16, 24, generator=g) * 0.2,
+        "router.weight": torch.randn(3, 16, generator=g) * 3,
+    }  # hot: they get chosen
+    asyncio.run(ctl.start(contiguous(8, 2), weights))
+    report = asyncio.run(ctl.add_experts(3, {k: v.numpy() for k, v in extra.items()}))
+    assert report["expert_ids"] == [8, 9, 10] and ctl.spec.num_experts == 11
+    assert all(r.placement.num_experts == 11 and r.spec.num_experts == 11 for r in ctl.routers)
+    x = torch.randn(40, 16)
+    ref = _grown_reference(ctl, layer, extra)
+    assert torch.isin(ref(x, return_info=True)[1].expert_ids, torch.tensor([8, 9, 10])).any()
+    _close(ctl, ref, x)
+    assert Controller.load_goal(ctl.store, ctl.spec.name)["spec"].num_experts == 11
+
+
+def test_add_experts_without_weights_takes_the_seeded_init_of_their_ids():
+    spec = PoolSpec.from_dict({**spec_dict({"kind": "topk", "k": 2}, E=8),
+                               "shards": {"count": 2}})  # fmt: skip
+    ctl = Controller(spec, FakeCluster(spec), MemoryStore())
+    asyncio.run(ctl.start(contiguous(8, 2), None))
+    before = ctl.routers[0].gate_weights()["router.weight"]
+    asyncio.run(ctl.add_experts(4))
+    gate = ctl.routers[0].gate_weights()
+    assert np.array_equal(gate["router.weight"][:8], before)  # old rows untouched
+    ref = MoELayer(ctl.spec).eval()  # seeded experts by id; the grown gate from the pool
+    ref.router.weight.data = torch.as_tensor(gate["router.weight"])
+    _close(ctl, ref, torch.randn(30, 16))
+
+
+def test_product_key_pool_grows_by_whole_rows():
+    spec = PoolSpec.from_dict({**spec_dict({"kind": "product_key", "heads": 2, "k": 2,
+                                            "d_key": 8}, E=16, kind="peer"),
+                               "shards": {"count": 2}})  # fmt: skip
+    layer = MoELayer(spec).eval()
+    ctl = Controller(spec, FakeCluster(spec), MemoryStore())
+    weights = {k: v.numpy() for k, v in layer.state_dict().items()}
+    asyncio.run(ctl.start(contiguous(16, 2, align=4), weights))
+    g = torch.Generator().manual_seed(1)
+    extra = {"experts.u": torch.randn(8, 16, generator=g), "experts.v": torch.randn(8, 16,
+             generator=g), "router.keys": torch.randn(2, 2, 4, generator=g) * 2}  # fmt: skip
+    with pytest.raises(ConfigError, match="whole sub-key rows of 4"):
+        asyncio.run(ctl.add_experts(6))
+    asyncio.run(ctl.add_experts(8, {k: v.numpy() for k, v in extra.items()}))
+    assert ctl.spec.routing.grid(24) == (6, 4)
+    # each new row landed whole on one shard
+    shard_of = ctl.placement.primary()[0]
+    assert len(set(shard_of[16:20].tolist())) == 1 and len(set(shard_of[20:24].tolist())) == 1
+    _close(ctl, _grown_reference(ctl, layer, extra), torch.randn(50, 16))
+
+
+def test_remove_experts_stops_routing_to_them_and_frees_their_places():
+    ctl, _, layer, weights = setup()
+    asyncio.run(ctl.start(contiguous(8, 2), weights))
+    report = asyncio.run(ctl.remove_experts([2, 5]))
+    assert report["removed"] == [2, 5] and report["replicas_dropped"] == 2
+    assert ctl.placement.replicas()[[2, 5]].tolist() == [0, 0]
+    assert sum(s.status()["experts"] for s in ctl.shards) == 6  # their places were freed
+    ref = MoELayer(ctl.spec).eval()
+    ref.load_state_dict(layer.state_dict())
+    _close(ctl, ref, torch.randn(30, 16))
+    # a rebalance never gives a removed expert a replica back
+    asyncio.run(ctl.rebalance(policy_name="eplb"))
+    assert ctl.placement.replicas()[[2, 5]].tolist() == [0, 0]
+    _close(ctl, ref, torch.randn(30, 16))
+
+
+@pytest.mark.parametrize("op,args,error,match", [
+    ("remove_experts", ([8],), ExpertIdError, "not in"),
+    ("remove_experts", ([],), ConfigError, "at least one"),
+    ("remove_experts", (list(range(7)),), ConfigError, "live experts"),  # k=2 needs 2
+    ("remove_experts", ([1.5],), DTypeError, "integers"),
+    ("add_experts", (0,), ConfigError, "count"),
+    ("add_experts", (2, {"experts.w_up": np.zeros((2, 24, 16), np.float32)}), ConfigError,
+     "missing"),
+    ("add_experts", (2, {"router.weight": np.zeros((3, 16), np.float32)}), ShapeError, "shape"),
+    ("add_experts", (2, {"router.weight": np.full((2, 16), np.nan, np.float32)}),
+     NonFiniteError, "NaN"),
+    ("add_experts", (2, {"router.nope": np.zeros((2, 16), np.float32)}), ConfigError, "unknown"),
+])  # fmt: skip
+def test_bad_expert_changes_are_refused_and_change_nothing(op, args, error, match):
+    ctl, _, _, weights = setup()
+    asyncio.run(ctl.start(contiguous(8, 2), weights))
+    before = (ctl.spec, ctl.placement.version)
+    with pytest.raises(error, match=match):
+        asyncio.run(getattr(ctl, op)(*args))
+    assert (ctl.spec, ctl.placement.version) == before
+
+
+def test_removed_experts_stay_removed():
+    ctl, _, _, weights = setup()
+    asyncio.run(ctl.start(contiguous(8, 2), weights))
+    asyncio.run(ctl.remove_experts([3]))
+    for op, args in [("remove_experts", ([3],)), ("replicate", (3, 2)), ("pin", (3, 1))]:
+        with pytest.raises(ExpertIdError, match="removed"):
+            asyncio.run(getattr(ctl, op)(*args))
+
+
+def test_kinds_that_cannot_grow_say_so():
+    spec = PoolSpec.from_dict({**spec_dict({"kind": "hash", "vocab_size": 100}, E=8),
+                               "shards": {"count": 2}})  # fmt: skip
+    ctl = Controller(spec, FakeCluster(spec), MemoryStore())
+    asyncio.run(ctl.start(contiguous(8, 2), None))
+    with pytest.raises(ConfigError, match="cannot add"):
+        asyncio.run(ctl.add_experts(2))
+    with pytest.raises(ConfigError, match="cannot remove"):
+        asyncio.run(ctl.remove_experts([1]))
