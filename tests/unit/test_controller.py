@@ -202,6 +202,13 @@ def test_placement_bytes_roundtrip():
 # --- experts added and removed at runtime (fake cluster: the real shards and routers) -----
 
 
+_LOOP = asyncio.new_event_loop()  # one loop: the routers' queues and events live on it
+
+
+def _run(coro):
+    return _LOOP.run_until_complete(coro)
+
+
 def _grown_reference(ctl, layer, extra: dict) -> MoELayer:
     """MoELayer of the controller's current spec holding ``layer``'s weights + ``extra`` rows."""
     ref = MoELayer(ctl.spec).eval()
@@ -225,7 +232,7 @@ def _close(ctl, ref, x, atol=1e-5):
     async def each():
         return await asyncio.gather(*(r.forward(x.numpy()) for r in ctl.routers))
 
-    ys = asyncio.run(each())
+    ys = _run(each())
     with torch.no_grad():
         want = ref(x).numpy()
     assert all(np.abs(y - want).max() <= atol for y in ys)
@@ -240,8 +247,8 @@ def test_add_experts_with_weights_serves_them():
         "experts.w_down": torch.randn(3, 16, 24, generator=g) * 0.2,
         "router.weight": torch.randn(3, 16, generator=g) * 3,
     }  # hot: they get chosen
-    asyncio.run(ctl.start(contiguous(8, 2), weights))
-    report = asyncio.run(ctl.add_experts(3, {k: v.numpy() for k, v in extra.items()}))
+    _run(ctl.start(contiguous(8, 2), weights))
+    report = _run(ctl.add_experts(3, {k: v.numpy() for k, v in extra.items()}))
     assert report["expert_ids"] == [8, 9, 10] and ctl.spec.num_experts == 11
     assert all(r.placement.num_experts == 11 and r.spec.num_experts == 11 for r in ctl.routers)
     x = torch.randn(40, 16)
@@ -255,9 +262,9 @@ def test_add_experts_without_weights_takes_the_seeded_init_of_their_ids():
     spec = PoolSpec.from_dict({**spec_dict({"kind": "topk", "k": 2}, E=8),
                                "shards": {"count": 2}})  # fmt: skip
     ctl = Controller(spec, FakeCluster(spec), MemoryStore())
-    asyncio.run(ctl.start(contiguous(8, 2), None))
+    _run(ctl.start(contiguous(8, 2), None))
     before = ctl.routers[0].gate_weights()["router.weight"]
-    asyncio.run(ctl.add_experts(4))
+    _run(ctl.add_experts(4))
     gate = ctl.routers[0].gate_weights()
     assert np.array_equal(gate["router.weight"][:8], before)  # old rows untouched
     ref = MoELayer(ctl.spec).eval()  # seeded experts by id; the grown gate from the pool
@@ -272,13 +279,13 @@ def test_product_key_pool_grows_by_whole_rows():
     layer = MoELayer(spec).eval()
     ctl = Controller(spec, FakeCluster(spec), MemoryStore())
     weights = {k: v.numpy() for k, v in layer.state_dict().items()}
-    asyncio.run(ctl.start(contiguous(16, 2, align=4), weights))
+    _run(ctl.start(contiguous(16, 2, align=4), weights))
     g = torch.Generator().manual_seed(1)
     extra = {"experts.u": torch.randn(8, 16, generator=g), "experts.v": torch.randn(8, 16,
              generator=g), "router.keys": torch.randn(2, 2, 4, generator=g) * 2}  # fmt: skip
     with pytest.raises(ConfigError, match="whole sub-key rows of 4"):
-        asyncio.run(ctl.add_experts(6))
-    asyncio.run(ctl.add_experts(8, {k: v.numpy() for k, v in extra.items()}))
+        _run(ctl.add_experts(6))
+    _run(ctl.add_experts(8, {k: v.numpy() for k, v in extra.items()}))
     assert ctl.spec.routing.grid(24) == (6, 4)
     # each new row landed whole on one shard
     shard_of = ctl.placement.primary()[0]
@@ -288,8 +295,8 @@ def test_product_key_pool_grows_by_whole_rows():
 
 def test_remove_experts_stops_routing_to_them_and_frees_their_places():
     ctl, _, layer, weights = setup()
-    asyncio.run(ctl.start(contiguous(8, 2), weights))
-    report = asyncio.run(ctl.remove_experts([2, 5]))
+    _run(ctl.start(contiguous(8, 2), weights))
+    report = _run(ctl.remove_experts([2, 5]))
     assert report["removed"] == [2, 5] and report["replicas_dropped"] == 2
     assert ctl.placement.replicas()[[2, 5]].tolist() == [0, 0]
     assert sum(s.status()["experts"] for s in ctl.shards) == 6  # their places were freed
@@ -297,7 +304,7 @@ def test_remove_experts_stops_routing_to_them_and_frees_their_places():
     ref.load_state_dict(layer.state_dict())
     _close(ctl, ref, torch.randn(30, 16))
     # a rebalance never gives a removed expert a replica back
-    asyncio.run(ctl.rebalance(policy_name="eplb"))
+    _run(ctl.rebalance(policy_name="eplb"))
     assert ctl.placement.replicas()[[2, 5]].tolist() == [0, 0]
     _close(ctl, ref, torch.randn(30, 16))
 
@@ -317,28 +324,28 @@ def test_remove_experts_stops_routing_to_them_and_frees_their_places():
 ])  # fmt: skip
 def test_bad_expert_changes_are_refused_and_change_nothing(op, args, error, match):
     ctl, _, _, weights = setup()
-    asyncio.run(ctl.start(contiguous(8, 2), weights))
+    _run(ctl.start(contiguous(8, 2), weights))
     before = (ctl.spec, ctl.placement.version)
     with pytest.raises(error, match=match):
-        asyncio.run(getattr(ctl, op)(*args))
+        _run(getattr(ctl, op)(*args))
     assert (ctl.spec, ctl.placement.version) == before
 
 
 def test_removed_experts_stay_removed():
     ctl, _, _, weights = setup()
-    asyncio.run(ctl.start(contiguous(8, 2), weights))
-    asyncio.run(ctl.remove_experts([3]))
+    _run(ctl.start(contiguous(8, 2), weights))
+    _run(ctl.remove_experts([3]))
     for op, args in [("remove_experts", ([3],)), ("replicate", (3, 2)), ("pin", (3, 1))]:
         with pytest.raises(ExpertIdError, match="removed"):
-            asyncio.run(getattr(ctl, op)(*args))
+            _run(getattr(ctl, op)(*args))
 
 
 def test_kinds_that_cannot_grow_say_so():
     spec = PoolSpec.from_dict({**spec_dict({"kind": "hash", "vocab_size": 100}, E=8),
                                "shards": {"count": 2}})  # fmt: skip
     ctl = Controller(spec, FakeCluster(spec), MemoryStore())
-    asyncio.run(ctl.start(contiguous(8, 2), None))
+    _run(ctl.start(contiguous(8, 2), None))
     with pytest.raises(ConfigError, match="cannot add"):
-        asyncio.run(ctl.add_experts(2))
+        _run(ctl.add_experts(2))
     with pytest.raises(ConfigError, match="cannot remove"):
-        asyncio.run(ctl.remove_experts([1]))
+        _run(ctl.remove_experts([1]))
