@@ -212,6 +212,18 @@ class ControlSpec(_Section):
     auto_rebalance: bool = False  # rebalance when imbalance exceeds the target
     rebalance_interval_s: PositiveFloat = 10.0
     drain_timeout_s: PositiveFloat = 60.0  # longest wait for batches under an old placement
+    # autoscaling of the shard count from measured tokens/s, with hysteresis: up when a
+    # shard carries more than the target, down only when one shard fewer would carry at most
+    # ``scale_down_below`` of it, never twice within ``scale_cooldown_s``
+    autoscale: bool = False
+    min_shards: PositiveInt = 1
+    max_shards: PositiveInt | None = None  # None: the live expert count
+    target_tokens_per_shard_s: PositiveFloat = 50_000.0
+    scale_down_below: float = Field(0.6, gt=0.0, lt=1.0)
+    scale_cooldown_s: float = Field(30.0, ge=0.0)
+    # aux-loss-free balancing (DeepSeek-V3): topk routing with a correction bias moves each
+    # expert's bias by this much per control step towards the mean load (0: off)
+    bias_update_rate: float = Field(0.0, ge=0.0, le=1.0)
 
 
 class LimitsSpec(_Section):
@@ -276,6 +288,12 @@ class PoolSpec(_Section):
                 raise SpecProblem(
                     "shards.replicas", f"expert {e}: {r} replicas exceed {self.shards.count} shards"
                 )
+        c = self.control
+        if c.max_shards is not None and c.max_shards < c.min_shards:
+            raise SpecProblem("control.max_shards", "must not be below control.min_shards")
+        if c.bias_update_rate > 0 and not getattr(self.routing, "correction_bias", False):
+            raise SpecProblem("control.bias_update_rate",
+                              "needs topk routing with correction_bias: true")  # fmt: skip
         if self.limits.max_batch_tokens > self.limits.max_request_tokens:
             raise SpecProblem("limits.max_batch_tokens", "must not exceed max_request_tokens")
         return self

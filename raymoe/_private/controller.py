@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import time
 from typing import Any, Protocol
 
@@ -82,6 +83,8 @@ class Controller:
         self._load_t = time.monotonic()
         self._ops = asyncio.Lock()  # one runtime operation at a time
         self._last_rebalance = time.monotonic()
+        self._last_scale = -math.inf  # when the autoscaler last changed the shard count
+        self.rate = 0.0  # tokens/s, decayed like the load window
 
     # --- goal state ---------------------------------------------------------------------
 
@@ -206,10 +209,15 @@ class Controller:
             await asyncio.sleep(interval_s)
 
     async def _control_step(self) -> None:
-        """Collect load; rebalance when allowed and needed. Never raises."""
+        """Collect load; update biases, autoscale and rebalance when the spec asks for it.
+        Never raises: a failed step is logged and the next one starts afresh."""
         try:
-            await self.collect_load()
+            counts = await self.collect_load()
             c = self.spec.control
+            if c.bias_update_rate > 0 and counts.sum() > 0:
+                await self.update_bias(counts)
+            if c.autoscale and not self._ops.locked():
+                await self.autoscale()
             due = time.monotonic() - self._last_rebalance >= c.rebalance_interval_s
             if c.auto_rebalance and due and not self._ops.locked():
                 self._last_rebalance = time.monotonic()
@@ -275,17 +283,55 @@ class Controller:
 
     # --- load -------------------------------------------------------------------------------
 
-    async def collect_load(self) -> None:
-        """Fold the routers' new per-expert counts into the decayed window."""
+    async def collect_load(self) -> np.ndarray:
+        """Fold the routers' new per-expert counts into the decayed window (and the token
+        rate); -> the new counts alone."""
         got = await self._call_or_none(self.routers, "take_load")
         now = time.monotonic()
-        self.load *= 0.5 ** ((now - self._load_t) / self.spec.control.load_half_life_s)
+        dt = max(now - self._load_t, 1e-3)
+        decay = 0.5 ** (dt / self.spec.control.load_half_life_s)
+        self.load *= decay
         self._load_t = now
+        fresh = np.zeros_like(self.load)
         for counts in got:
             if counts is not None:  # NOTE: lengths differ briefly while experts are added
-                m = min(len(counts), len(self.load))
-                self.load[:m] += counts[:m]
-        self.load[list(self.spec.experts.removed)] = 0
+                m = min(len(counts), len(fresh))
+                fresh[:m] += counts[:m]
+        fresh[list(self.spec.experts.removed)] = 0
+        self.load += fresh
+        tokens = fresh.sum() / max(self.spec.slots, 1)
+        self.rate = decay * self.rate + (1 - decay) * tokens / dt
+        return fresh
+
+    async def autoscale(self) -> dict | None:
+        """Scale the shard count for the measured token rate (hysteresis and a cooldown)."""
+        c = self.spec.control
+        if time.monotonic() - self._last_scale < c.scale_cooldown_s:
+            return None
+        live = self.spec.experts.live
+        n = self.placement.num_shards
+        want = policy.shards_for(self.rate, n, target=c.target_tokens_per_shard_s,
+                                 down_below=c.scale_down_below, lo=min(c.min_shards, live),
+                                 hi=min(c.max_shards or live, live))  # fmt: skip
+        if want == n:
+            return None
+        log.info("autoscaling from %d to %d shards at %.0f tokens/s", n, want, self.rate)
+        self._last_scale = time.monotonic()
+        return await self.scale_shards(want, max_shards=c.max_shards)
+
+    async def update_bias(self, counts: np.ndarray) -> None:
+        """One aux-loss-free step: the routers' selection bias moves towards balance."""
+        async with self._ops:
+            gate = dict(await self._gate_weights())
+            live = np.ones(len(counts), bool)
+            live[list(self.spec.experts.removed)] = False
+            bias = np.asarray(gate["router.correction_bias"], np.float32)
+            gate["router.correction_bias"] = policy.bias_step(
+                bias, counts, self.spec.control.bias_update_rate, live
+            ).astype(np.float32)
+            p = self.placement  # same layout, next version: routers swap gate and placement
+            await self._apply(Placement(p.version + 1, p.num_shards, p.ptr, p.shard, p.local),
+                              spec=self.spec, gate=gate)  # fmt: skip
 
     def imbalance(self, placement: Placement | None = None) -> float:
         p = placement or self.placement

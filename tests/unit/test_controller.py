@@ -349,3 +349,117 @@ def test_kinds_that_cannot_grow_say_so():
         _run(ctl.add_experts(2))
     with pytest.raises(ConfigError, match="cannot remove"):
         _run(ctl.remove_experts([1]))
+
+
+# --- the automatic control loop -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("rate,shards,want", [
+    (0, 4, 1),        # idle: down to the minimum
+    (350, 4, 4),      # under the target per shard, but 3 shards would carry 117 > 60 each
+    (400, 4, 4),      # exactly at the target: stay
+    (401, 4, 6),      # above: grow to carry it at 80% of the target
+    (170, 4, 3),      # one fewer would carry 57 <= 60 each: shrink to what fits at 80%
+    (10_000, 4, 8),   # capped by hi
+])  # fmt: skip
+def test_shards_for_has_hysteresis(rate, shards, want):
+    from raymoe._private.policy import shards_for
+
+    assert shards_for(rate, shards, target=100, down_below=0.6, lo=1, hi=8) == want
+
+
+def test_shards_for_never_oscillates():
+    from raymoe._private.policy import shards_for
+
+    for rate in np.linspace(0, 2000, 401):
+        n = shards_for(rate, 4, target=100, down_below=0.6, lo=1, hi=32)
+        assert shards_for(rate, n, target=100, down_below=0.6, lo=1, hi=32) == n, rate
+
+
+def _controlled(control: dict, routing: dict | None = None, shards: int = 1):
+    spec = PoolSpec.from_dict({**spec_dict(routing or {"kind": "topk", "k": 2}, E=8),
+                               "shards": {"count": shards}, "control": control})  # fmt: skip
+    ctl = Controller(spec, FakeCluster(spec), MemoryStore())
+    _run(ctl.start(contiguous(8, shards), None))
+    return ctl
+
+
+def _traffic(ctl, tokens: int, seconds: float = 1.0):
+    _run(ctl.routers[0].forward(torch.randn(tokens, 16).numpy()))
+    ctl._load_t -= seconds  # as if the tokens came over ``seconds``
+
+
+def test_autoscaler_grows_and_shrinks_the_pool_within_bounds():
+    ctl = _controlled(
+        {
+            "autoscale": True,
+            "target_tokens_per_shard_s": 100,
+            "min_shards": 1,
+            "max_shards": 3,
+            "scale_cooldown_s": 0,
+            "load_half_life_s": 0.01,
+        }
+    )
+    _traffic(ctl, 400)
+    _run(ctl._control_step())
+    assert ctl.placement.num_shards == 3 and len(ctl.shards) == 3  # 5 wanted, 3 allowed
+    x = torch.randn(20, 16)
+    _close(ctl, MoELayer(ctl.spec).eval(), x)
+    _traffic(ctl, 0)
+    _run(ctl._control_step())
+    assert ctl.placement.num_shards == 1
+    _close(ctl, MoELayer(ctl.spec).eval(), x)
+
+
+def test_autoscaler_waits_out_its_cooldown():
+    ctl = _controlled(
+        {
+            "autoscale": True,
+            "target_tokens_per_shard_s": 100,
+            "max_shards": 4,
+            "scale_cooldown_s": 3600,
+            "load_half_life_s": 0.01,
+        }
+    )
+    _traffic(ctl, 400)
+    _run(ctl._control_step())
+    n = ctl.placement.num_shards
+    _traffic(ctl, 0)
+    _run(ctl._control_step())
+    assert ctl.placement.num_shards == n > 1
+
+
+def test_aux_loss_free_bias_moves_towards_balance():
+    ctl = _controlled({"bias_update_rate": 0.01},
+                      routing={"kind": "topk", "k": 2, "score": "sigmoid",
+                               "correction_bias": True})  # fmt: skip
+    _traffic(ctl, 300)
+    counts = ctl.routers[0]._expert_load.numpy().copy()
+    _run(ctl._control_step())
+    bias = ctl.routers[0].gate_weights()["router.correction_bias"]
+    mean = counts.mean()
+    assert np.allclose(bias, 0.01 * np.sign(mean - counts))
+    ref = MoELayer(ctl.spec).eval()  # the pool gates with the updated bias
+    ref.router.correction_bias.copy_(torch.as_tensor(bias))
+    _close(ctl, ref, torch.randn(20, 16))
+
+
+def test_control_step_logs_and_goes_on(caplog):
+    ctl = _controlled({"autoscale": True, "auto_rebalance": True, "rebalance_interval_s": 0.01})
+
+    def broken(*a, **k):
+        raise RuntimeError("boom")
+
+    ctl.autoscale = broken
+    _run(ctl._control_step())
+    assert "control step failed" in caplog.text
+
+
+@pytest.mark.parametrize("control,field", [
+    ({"bias_update_rate": 0.01}, "control.bias_update_rate"),  # no correction bias to move
+    ({"min_shards": 4, "max_shards": 2}, "control.max_shards"),
+])  # fmt: skip
+def test_impossible_control_specs_are_config_errors(control, field):
+    with pytest.raises(ConfigError) as e:
+        PoolSpec.from_dict({**spec_dict({"kind": "topk", "k": 2}), "control": control})
+    assert e.value.field == field
