@@ -617,16 +617,20 @@ class Controller:
         if not len(add_e):
             return
         rows = None
-        if self.has_rows:  # copy from a replica in the old placement, one export per source
+        if self.has_rows:  # copy from a replica in the old placement
             known = add_e < old.num_experts
             src_shard, _ = old.primary()
             src = src_shard.numpy()[add_e[known]]
             rows = {}
+            step = max(1, COPY_CHUNK_BYTES // max(self.expert_bytes(), 1))
             for s in np.unique(src).tolist():
-                ids = np.unique(add_e[known][src == s])
-                got = await self.cluster.call(self.shards[s], "export_experts", ids, timeout=120)
-                for k, v in got.items():
-                    rows.setdefault(k, {}).update(zip(ids.tolist(), v, strict=True))
+                mine = np.unique(add_e[known][src == s])
+                for i in range(0, len(mine), step):  # a few MB per call, as in place()
+                    ids = mine[i : i + step]
+                    got = await self.cluster.call(self.shards[s], "export_experts", ids,
+                                                  timeout=120)  # fmt: skip
+                    for k, v in got.items():
+                        rows.setdefault(k, {}).update(zip(ids.tolist(), v, strict=True))
             fresh = np.unique(add_e[~known])  # added experts: given rows, or the seeded init
             if len(fresh):
                 given = new_rows or _seeded_rows(spec, fresh)
@@ -634,16 +638,26 @@ class Controller:
                     at = fresh - old.num_experts if new_rows else np.arange(len(fresh))
                     rows.setdefault(k, {}).update(zip(fresh.tolist(), v[at], strict=True))
         calls = []
+        step = max(1, COPY_CHUNK_BYTES // max(self.expert_bytes(), 1))
         for n in np.unique(add_s).tolist():
             on = add_s == n
             ids, local = add_e[on], add_l[on]
-            part = None
             if rows is not None:
                 part = {k: np.stack([v[e] for e in ids.tolist()]) for k, v in rows.items()}
                 self._rows.setdefault(n, []).append((ids, self.cluster.put(part)))
-            calls.append(self.cluster.call(self.shards[n], "place", local, ids, part,
-                                           timeout=300))  # fmt: skip
+            calls.append(self._place_chunks(n, ids, local, rows, step))
         await asyncio.gather(*calls)
+
+    async def _place_chunks(self, n: int, ids, local, rows, step: int) -> None:
+        """Place on shard ``n`` a few MB at a time: a shard computes one call at a time, so
+        small copies interleave with the routers' sub-batches instead of stalling them."""
+        for i in range(0, len(ids), step):
+            part = None
+            if rows is not None:
+                part = {k: np.stack([v[e] for e in ids[i : i + step].tolist()])
+                        for k, v in rows.items()}  # fmt: skip
+            await self.cluster.call(self.shards[n], "place", local[i : i + step],
+                                    ids[i : i + step], part, timeout=300)  # fmt: skip
 
     async def _break(self, old: Placement, new: Placement) -> None:
         _, (_, drop_s, drop_l) = _diff(old, new)
@@ -707,6 +721,7 @@ def initial_placement(spec: PoolSpec) -> Placement:
 
 
 MAX_ADD = 1 << 20  # experts one add_experts call may create
+COPY_CHUNK_BYTES = 4 << 20  # weights per place() call while copying experts
 
 
 def _grown_spec(spec: PoolSpec, count: int) -> PoolSpec:

@@ -96,7 +96,8 @@ class ExpertShard:
         old = self._bank
         ids = torch.full((size,), -1, dtype=torch.int64)
         ids[: len(self.expert_ids)] = self.expert_ids
-        bank = make_bank(self.spec, ids.clamp(min=0), device=self.device).eval()
+        # NOTE: no seeded init here: kept rows are copied, new places are filled by place()
+        bank = make_bank(self.spec, ids.clamp(min=0), device=self.device, seeded=False).eval()
         keep = torch.arange(len(self.expert_ids))
         bank.import_rows(keep, old.export_rows(keep))
         counts = torch.zeros(size, dtype=torch.int64)

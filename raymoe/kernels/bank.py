@@ -78,10 +78,12 @@ def make_bank(
     expert_ids: torch.Tensor | None = None,
     *,
     device: torch.device | str = "cpu",
+    seeded: bool = True,
 ) -> ExpertBank:
     """A bank of ``spec``'s expert kind holding global experts ``expert_ids`` (default: all).
 
-    Weights are the spec's deterministic initialisation of exactly those experts.
+    Weights are the spec's deterministic initialisation of exactly those experts (zeros with
+    ``seeded=False``, for a caller that overwrites every row anyway).
     """
     try:
         cls = BANKS[spec.experts.kind]
@@ -91,4 +93,4 @@ def make_bank(
         ) from None
     if expert_ids is None:
         expert_ids = torch.arange(spec.num_experts)
-    return cls.from_spec(spec, expert_ids, device=device)
+    return cls.from_spec(spec, expert_ids, device=device, seeded=seeded)

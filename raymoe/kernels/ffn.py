@@ -93,7 +93,12 @@ class FFNBank(ExpertBank):
 
     @classmethod
     def from_spec(
-        cls, spec: PoolSpec, expert_ids: torch.Tensor, *, device: torch.device | str = "cpu"
+        cls,
+        spec: PoolSpec,
+        expert_ids: torch.Tensor,
+        *,
+        device: torch.device | str = "cpu",
+        seeded: bool = True,
     ) -> FFNBank:
         ex = spec.experts
         assert isinstance(ex, FFNExperts)
@@ -106,7 +111,8 @@ class FFNBank(ExpertBank):
             name: 1.0 / math.sqrt(spec.d_model if name in inner else ex.hidden)
             for name, _ in bank.named_parameters()
         }
-        bank.seed_rows(spec, expert_ids, scales)
+        if seeded:  # else zeros: the caller imports every row
+            bank.seed_rows(spec, expert_ids, scales)
         return bank
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

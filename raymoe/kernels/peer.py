@@ -46,7 +46,12 @@ class PeerBank(ExpertBank):
 
     @classmethod
     def from_spec(
-        cls, spec: PoolSpec, expert_ids: torch.Tensor, *, device: torch.device | str = "cpu"
+        cls,
+        spec: PoolSpec,
+        expert_ids: torch.Tensor,
+        *,
+        device: torch.device | str = "cpu",
+        seeded: bool = True,
     ) -> PeerBank:
         ex = spec.experts
         assert isinstance(ex, PeerExperts)
@@ -55,7 +60,8 @@ class PeerBank(ExpertBank):
             dtype=spec.torch_dtype, device=device,
         )  # fmt: skip
         scale = 1.0 / math.sqrt(spec.d_model)
-        bank.seed_rows(spec, expert_ids, {"u": scale, "v": scale})
+        if seeded:  # else zeros: the caller imports every row
+            bank.seed_rows(spec, expert_ids, {"u": scale, "v": scale})
         return bank
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,239 @@
+"""Live elasticity: a served pool under Zipf(1.2) traffic while the controller rebalances,
+follows a shift of the hot set, scales shards up and down, and adds and removes experts.
+
+Clients send requests with their own routes (expert ids drawn from Zipf(1.2) over a
+permutation of the experts: the permutation is the "hot set"), so the load is exactly the
+one asked for; every 4th answer is checked against the in-process ``MoELayer`` (max abs
+error). Reported per operation: wall time, requests failed, tokens stalled (requests that
+took over 10x the steady p50 to answer), latency p99 during the operation vs steady state,
+and the placement imbalance (max/mean shard load of the measured load window) before and
+after. Targets of the elastic-controller issue: 0 failures, outputs equal to MoELayer,
+imbalance <= 1.05 after a rebalance, p99 during a rebalance <= 2x steady.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import ray
+import torch
+
+import raymoe
+from raymoe import MoELayer, PoolSpec
+
+ZIPF_S = 1.2
+CHECK_EVERY = 4
+
+
+def spec(E: int, shards: int) -> PoolSpec:
+    return PoolSpec.from_dict({
+        "name": "bench-elastic", "d_model": 256,
+        "experts": {"kind": "ffn", "num_experts": E, "hidden": 512},
+        "routing": {"kind": "topk", "k": 2, "renormalize": True},
+        "shards": {"count": shards, "routers": 2},
+        "control": {"load_half_life_s": 2.0, "extra_replicas": 0.25},
+    })  # fmt: skip
+
+
+class Traffic:
+    """Client threads sending Zipf-routed requests; each answer checked against the layer."""
+
+    def __init__(self, pool, layer, E: int, clients: int, tokens: int, k: int = 2):
+        self.pool, self.layer, self.tokens, self.k = pool, layer, tokens, k
+        self.rng = np.random.default_rng(0)
+        self.set_hot(np.arange(E))
+        self.log: list[tuple[float, float, bool]] = []  # (start, latency, ok)
+        self.errors: list[float] = []
+        self.failures: list[str] = []
+        self.stop = threading.Event()
+        self.lock = threading.Lock()
+        self.threads = [threading.Thread(target=self._run, args=(i,)) for i in range(clients)]
+
+    def set_hot(self, order: np.ndarray) -> None:
+        """Experts in ``order`` get Zipf(1.2) shares by rank (the first is the hottest)."""
+        p = 1.0 / np.arange(1, len(order) + 1) ** ZIPF_S
+        self.order, self.p = order, p / p.sum()
+
+    def _request(self, rng):
+        order, p = self.order, self.p
+        ids = np.stack([rng.choice(order, size=self.k, replace=False, p=p)
+                        for _ in range(self.tokens)])  # fmt: skip
+        w = rng.random((self.tokens, self.k)).astype(np.float32)
+        x = rng.standard_normal((self.tokens, self.layer.spec.d_model)).astype(np.float32)
+        w /= w.sum(1, keepdims=True)
+        return torch.from_numpy(x), torch.from_numpy(ids), torch.from_numpy(w)
+
+    def _run(self, i: int) -> None:
+        rng = np.random.default_rng(100 + i)
+        n = 0
+        while not self.stop.is_set():
+            x, ids, w = self._request(rng)
+            t = time.perf_counter()
+            try:
+                y = self.pool.forward(x, expert_ids=ids, weights=w)
+                ok = True
+            except Exception as e:
+                ok = False
+                self.failures.append(f"{type(e).__name__}: {e}")
+            lat = time.perf_counter() - t
+            with self.lock:
+                self.log.append((t, lat, ok))
+            n += 1
+            if ok and n % CHECK_EVERY == 0:
+                with torch.no_grad():
+                    ref = self.layer(x, expert_ids=ids, weights=w)
+                self.errors.append((y - ref).abs().max().item())
+
+    def __enter__(self):
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=300)
+
+    def window(self, t0: float, t1: float) -> np.ndarray:
+        """Latencies (s) of the requests that were in flight at some time in [t0, t1]."""
+        with self.lock:
+            return np.array([lat for s, lat, _ in self.log if s <= t1 and s + lat >= t0])
+
+
+def imbalance(pool) -> float:
+    return pool.rebalance(dry_run=True)["imbalance_before"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--experts", type=int, default=64)
+    ap.add_argument("--shards", type=int, default=4)
+    ap.add_argument("--clients", type=int, default=4)
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--steady-s", type=float, default=6.0)
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    ray.init(namespace="raymoe", include_dashboard=False, log_to_driver=False)
+    s = spec(args.experts, args.shards)
+    layer = MoELayer(s).eval()
+    print(
+        f"pool: {args.experts} FFN experts (d=256, H=512), {args.shards} shards, 2 routers; "
+        f"{args.clients} clients x {args.tokens} tokens, Zipf({ZIPF_S}) client routes"
+    )
+    pool = raymoe.serve(s, weights=layer.state_dict())
+    rows = []
+    timeline = []
+    t_start = time.perf_counter()
+
+    def mark(label: str) -> None:
+        imb = imbalance(pool)
+        timeline.append((round(time.perf_counter() - t_start, 1), label, round(imb, 3)))
+        print(f"  t={timeline[-1][0]:>6.1f}s  imbalance {imb:.3f}  ({label})", flush=True)
+
+    try:
+        with Traffic(pool, layer, args.experts, args.clients, args.tokens) as traffic:
+            time.sleep(args.steady_s)
+            t0 = time.perf_counter()
+            time.sleep(args.steady_s)
+            steady = traffic.window(t0, time.perf_counter())
+            p50, p99 = np.percentile(steady, 50), np.percentile(steady, 99)
+            print(
+                f"steady state: p50 {p50 * 1e3:.1f} ms, p99 {p99 * 1e3:.1f} ms "
+                f"({len(steady)} requests)"
+            )
+            mark("Zipf load, contiguous placement")
+
+            def op(name: str, fn, settle: float = 2.0) -> dict:
+                failed = len(traffic.failures)
+                before = imbalance(pool)
+                t0 = time.perf_counter()
+                report = fn()
+                t1 = time.perf_counter()
+                time.sleep(settle)
+                lat = traffic.window(t0, t1)
+                row = {"operation": name, "seconds": t1 - t0, "requests": len(lat),
+                       "failed": len(traffic.failures) - failed,
+                       "stalled": int((lat > 10 * p50).sum()),
+                       "p99_ms": float(np.percentile(lat, 99) * 1e3) if len(lat) else None,
+                       "p99_vs_steady": float(np.percentile(lat, 99) / p99) if len(lat) else None,
+                       "imbalance_before": before, "imbalance_after": imbalance(pool),
+                       "replicas_added": report.get("replicas_added"),
+                       "bytes_moved": report.get("bytes_moved")}  # fmt: skip
+                rows.append(row)
+                mark(f"after {name}")
+                return report
+
+            op("rebalance", pool.rebalance)
+            traffic.set_hot(np.random.default_rng(7).permutation(args.experts))
+            time.sleep(args.steady_s)  # the load window (half-life 2 s) follows the shift
+            mark("hot set shifted")
+            op("rebalance after shift", pool.rebalance)
+            op("scale up", lambda: pool.scale_shards(args.shards + 2))
+            op("scale down", lambda: pool.scale_shards(args.shards))
+            # NOTE: client routes name old ids only, so the layer stays the reference
+            op("add 8 experts", lambda: pool.add_experts(8))
+            gone = traffic.order[-4:]  # four cold experts: clients stop asking for them first
+            traffic.set_hot(traffic.order[:-4])
+            time.sleep(0.5)
+            op("remove 4 experts", lambda: pool.remove_experts(gone))
+            op("rebalance at the end", pool.rebalance)
+        errs = traffic.errors
+        print()
+        head = (
+            f"{'operation':<24}{'s':>6}{'reqs':>6}{'failed':>7}{'stalled':>8}"
+            f"{'p99 ms':>8}{'p99/steady':>11}{'imb before':>11}{'imb after':>10}"
+        )
+        print(head)
+        for r in rows:
+            p99r = f"{r['p99_vs_steady']:.2f}" if r["p99_vs_steady"] else "-"
+            p99m = f"{r['p99_ms']:.1f}" if r["p99_ms"] else "-"
+            print(
+                f"{r['operation']:<24}{r['seconds']:>6.2f}{r['requests']:>6}{r['failed']:>7}"
+                f"{r['stalled']:>8}{p99m:>8}{p99r:>11}{r['imbalance_before']:>11.3f}"
+                f"{r['imbalance_after']:>10.3f}"
+            )
+        reb = [r for r in rows if r["operation"].startswith("rebalance")]
+        worst = max(r["p99_vs_steady"] or 0 for r in reb)
+        final = max(r["imbalance_after"] for r in reb)
+        print(
+            f"\nrequests: {len(traffic.log)}, failed: {len(traffic.failures)}, checked: "
+            f"{len(errs)}, max abs error vs MoELayer: {max(errs):.2e}"
+        )
+        print(f"target 0 failed requests: {'met' if not traffic.failures else 'MISSED'}")
+        print(f"target outputs == MoELayer (<= 1e-5): {'met' if max(errs) <= 1e-5 else 'MISSED'}")
+        print(
+            f"target imbalance <= 1.05 after rebalancing: worst {final:.3f}, "
+            f"{'met' if final <= 1.05 else f'MISSED by {final - 1.05:.3f}'}"
+        )
+        print(
+            f"target p99 during a rebalance <= 2x steady: worst {worst:.2f}x, "
+            f"{'met' if worst <= 2 else f'MISSED by {worst - 2:.2f}x'}"
+        )
+        if traffic.failures:
+            print("first failure:", traffic.failures[0])
+        if args.out:
+            args.out.write_text(
+                json.dumps(
+                    {
+                        "steady_p50_ms": p50 * 1e3,
+                        "steady_p99_ms": p99 * 1e3,
+                        "operations": rows,
+                        "timeline": timeline,
+                        "failed": len(traffic.failures),
+                        "max_abs_error": max(errs),
+                    },
+                    indent=1,
+                )
+            )
+    finally:
+        pool.shutdown()
+
+
+if __name__ == "__main__":
+    main()
