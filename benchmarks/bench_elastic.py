@@ -1,5 +1,6 @@
 """Live elasticity: a served pool under Zipf(1.2) traffic while the controller rebalances,
-follows a shift of the hot set, scales shards up and down, and adds and removes experts.
+replicates the hottest expert, follows a shift of the hot set, scales shards up and down, and
+adds and removes experts.
 
 Clients send requests with their own routes (expert ids drawn from Zipf(1.2) over a
 permutation of the experts: the permutation is the "hot set"), so the load is exactly the
@@ -170,6 +171,7 @@ def main() -> None:
                 return report
 
             op("rebalance", pool.rebalance)
+            op("replicate hottest x3", lambda: pool.replicate(int(traffic.order[0]), 3))
             traffic.set_hot(np.random.default_rng(7).permutation(args.experts))
             time.sleep(args.steady_s)  # the load window (half-life 2 s) follows the shift
             mark("hot set shifted")
