@@ -11,7 +11,7 @@ import ray
 import torch
 
 from raymoe._private import actors
-from raymoe._private.controller import initial_placement
+from raymoe._private.growth import initial_placement
 from raymoe.config import PoolSpec, load_spec
 from raymoe.errors import PoolExistsError, PoolNotFoundError, RaymoeError
 
