@@ -1,8 +1,10 @@
 """raymoe: an elastic expert-pool service for Mixture-of-Experts models on Ray."""
 
 from raymoe.api import PoolHandle, connect, serve
+from raymoe.client import TLS, AsyncClient, Client
 from raymoe.config import PoolSpec, load_spec
 from raymoe.errors import (
+    AuthenticationError,
     ConfigError,
     DeadlineExceededError,
     DTypeError,
@@ -11,6 +13,7 @@ from raymoe.errors import (
     InvalidInputError,
     LayoutError,
     NonFiniteError,
+    PermissionDeniedError,
     PoolError,
     PoolExistsError,
     PoolNotFoundError,
@@ -25,6 +28,10 @@ from raymoe.layer import MoEInfo, MoELayer
 __version__ = "0.1.0"
 
 __all__ = [
+    "TLS",
+    "AsyncClient",
+    "AuthenticationError",
+    "Client",
     "ConfigError",
     "DTypeError",
     "DeadlineExceededError",
@@ -35,6 +42,7 @@ __all__ = [
     "MoEInfo",
     "MoELayer",
     "NonFiniteError",
+    "PermissionDeniedError",
     "PoolError",
     "PoolExistsError",
     "PoolHandle",

@@ -13,7 +13,7 @@ import torch
 from raymoe._private import actors
 from raymoe._private.growth import initial_placement
 from raymoe.config import PoolSpec, load_spec
-from raymoe.errors import PoolExistsError, PoolNotFoundError, RaymoeError
+from raymoe.errors import PoolExistsError, PoolNotFoundError
 
 
 class PoolHandle:
@@ -97,8 +97,14 @@ class PoolHandle:
     def _op(self, name: str, *args) -> dict:
         return _get(self._controller.op.remote(name, *args))
 
+    def gateways(self) -> list[str]:
+        """The "host:port" of each of the pool's gRPC gateways (none unless
+        ``gateway.enabled``)."""
+        return _get([g.endpoint.remote() for g in actors.gateways(self.name)])
+
     def shutdown(self) -> None:
         """Stop every actor of the pool and forget its saved state."""
+        actors.kill(actors.gateways(self.name))
         _get(self._controller.shutdown.remote())
         actors.kill([self._controller])
 
@@ -126,6 +132,8 @@ def serve(spec: PoolSpec | dict | str | Path, weights: dict | None = None,
     np_weights = {k: _np(v) for k, v in (weights or {}).items()}
     try:
         _get(controller.start.remote(placement, np_weights or None))
+        if spec.gateway.enabled:
+            actors.start_gateways(spec)
     except BaseException:
         with contextlib.suppress(Exception):
             _get(controller.shutdown.remote())
@@ -145,15 +153,7 @@ def connect(name: str = "default") -> PoolHandle:
     return PoolHandle(name, controller, _get(controller.routers.remote()))
 
 
-def _get(ref):
-    """``ray.get`` that re-raises a raymoe error as itself (not wrapped in RayTaskError)."""
-    try:
-        return actors.wait(ref)
-    except ray.exceptions.RayTaskError as e:
-        cause = e.as_instanceof_cause()
-        if isinstance(cause, RaymoeError):
-            raise _unwrap(cause) from None
-        raise
+_get = actors.wait
 
 
 def _np(a):
@@ -162,11 +162,3 @@ def _np(a):
     if isinstance(a, torch.Tensor):
         return a.detach().cpu().contiguous().numpy()
     return a
-
-
-def _unwrap(err: RaymoeError) -> RaymoeError:
-    """The original raymoe error class (Ray wraps it in a dual-class instance)."""
-    for cls in type(err).__mro__:
-        if issubclass(cls, RaymoeError) and not issubclass(cls, ray.exceptions.RayTaskError):
-            return cls(*err.args)
-    return err

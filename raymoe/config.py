@@ -237,6 +237,38 @@ class LimitsSpec(_Section):
     allow_nonfinite: bool = False
 
 
+class GatewaySpec(_Section):
+    """The pool's public gRPC gateway (data plane and admin plane; see ``protos/``).
+
+    Tokens are read by the gateway process from a file (a mounted Kubernetes Secret) or, when
+    no file is named, from an environment variable; never from the spec itself. The data plane
+    is open when no data token is configured; the admin plane is closed when no admin token is.
+    The admin token is accepted on the data plane too.
+    """
+
+    enabled: bool = False
+    host: str = "0.0.0.0"
+    port: int = Field(50051, ge=0, le=65535)  # 0: a free port (see PoolHandle.gateways())
+    per_node: bool = False  # one gateway on every node (each on `port`), else one per pool
+    max_inflight: PositiveInt = 256  # concurrent forward calls; more get RESOURCE_EXHAUSTED
+    stream_window: PositiveInt = 8  # requests of one stream computed at once
+    data_token_file: str | None = None
+    admin_token_file: str | None = None
+    data_token_env: str = "RAYMOE_DATA_TOKEN"
+    admin_token_env: str = "RAYMOE_ADMIN_TOKEN"
+    tls_cert_file: str | None = None  # PEM; with tls_key_file: serve TLS
+    tls_key_file: str | None = None
+    tls_client_ca_file: str | None = None  # PEM; set: clients must present a certificate
+
+    @pydantic.model_validator(mode="after")
+    def _tls_pair(self) -> GatewaySpec:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file go together")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError("tls_client_ca_file needs tls_cert_file and tls_key_file")
+        return self
+
+
 class PoolSpec(_Section):
     """One MoE layer, served by one pool."""
 
@@ -250,6 +282,7 @@ class PoolSpec(_Section):
     shards: ShardSpec = ShardSpec()
     limits: LimitsSpec = LimitsSpec()
     control: ControlSpec = ControlSpec()
+    gateway: GatewaySpec = GatewaySpec()
 
     @property
     def num_experts(self) -> int:

@@ -89,3 +89,15 @@ class ShardNotReadyError(PoolError):
 
 class PoolExistsError(PoolError):
     """A pool of that name already runs in the cluster."""
+
+
+# --- access --------------------------------------------------------------------------------
+
+
+class AuthenticationError(RaymoeError):
+    """No bearer token, or one the gateway does not know (gRPC UNAUTHENTICATED)."""
+
+
+class PermissionDeniedError(RaymoeError):
+    """A valid token that may not do this, e.g. a data-plane token on the admin plane
+    (gRPC PERMISSION_DENIED)."""

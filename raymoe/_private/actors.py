@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
+import logging
 import os
 import tempfile
 import threading
@@ -25,12 +27,15 @@ from pathlib import Path
 
 import ray
 import torch
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from raymoe._private.controller import Controller
+from raymoe._private.gateway import Gateway, GatewayThread
 from raymoe._private.router import Router
 from raymoe._private.shard import ExpertShard
 from raymoe._private.transport import make_shard_calls, serve_shard
 from raymoe.config import PoolSpec
+from raymoe.errors import PoolError, PoolUnavailableError, RaymoeError
 from raymoe.store import EmbeddedStore
 
 NAMESPACE = "raymoe"
@@ -221,9 +226,133 @@ def get_controller(pool: str):
 
 
 def wait(refs, timeout: float | None = None):
-    return ray.get(refs, timeout=timeout)
+    """``ray.get`` that re-raises a raymoe error as itself (not wrapped in RayTaskError)."""
+    try:
+        return ray.get(refs, timeout=timeout)
+    except ray.exceptions.RayTaskError as e:
+        raise raymoe_error(e) from None
+
+
+async def wait_async(ref):
+    """``await ref``, with the errors of :func:`wait`; a dead actor is PoolUnavailableError."""
+    try:
+        return await ref
+    except ray.exceptions.RayTaskError as e:
+        raise raymoe_error(e) from None
+    except ray.exceptions.RayActorError as e:
+        raise PoolUnavailableError(f"a pool actor is not reachable: {type(e).__name__}") from e
+
+
+def raymoe_error(e: ray.exceptions.RayTaskError) -> BaseException:
+    """The raymoe error a task raised, as its own class (Ray wraps it in a dual-class
+    instance); any other error stays the RayTaskError."""
+    cause = e.as_instanceof_cause()
+    if not isinstance(cause, RaymoeError):
+        return e
+    for cls in type(cause).__mro__:
+        if issubclass(cls, RaymoeError) and not issubclass(cls, ray.exceptions.RayTaskError):
+            return cls(*cause.args)
+    return cause
 
 
 def kill(handles: list) -> None:
     for h in handles:
-        ray.kill(h, no_restart=True)
+        with contextlib.suppress(ValueError):  # already gone
+            ray.kill(h, no_restart=True)
+
+
+# --- the gateway ---------------------------------------------------------------------------
+
+
+class RayPoolBackend:
+    """:class:`raymoe._private.gateway.PoolBackend` over a pool's named actors."""
+
+    def __init__(self, pool: str):
+        self.pool = pool
+        self._controller = None
+        self._routers: list = []
+        self._next = itertools.count()
+
+    async def _attach(self):
+        if self._controller is None:
+            try:
+                controller = get_controller(self.pool)
+            except ValueError:
+                raise PoolUnavailableError(f"no raymoe pool named {self.pool!r} runs") from None
+            self._routers = await wait_async(controller.routers.remote())
+            self._controller = controller
+        return self._controller
+
+    async def _call(self, handle_of, method: str, *args, **kwargs):
+        await self._attach()
+        try:
+            return await wait_async(getattr(handle_of(), method).remote(*args, **kwargs))
+        except PoolUnavailableError:
+            self._controller = None  # the pool may have been shut down and started again
+            raise
+
+    async def forward(self, x, expert_ids, weights, token_ids, timeout_s):
+        def router():
+            return self._routers[next(self._next) % len(self._routers)]
+
+        return await self._call(router, "forward", x, expert_ids=expert_ids, weights=weights,
+                                token_ids=token_ids, timeout_s=timeout_s)  # fmt: skip
+
+    async def stats(self, window_s: float) -> dict:
+        return await self._call(lambda: self._controller, "stats", window_s)
+
+    async def describe(self) -> dict:
+        return await self._call(lambda: self._controller, "describe")
+
+    async def op(self, name: str, *args) -> dict:
+        return await self._call(lambda: self._controller, "op", name, *args)
+
+    async def ready(self) -> bool:
+        await self._attach()
+        states = await asyncio.gather(*(wait_async(r.ready.remote()) for r in self._routers),
+                                      return_exceptions=True)  # fmt: skip
+        return any(s is True for s in states)
+
+
+class GatewayActor:
+    """A pool's gRPC gateway, on its own event loop thread inside the actor process (so a
+    restarted actor serves again from ``__init__``, with nobody to call a start method)."""
+
+    def __init__(self, spec: PoolSpec):
+        logging.basicConfig(level=logging.INFO)
+        self._thread = GatewayThread(Gateway(spec, RayPoolBackend(spec.name)))
+
+    def endpoint(self) -> str:
+        return self._thread.endpoint
+
+    def stop(self) -> None:
+        self._thread.stop()
+
+
+def start_gateways(spec: PoolSpec) -> list[str]:
+    """Start the pool's gateways (one, or one per alive node); -> their endpoints.
+
+    Raises :class:`PoolError` when one cannot serve (e.g. its port is taken)."""
+    nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"]] if spec.gateway.per_node else [None]
+    handles = []
+    for i, node in enumerate(nodes):
+        opts = {"name": actor_name(spec.name, "gateway", i), "namespace": NAMESPACE,
+                "lifetime": "detached", "max_restarts": -1, "num_cpus": 0}  # fmt: skip
+        if node is not None:
+            opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node, soft=False)
+        handles.append(ray.remote(GatewayActor).options(**opts).remote(spec))
+    try:
+        return ray.get([h.endpoint.remote() for h in handles])
+    except ray.exceptions.RayError as e:
+        kill(handles)
+        raise PoolError(f"the gateway of pool {spec.name!r} could not start: {e}") from None
+
+
+def gateways(pool: str) -> list:
+    """The running gateway actors of ``pool``."""
+    out = []
+    for i in itertools.count():
+        try:
+            out.append(ray.get_actor(actor_name(pool, "gateway", i), namespace=NAMESPACE))
+        except ValueError:
+            return out

@@ -1,4 +1,7 @@
-"""The one module that converts between protobuf messages and numpy arrays.
+"""The one module that converts between protobuf messages and Python values.
+
+Tensors, the gateway's replies (stats, describe, operation reports) and errors (raymoe error
+classes <-> gRPC status codes) are converted here and nowhere else.
 
 A ``raymoe.v1.Tensor`` is (dtype, shape, raw little-endian C-order bytes). Decoding checks
 everything a peer could get wrong (unknown dtype, negative or too many dimensions, a shape
@@ -8,10 +11,15 @@ whose size disagrees with the byte length, a declared size over the limit) and r
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
+import grpc
 import numpy as np
 
+from raymoe import errors
 from raymoe.errors import DTypeError, InvalidInputError, RequestTooLargeError, ShapeError
-from raymoe.v1 import tensor_pb2
+from raymoe.v1 import admin_pb2, pool_pb2, tensor_pb2
 
 MAX_DIMS = 8
 
@@ -59,3 +67,147 @@ def from_tensor(t: tensor_pb2.Tensor, field: str, *, max_bytes: int | None = Non
         )
     native = dtype.newbyteorder("=")
     return np.frombuffer(t.data, dtype=dtype).reshape(shape).astype(native, copy=False)
+
+
+# --- errors <-> status codes -----------------------------------------------------------------
+
+Code = grpc.StatusCode
+ERROR_TYPE_KEY = "raymoe-error"  # trailing metadata: the exact raymoe error class
+
+# The most specific class wins (looked up along the MRO).
+_CODE_OF: dict[type, grpc.StatusCode] = {
+    errors.InvalidInputError: Code.INVALID_ARGUMENT,
+    errors.ConfigError: Code.INVALID_ARGUMENT,
+    errors.PoolOverloadedError: Code.RESOURCE_EXHAUSTED,
+    errors.DeadlineExceededError: Code.DEADLINE_EXCEEDED,
+    errors.PoolUnavailableError: Code.UNAVAILABLE,
+    errors.ShardNotReadyError: Code.UNAVAILABLE,
+    errors.PoolNotFoundError: Code.NOT_FOUND,
+    errors.PoolExistsError: Code.ALREADY_EXISTS,
+    errors.AuthenticationError: Code.UNAUTHENTICATED,
+    errors.PermissionDeniedError: Code.PERMISSION_DENIED,
+    errors.PoolError: Code.INTERNAL,
+    errors.RaymoeError: Code.INTERNAL,
+}
+# A status without the trailing metadata (from another server, or from gRPC itself).
+_ERROR_OF: dict[grpc.StatusCode, type] = {
+    Code.INVALID_ARGUMENT: errors.InvalidInputError,
+    Code.OUT_OF_RANGE: errors.InvalidInputError,
+    Code.RESOURCE_EXHAUSTED: errors.PoolOverloadedError,
+    Code.DEADLINE_EXCEEDED: errors.DeadlineExceededError,
+    Code.UNAVAILABLE: errors.PoolUnavailableError,
+    Code.NOT_FOUND: errors.PoolNotFoundError,
+    Code.ALREADY_EXISTS: errors.PoolExistsError,
+    Code.UNAUTHENTICATED: errors.AuthenticationError,
+    Code.PERMISSION_DENIED: errors.PermissionDeniedError,
+}
+
+
+def _error_classes() -> dict[str, type]:
+    out, todo = {}, [errors.RaymoeError]
+    while todo:
+        cls = todo.pop()
+        out[cls.__name__] = cls
+        todo.extend(cls.__subclasses__())
+    return out
+
+
+_ERRORS_BY_NAME = {n: c for n, c in _error_classes().items() if c.__module__ == errors.__name__}
+
+
+def status_of(error: errors.RaymoeError) -> tuple[grpc.StatusCode, str]:
+    """(status code, raymoe error class name) of an error the gateway answers with."""
+    for cls in type(error).__mro__:
+        if cls in _CODE_OF:
+            name = type(error).__name__
+            return _CODE_OF[cls], name if name in _ERRORS_BY_NAME else cls.__name__
+    return Code.INTERNAL, errors.RaymoeError.__name__
+
+
+def error_of(code: grpc.StatusCode, message: str, type_name: str | None) -> errors.RaymoeError:
+    """The raymoe error a client raises for a failed call."""
+    cls = _ERRORS_BY_NAME.get(type_name or "")
+    if cls is None:
+        cls = _ERROR_OF.get(code, errors.PoolError)
+    err = cls.__new__(cls)
+    Exception.__init__(err, message or code.name)
+    if isinstance(err, errors.ConfigError):
+        err.field = None
+    return err
+
+
+# --- replies -------------------------------------------------------------------------------
+
+
+def stats_to_proto(s: dict) -> pool_pb2.StatsReply:
+    lat, batch = s.get("latency_ms") or {}, s.get("batch_tokens") or {}
+    return pool_pb2.StatsReply(
+        requests=s["requests"], tokens_per_s=s.get("tokens_per_s"),
+        latency_p50_ms=lat.get("p50"), latency_p99_ms=lat.get("p99"),
+        batch_tokens_mean=batch.get("mean"), batch_tokens_max=batch.get("max"),
+        pairs_per_shard=s["pairs_per_shard"], imbalance=s["imbalance"],
+        expert_load=to_tensor(np.asarray(s["expert_load"], np.int64)),
+        counters={k: int(v) for k, v in s["counters"].items()},
+    )  # fmt: skip
+
+
+def stats_from_proto(m: pool_pb2.StatsReply) -> dict:
+    """The dict :meth:`raymoe.PoolHandle.stats` returns."""
+    out: dict[str, Any] = {"requests": m.requests, "counters": dict(m.counters)}
+    if m.HasField("tokens_per_s"):
+        out["tokens_per_s"] = m.tokens_per_s
+    if m.HasField("latency_p50_ms"):
+        out["latency_ms"] = {"p50": m.latency_p50_ms, "p99": m.latency_p99_ms}
+    if m.HasField("batch_tokens_mean"):
+        out["batch_tokens"] = {"mean": m.batch_tokens_mean, "max": m.batch_tokens_max}
+    out.update(pairs_per_shard=list(m.pairs_per_shard), imbalance=m.imbalance,
+               expert_load=from_tensor(m.expert_load, "expert_load").copy())  # fmt: skip
+    return out
+
+
+def describe_to_proto(d: dict) -> admin_pb2.DescribeReply:
+    return admin_pb2.DescribeReply(
+        name=d["name"], spec_json=json.dumps(d["spec"]), placement_version=d["placement_version"],
+        shards=d["shards"], routers=d["routers"], experts=d["experts"], replicas=d["replicas"],
+        experts_per_shard=d["experts_per_shard"], degraded=d["degraded"],
+        removed=d["spec"]["experts"].get("removed", []),
+    )  # fmt: skip
+
+
+def describe_from_proto(m: admin_pb2.DescribeReply) -> dict:
+    """The dict :meth:`raymoe.PoolHandle.describe` returns."""
+    return {"name": m.name, "spec": json.loads(m.spec_json),
+            "placement_version": m.placement_version, "shards": m.shards,
+            "routers": m.routers, "experts": m.experts, "replicas": m.replicas,
+            "experts_per_shard": list(m.experts_per_shard),
+            "degraded": list(m.degraded)}  # fmt: skip
+
+
+_REPORT_NUMBERS = ("version", "replicas_added", "replicas_dropped", "bytes_moved",
+                   "imbalance_before", "imbalance_after")  # fmt: skip
+
+
+def report_to_proto(r: dict) -> admin_pb2.OperationReport:
+    m = admin_pb2.OperationReport(**{k: r[k] for k in _REPORT_NUMBERS if k in r})
+    m.dry_run = bool(r.get("dry_run", False))
+    m.policy = r.get("policy") or ""
+    m.expert_ids.extend(int(e) for e in r.get("expert_ids", ()))
+    m.removed.extend(int(e) for e in r.get("removed", ()))
+    for e, c in (r.get("pinned") or {}).items():
+        m.pinned[int(e)] = int(c)
+    return m
+
+
+def report_from_proto(m: admin_pb2.OperationReport) -> dict:
+    """The dict the runtime operations of :class:`raymoe.PoolHandle` return."""
+    out: dict[str, Any] = {k: getattr(m, k) for k in _REPORT_NUMBERS}
+    out["dry_run"] = m.dry_run
+    if m.policy:
+        out["policy"] = m.policy
+    if m.expert_ids:
+        out["expert_ids"] = list(m.expert_ids)
+    if m.removed:
+        out["removed"] = list(m.removed)
+    if m.pinned:
+        out["pinned"] = dict(m.pinned)
+    return out

@@ -1,27 +1,42 @@
-"""The ``raymoe`` command line: a thin shell over the Python API, one module per noun."""
+"""The ``raymoe`` command line: a thin shell over the Python API and the SDK, one module per
+noun. Admin commands reach a pool's gRPC gateway (--target / $RAYMOE_TARGET, token from
+--token-file / $RAYMOE_TOKEN)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from raymoe.cli import demo, serve
+from raymoe.cli import _common, demo, experts, rebalance, serve, shards, status, top
 from raymoe.errors import RaymoeError
 
-COMMANDS = {"demo": demo, "serve": serve}
+LOCAL = {"demo": demo, "serve": serve}  # start pools here
+REMOTE = {"status": status, "top": top, "experts": experts, "shards": shards,
+          "rebalance": rebalance}  # fmt: skip
+
+EPILOG = """exit codes: 0 done; 1 the pool could not do it; 2 bad usage or input the pool
+refused; 3 gateway unreachable or too slow; 4 missing, wrong or insufficient token;
+5 not confirmed; 130 interrupted"""
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="raymoe", description=__doc__)
+    parser = argparse.ArgumentParser(prog="raymoe", description=__doc__, epilog=EPILOG)
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, module in COMMANDS.items():
+    for name, module in LOCAL.items():
         module.add_parser(sub.add_parser(name, help=module.__doc__.splitlines()[0]))
+    conn = _common.connection_parser()
+    for name, module in REMOTE.items():
+        doc = module.__doc__.splitlines()[0]
+        if getattr(module, "HAS_VERBS", False):
+            module.add_parser(sub.add_parser(name, help=doc, description=doc), parents=[conn])
+        else:
+            module.add_parser(sub.add_parser(name, help=doc, description=doc, parents=[conn]))
     args = parser.parse_args(argv)
     try:
         return args.run(args) or 0
     except RaymoeError as e:
         print(f"raymoe: error: {e}", file=sys.stderr)
-        return 2
+        return _common.exit_code(e)
     except KeyboardInterrupt:
         return 130
 

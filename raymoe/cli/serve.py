@@ -9,6 +9,9 @@ import time
 def add_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("-c", "--config", required=True, help="pool spec YAML")
     p.add_argument("--name", help="pool name (default: the spec's)")
+    p.add_argument("--gateway", metavar="[HOST:]PORT",
+                   help="serve the gRPC gateway there (tokens: $RAYMOE_DATA_TOKEN, "
+                   "$RAYMOE_ADMIN_TOKEN or the spec's gateway section)")  # fmt: skip
     p.add_argument("--interval", type=float, default=2.0, help="seconds between status lines")
     p.add_argument("--duration", type=float, help="stop after this many seconds (default: never)")
     p.set_defaults(run=run)
@@ -18,11 +21,15 @@ def run(args: argparse.Namespace) -> int:
     import raymoe
 
     spec = raymoe.PoolSpec.from_yaml(args.config)
+    if args.gateway:
+        spec = with_gateway(spec, args.gateway)
     pool = raymoe.serve(spec, name=args.name)
     d = pool.describe()
     print(f"serving pool {pool.name!r}: {spec.num_experts:,} experts on {d['shards']} shards, "
           f"{spec.shards.routers} router(s); connect with raymoe.connect({pool.name!r})",
           flush=True)  # fmt: skip
+    for endpoint in pool.gateways():
+        print(f"gRPC gateway on {endpoint}: raymoe status --target {endpoint}", flush=True)
     t0 = time.monotonic()
     try:
         while args.duration is None or time.monotonic() - t0 < args.duration:
@@ -40,6 +47,19 @@ def run(args: argparse.Namespace) -> int:
         print("\nshutting down", flush=True)
         pool.shutdown()
     return 0
+
+
+def with_gateway(spec, address: str):
+    """``spec`` with its gateway enabled on ``[HOST:]PORT``."""
+    from raymoe.config import PoolSpec
+    from raymoe.errors import ConfigError
+
+    host, _, port = address.rpartition(":")
+    if not port.isdigit():
+        raise ConfigError(f"expected [HOST:]PORT, got {address!r}", "--gateway")
+    data = spec.model_dump(mode="json")
+    data["gateway"].update(enabled=True, port=int(port), **({"host": host} if host else {}))
+    return PoolSpec.from_dict(data)
 
 
 def _left(args: argparse.Namespace, t0: float) -> float:
