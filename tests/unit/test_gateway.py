@@ -115,9 +115,9 @@ def test_client_round_trip_keeps_the_tensor_kind(gateway):
     ],
 )  # fmt: skip
 def test_tokens_are_checked_per_plane(gateway, pool, token, plane, error, match):
-    with raymoe.Client(gateway.endpoint, token=token or "") as c:
-        with pytest.raises(error, match=match) as info:
-            c.forward(_x()) if plane == "data" else c.rebalance()
+    with raymoe.Client(gateway.endpoint, token=token or "") as c, \
+            pytest.raises(error, match=match) as info:  # fmt: skip
+        c.forward(_x()) if plane == "data" else c.rebalance()
     assert "secret" not in str(info.value) and "nope" not in str(info.value)
     assert pool.ops == []
 
@@ -136,11 +136,11 @@ def test_admin_token_works_on_both_planes(gateway, pool):
 
 def test_admin_plane_is_closed_without_an_admin_token(pool):
     cfg = GatewaySpec(enabled=True, host="127.0.0.1", port=0)
-    with GatewayThread(Gateway(SPEC, pool, Tokens(), config=cfg)) as g:
-        with raymoe.Client(g.endpoint) as c:
-            assert np.array_equal(c.forward(_x()), _x() * 2)  # data plane open
-            with pytest.raises(PermissionDeniedError, match="disabled"):
-                c.describe()
+    with GatewayThread(Gateway(SPEC, pool, Tokens(), config=cfg)) as g, \
+            raymoe.Client(g.endpoint) as c:  # fmt: skip
+        assert np.array_equal(c.forward(_x()), _x() * 2)  # data plane open
+        with pytest.raises(PermissionDeniedError, match="disabled"):
+            c.describe()
 
 
 def test_tokens_are_read_from_files_and_env(tmp_path, monkeypatch):
@@ -255,9 +255,9 @@ def test_client_retries_while_the_gateway_is_unavailable(pool):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    with raymoe.Client(f"127.0.0.1:{port}", token="x", retries=1, timeout_s=5) as c:
-        with pytest.raises(PoolUnavailableError):
-            c.stats()
+    with raymoe.Client(f"127.0.0.1:{port}", token="x", retries=1, timeout_s=5) as c, \
+            pytest.raises(PoolUnavailableError):  # fmt: skip
+        c.stats()
     cfg = GatewaySpec(enabled=True, host="127.0.0.1", port=port)
     started: list = []
     timer = threading.Timer(0.3, lambda: started.append(
