@@ -206,6 +206,9 @@ class ControlSpec(_Section):
 
     load_half_life_s: PositiveFloat = 30.0  # decay of the per-expert load window
     target_imbalance: float = Field(1.05, ge=1.0)  # max / mean shard load a rebalance aims at
+    # plans aim at 1 + plan_margin * (target_imbalance - 1): load that drifts a little after a
+    # plan (a window still following a shift of the hot set) stays under the target
+    plan_margin: float = Field(0.5, gt=0.0, le=1.0)
     extra_replicas: float = Field(0.05, ge=0.0, le=8.0)  # replica budget beyond E, share of E
     capacity: PositiveInt | None = None  # replicas one shard may hold (None: unbounded)
     policy: Literal["incremental", "eplb"] = "incremental"

@@ -25,6 +25,7 @@ import threading
 import warnings
 from pathlib import Path
 
+import numpy as np
 import ray
 import torch
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -45,6 +46,7 @@ OPERATIONS = ("rebalance", "replicate", "pin", "unpin", "drain_shard", "scale_sh
 # NOTE: arrays arrive read-only from the object store; raymoe never writes into them.
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 STORE_DIR_ENV = "RAYMOE_STORE_DIR"
+SHARD_CONCURRENCY = 4  # threads of a shard actor: compute, a copy, status and load calls
 
 
 def actor_name(pool: str, role: str, index: int = 0) -> str:
@@ -61,13 +63,20 @@ def _device(spec: PoolSpec) -> str:
 
 
 class ShardActor(ExpertShard):
-    """A shard; with the ``grpc`` transport it also serves its own gRPC endpoint, whose
-    thread shares the bank with Ray's actor thread under one lock."""
+    """A shard; a threaded actor (:data:`SHARD_CONCURRENCY`): sub-batches run while an
+    expert copy builds a grown bank. With the ``grpc`` transport it also serves its own gRPC
+    endpoint, whose thread computes under the same lock.
+
+    NOTE: two locks. ``_lock`` guards the bank in service (compute, and every change to it,
+    each one short); ``_mutating`` serializes the changes, so the slow part of a copy (a grown
+    bank, seeded rows) is built outside ``_lock`` from a bank nobody else changes meanwhile.
+    """
 
     def __init__(self, spec: PoolSpec, shard_id: int):
         torch.set_num_threads(spec.shards.shard_threads)
         super().__init__(spec, shard_id, device=_device(spec))
         self._lock = threading.RLock()  # configure() calls mark_ready()
+        self._mutating = threading.Lock()
         self._server, self._endpoint = None, None
         if spec.shards.transport == "grpc":
             host = ray.util.get_node_ip_address()
@@ -76,13 +85,20 @@ class ShardActor(ExpertShard):
     def endpoint(self) -> str | None:
         return self._endpoint
 
-    # NOTE: Ray calls these on the actor thread; the gRPC thread computes under the same lock.
-    def configure(self, expert_ids, rows=None, ready=True):
+    def compute(self, x, local_ids, weights):
         with self._lock:
+            return super().compute(x, local_ids, weights)
+
+    def take_load(self):
+        with self._lock:
+            return super().take_load()
+
+    def configure(self, expert_ids, rows=None, ready=True):
+        with self._mutating, self._lock:
             super().configure(expert_ids, rows, ready)
 
     def restore(self, global_ids, rows):
-        with self._lock:
+        with self._mutating, self._lock:
             super().restore(global_ids, rows)
 
     def mark_ready(self):
@@ -90,11 +106,28 @@ class ShardActor(ExpertShard):
             super().mark_ready()
 
     def place(self, local, global_ids, rows=None):
-        with self._lock:
-            super().place(local, global_ids, rows)
+        local = torch.as_tensor(np.asarray(local), dtype=torch.int64)
+        gid = torch.as_tensor(np.asarray(global_ids), dtype=torch.int64)
+        if not len(local):
+            return
+        with self._mutating:
+            size = self.size_for(local)
+            grown = self._grown(size) if size else None  # outside _lock: computes go on
+            tensors = self.rows_for(gid, rows)
+            with self._lock:
+                if grown is not None:
+                    self._adopt(*grown)
+                super().place(local, gid, tensors)
+
+    def reserve(self, places: int) -> None:
+        with self._mutating:
+            grown = self._grown(places) if places > len(self.expert_ids) else None
+            if grown is not None:
+                with self._lock:
+                    self._adopt(*grown)
 
     def free(self, local):
-        with self._lock:
+        with self._mutating, self._lock:
             super().free(local)
 
     def export_experts(self, global_ids):
@@ -129,7 +162,8 @@ class RayCluster:
     def shard(self, index: int):
         s = self.spec.shards
         gpus = s.num_gpus if s.device != "cpu" else 0.0
-        opts = self._opts("shard", index, max_task_retries=0, num_cpus=s.num_cpus, num_gpus=gpus)
+        opts = self._opts("shard", index, max_task_retries=0, num_cpus=s.num_cpus, num_gpus=gpus,
+                          max_concurrency=SHARD_CONCURRENCY)  # fmt: skip
         return ray.remote(ShardActor).options(**opts).remote(self.spec, index)
 
     def router(self, index: int):

@@ -83,6 +83,7 @@ class Controller:
         self._last_rebalance = time.monotonic()
         self._last_scale = -math.inf  # when the autoscaler last changed the shard count
         self.rate = 0.0  # tokens/s, decayed like the load window
+        self.last_apply: dict[str, float] = {}  # seconds of each stage of the last change
 
     # --- goal state ---------------------------------------------------------------------
 
@@ -351,11 +352,12 @@ class Controller:
         n = num_shards or self.placement.num_shards
         extra = max(n, int(c.extra_replicas * E), sum(self.pins.values()) - len(self.pins))
         pins = {**{e: 0 for e in self.spec.experts.removed}, **self.pins}  # removed: no replica
-        return policy.Budget(n, E + extra, c.capacity, pins, c.target_imbalance,
+        target = 1.0 + c.plan_margin * (c.target_imbalance - 1.0)
+        return policy.Budget(n, E + extra, c.capacity, pins, target,
                              frozenset(self.drained))  # fmt: skip
 
     def expert_bytes(self) -> int:
-        bank = make_bank(self.spec, torch.zeros(1, dtype=torch.int64))
+        bank = make_bank(self.spec, torch.zeros(1, dtype=torch.int64), seeded=False)
         return sum(p.numel() * p.element_size() for p in bank.parameters())
 
     # --- runtime operations (each idempotent, each returns a report) ------------------------
@@ -566,6 +568,7 @@ class Controller:
         moves with it: experts added (``new_rows``: their weights, by name, in id order) or
         removed. Callers hold ``self._ops``."""
         old = self.placement
+        t = [time.perf_counter()]
         self.pending = target
         self.store.put(self._key("pending"), target.to_bytes())
         if spec is not None:
@@ -575,6 +578,7 @@ class Controller:
         except Exception as e:
             self._end_pending()
             raise PoolUnavailableError(f"could not copy weights to new places: {e}") from e
+        t.append(time.perf_counter())
         if spec is not None:
             self.spec, self.routing_version = spec, target.version
             if gate is not None:
@@ -587,11 +591,21 @@ class Controller:
         self.placement = target
         routing = spec is not None
         await asyncio.gather(*(self._publish_quiet(i, routing) for i in range(len(self.routers))))
+        t.append(time.perf_counter())
         timeout = self.spec.control.drain_timeout_s  # 3. no batch left on the old version
         await asyncio.gather(*(self._drain(r, target.version, timeout) for r in self.routers))
+        t.append(time.perf_counter())
         await self._break(old, target)  # 4. old places freed
         self.save()
         self._end_pending()
+        t.append(time.perf_counter())
+        self.last_apply = dict(zip(("copy", "publish", "drain", "free"), np.diff(t).tolist(),
+                                   strict=True))  # fmt: skip
+        log.info(
+            "placement %d applied in %s",
+            target.version,
+            ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in self.last_apply.items()),
+        )
 
     def _end_pending(self) -> None:
         self.pending = None
@@ -647,8 +661,9 @@ class Controller:
         await asyncio.gather(*calls)
 
     async def _place_chunks(self, n: int, ids, local, rows, step: int) -> None:
-        """Place on shard ``n`` a few MB at a time: a shard computes one call at a time, so
-        small copies interleave with the routers' sub-batches instead of stalling them."""
+        """Place on shard ``n`` a few MB at a time, after growing its bank once: small copies
+        interleave with the routers' sub-batches instead of stalling them."""
+        await self.cluster.call(self.shards[n], "reserve", int(local.max()) + 1, timeout=300)
         for i in range(0, len(ids), step):
             part = None
             if rows is not None:
@@ -681,6 +696,7 @@ class Controller:
             "replicas": int(p.shard.numel()),
             "experts_per_shard": np.bincount(p.shard.numpy(), minlength=p.num_shards).tolist(),
             "degraded": list(self.degraded),
+            "last_change_s": dict(self.last_apply),  # copy, publish, drain, free
         }
 
     async def stats(self, window_s: float = 60.0) -> dict:

@@ -78,29 +78,48 @@ class ExpertShard:
         gid = torch.as_tensor(np.asarray(global_ids), dtype=torch.int64)
         if not len(local):
             return
-        size = len(self.expert_ids)
-        need = int(local.max()) + 1
-        if need > size:
-            self._grow(max(need, size + size // 4))
-        if rows is None:
-            rows = make_bank(self.spec, gid, device=self.device).export_rows(torch.arange(len(gid)))
-        tensors = {k: torch.as_tensor(np.asarray(v)) for k, v in rows.items()}
+        size = self.size_for(local)
+        if size:
+            self._adopt(*self._grown(size))
+        tensors = self.rows_for(gid, rows)
         self._bank.import_rows(local, tensors)
         self.expert_ids[local] = gid
+
+    def reserve(self, places: int) -> None:
+        """Grow the bank to at least ``places`` places now (before a copy of many experts,
+        so that it grows once rather than with every chunk)."""
+        if places > len(self.expert_ids):
+            self._adopt(*self._grown(places))
+
+    def size_for(self, local: torch.Tensor) -> int | None:
+        """The size the bank must grow to before ``local`` fits (None: it fits)."""
+        size, need = len(self.expert_ids), int(local.max()) + 1
+        return max(need, size + size // 4) if need > size else None
+
+    def rows_for(self, gid: torch.Tensor, rows) -> dict[str, torch.Tensor]:
+        """``rows`` as tensors, or the seeded init of experts ``gid``."""
+        if rows is None:
+            return make_bank(self.spec, gid, device=self.device).export_rows(torch.arange(len(gid)))
+        return {k: torch.as_tensor(np.asarray(v)) for k, v in rows.items()}
 
     def free(self, local: np.ndarray) -> None:
         """Forget the experts at ``local`` (their places may be reused by a later ``place``)."""
         self.expert_ids[torch.as_tensor(np.asarray(local), dtype=torch.int64)] = -1
 
-    def _grow(self, size: int) -> None:
-        old = self._bank
+    def _grown(self, size: int):
+        """A bank of ``size`` places holding the current rows; reads the bank, changes
+        nothing (so sub-batches may run meanwhile). -> (bank, expert ids)."""
         ids = torch.full((size,), -1, dtype=torch.int64)
         ids[: len(self.expert_ids)] = self.expert_ids
         # NOTE: no seeded init here: kept rows are copied, new places are filled by place()
         bank = make_bank(self.spec, ids.clamp(min=0), device=self.device, seeded=False).eval()
         keep = torch.arange(len(self.expert_ids))
-        bank.import_rows(keep, old.export_rows(keep))
-        counts = torch.zeros(size, dtype=torch.int64)
+        bank.import_rows(keep, self._bank.export_rows(keep))
+        return bank, ids
+
+    def _adopt(self, bank, ids: torch.Tensor) -> None:
+        """Put a grown bank in service (a swap: fast)."""
+        counts = torch.zeros(len(ids), dtype=torch.int64)
         counts[: len(self.tokens_per_local)] = self.tokens_per_local
         self._bank, self.expert_ids, self.tokens_per_local = bank, ids, counts
         if self.bank is not None:

@@ -171,6 +171,7 @@ def describe_to_proto(d: dict) -> admin_pb2.DescribeReply:
         shards=d["shards"], routers=d["routers"], experts=d["experts"], replicas=d["replicas"],
         experts_per_shard=d["experts_per_shard"], degraded=d["degraded"],
         removed=d["spec"]["experts"].get("removed", []),
+        last_change_s=d.get("last_change_s", {}),
     )  # fmt: skip
 
 
@@ -180,7 +181,7 @@ def describe_from_proto(m: admin_pb2.DescribeReply) -> dict:
             "placement_version": m.placement_version, "shards": m.shards,
             "routers": m.routers, "experts": m.experts, "replicas": m.replicas,
             "experts_per_shard": list(m.experts_per_shard),
-            "degraded": list(m.degraded)}  # fmt: skip
+            "degraded": list(m.degraded), "last_change_s": dict(m.last_change_s)}  # fmt: skip
 
 
 _REPORT_NUMBERS = ("version", "replicas_added", "replicas_dropped", "bytes_moved",

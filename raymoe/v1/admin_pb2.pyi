@@ -12,7 +12,14 @@ class DescribeRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class DescribeReply(_message.Message):
-    __slots__ = ("name", "spec_json", "placement_version", "shards", "routers", "experts", "replicas", "experts_per_shard", "degraded", "removed")
+    __slots__ = ("name", "spec_json", "placement_version", "shards", "routers", "experts", "replicas", "experts_per_shard", "degraded", "removed", "last_change_s")
+    class LastChangeSEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     NAME_FIELD_NUMBER: _ClassVar[int]
     SPEC_JSON_FIELD_NUMBER: _ClassVar[int]
     PLACEMENT_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -23,6 +30,7 @@ class DescribeReply(_message.Message):
     EXPERTS_PER_SHARD_FIELD_NUMBER: _ClassVar[int]
     DEGRADED_FIELD_NUMBER: _ClassVar[int]
     REMOVED_FIELD_NUMBER: _ClassVar[int]
+    LAST_CHANGE_S_FIELD_NUMBER: _ClassVar[int]
     name: str
     spec_json: str
     placement_version: int
@@ -33,7 +41,8 @@ class DescribeReply(_message.Message):
     experts_per_shard: _containers.RepeatedScalarFieldContainer[int]
     degraded: _containers.RepeatedScalarFieldContainer[str]
     removed: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, name: _Optional[str] = ..., spec_json: _Optional[str] = ..., placement_version: _Optional[int] = ..., shards: _Optional[int] = ..., routers: _Optional[int] = ..., experts: _Optional[int] = ..., replicas: _Optional[int] = ..., experts_per_shard: _Optional[_Iterable[int]] = ..., degraded: _Optional[_Iterable[str]] = ..., removed: _Optional[_Iterable[int]] = ...) -> None: ...
+    last_change_s: _containers.ScalarMap[str, float]
+    def __init__(self, name: _Optional[str] = ..., spec_json: _Optional[str] = ..., placement_version: _Optional[int] = ..., shards: _Optional[int] = ..., routers: _Optional[int] = ..., experts: _Optional[int] = ..., replicas: _Optional[int] = ..., experts_per_shard: _Optional[_Iterable[int]] = ..., degraded: _Optional[_Iterable[str]] = ..., removed: _Optional[_Iterable[int]] = ..., last_change_s: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class RebalanceRequest(_message.Message):
     __slots__ = ("dry_run", "policy")
