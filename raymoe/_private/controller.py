@@ -649,28 +649,26 @@ class Controller:
                 for k, v in given.items():
                     at = fresh - old.num_experts if new_rows else np.arange(len(fresh))
                     rows.setdefault(k, {}).update(zip(fresh.tolist(), v[at], strict=True))
-        calls = []
         step = max(1, COPY_CHUNK_BYTES // max(self.expert_bytes(), 1))
-        for n in np.unique(add_s).tolist():
-            on = add_s == n
-            ids, local = add_e[on], add_l[on]
-            if rows is not None:
-                part = {k: np.stack([v[e] for e in ids.tolist()]) for k, v in rows.items()}
-                self._rows.setdefault(n, []).append((ids, self.cluster.put(part)))
-            calls.append(self._place_chunks(n, ids, local, rows, step))
+        calls = [self._place_chunks(n, add_e[add_s == n], add_l[add_s == n], rows, step)
+                 for n in np.unique(add_s).tolist()]  # fmt: skip
         await asyncio.gather(*calls)
 
     async def _place_chunks(self, n: int, ids, local, rows, step: int) -> None:
         """Place on shard ``n`` a few MB at a time, after growing its bank once: small copies
-        interleave with the routers' sub-batches instead of stalling them."""
+        interleave with the routers' sub-batches instead of stalling them. Each chunk goes
+        into the object store once: the shard reads it, and it stays one of the controller's
+        weight increments (what a restarted shard reloads)."""
         await self.cluster.call(self.shards[n], "reserve", int(local.max()) + 1, timeout=300)
         for i in range(0, len(ids), step):
+            chunk = ids[i : i + step]
             part = None
             if rows is not None:
-                part = {k: np.stack([v[e] for e in ids[i : i + step].tolist()])
-                        for k, v in rows.items()}  # fmt: skip
-            await self.cluster.call(self.shards[n], "place", local[i : i + step],
-                                    ids[i : i + step], part, timeout=300)  # fmt: skip
+                part = self.cluster.put({k: np.stack([v[e] for e in chunk.tolist()])
+                                         for k, v in rows.items()})  # fmt: skip
+                self._rows.setdefault(n, []).append((chunk, part))
+            await self.cluster.call(self.shards[n], "place", local[i : i + step], chunk, part,
+                                    timeout=300)  # fmt: skip
 
     async def _break(self, old: Placement, new: Placement) -> None:
         _, (_, drop_s, drop_l) = _diff(old, new)
