@@ -22,7 +22,6 @@ All Ray calls go through a :class:`Cluster` (``actors.RayCluster``); this class 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import math
@@ -33,6 +32,7 @@ import numpy as np
 import torch
 
 from raymoe._private import growth, policy
+from raymoe._private.migration import MakeBeforeBreak, diff
 from raymoe._private.placement import Placement
 from raymoe.config import PoolSpec
 from raymoe.errors import (
@@ -59,7 +59,7 @@ class Cluster(Protocol):
     def kill(self, handles: list) -> None: ...
 
 
-class Controller:
+class Controller(MakeBeforeBreak):
     def __init__(self, spec: PoolSpec, cluster: Cluster, store: MetadataStore):
         self.spec = spec
         self.cluster = cluster
@@ -553,132 +553,11 @@ class Controller:
         before = self.imbalance()
         old = self.placement
         await self._apply(target, *routing)
-        added, dropped = _diff(old, target)
+        added, dropped = diff(old, target)
         return {"version": target.version, "replicas_added": len(added[0]),
                 "replicas_dropped": len(dropped[0]),
                 "bytes_moved": len(added[0]) * self.expert_bytes(),
                 "imbalance_before": before, "imbalance_after": self.imbalance()}  # fmt: skip
-
-    # --- make before break --------------------------------------------------------------------
-
-    async def _apply(self, target: Placement, spec: PoolSpec | None = None,
-                     gate: dict | None = None, new_rows: dict | None = None) -> None:  # fmt: skip
-        """Move from the current placement to ``target`` without pausing or failing requests.
-        With ``spec`` (and ``gate``: the gate weights, when they change) the routing state
-        moves with it: experts added (``new_rows``: their weights, by name, in id order) or
-        removed. Callers hold ``self._ops``."""
-        old = self.placement
-        t = [time.perf_counter()]
-        self.pending = target
-        self.store.put(self._key("pending"), target.to_bytes())
-        if spec is not None:
-            self.store.put(self._key("pending_spec"), spec.model_dump_json().encode())
-        try:
-            await self._make(old, target, spec or self.spec, new_rows)  # 1. weights placed
-        except Exception as e:
-            self._end_pending()
-            raise PoolUnavailableError(f"could not copy weights to new places: {e}") from e
-        t.append(time.perf_counter())
-        if spec is not None:
-            self.spec, self.routing_version = spec, target.version
-            if gate is not None:
-                self._gate = self.cluster.put(gate)
-            grown = np.zeros(spec.num_experts)
-            grown[: len(self.load)] = self.load[: spec.num_experts]
-            self.load = grown
-            self.load[list(spec.experts.removed)] = 0
-            self.pins = {e: c for e, c in self.pins.items() if e not in spec.experts.removed}
-        self.placement = target
-        routing = spec is not None
-        await asyncio.gather(*(self._publish_quiet(i, routing) for i in range(len(self.routers))))
-        t.append(time.perf_counter())
-        timeout = self.spec.control.drain_timeout_s  # 3. no batch left on the old version
-        await asyncio.gather(*(self._drain(r, target.version, timeout) for r in self.routers))
-        t.append(time.perf_counter())
-        await self._break(old, target)  # 4. old places freed
-        self.save()
-        self._end_pending()
-        t.append(time.perf_counter())
-        self.last_apply = dict(zip(("copy", "publish", "drain", "free"), np.diff(t).tolist(),
-                                   strict=True))  # fmt: skip
-        log.info(
-            "placement %d applied in %s",
-            target.version,
-            ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in self.last_apply.items()),
-        )
-
-    def _end_pending(self) -> None:
-        self.pending = None
-        self.store.delete(self._key("pending"))
-        self.store.delete(self._key("pending_spec"))
-
-    async def _publish_quiet(self, i: int, routing: bool = False) -> None:
-        try:
-            await self._publish(i, routing)
-        except Exception:
-            log.warning("router %d missed placement %d; the update loop retries", i,
-                        self.placement.version)  # fmt: skip
-
-    async def _drain(self, router, version: int, timeout: float) -> None:  # 3.
-        # NOTE: a dead router's batches died with it (Ray retries its requests elsewhere)
-        with contextlib.suppress(Exception):
-            await self.cluster.call(router, "drained", version, timeout, timeout=timeout + 5)
-
-    async def _make(self, old: Placement, new: Placement, spec: PoolSpec, new_rows) -> None:
-        (add_e, add_s, add_l), _ = _diff(old, new)
-        if not len(add_e):
-            return
-        rows = None
-        if self.has_rows:  # copy from a replica in the old placement
-            known = add_e < old.num_experts
-            src_shard, _ = old.primary()
-            src = src_shard.numpy()[add_e[known]]
-            rows = {}
-            step = max(1, COPY_CHUNK_BYTES // max(self.expert_bytes(), 1))
-            for s in np.unique(src).tolist():
-                mine = np.unique(add_e[known][src == s])
-                for i in range(0, len(mine), step):  # a few MB per call, as in place()
-                    ids = mine[i : i + step]
-                    got = await self.cluster.call(self.shards[s], "export_experts", ids,
-                                                  timeout=120)  # fmt: skip
-                    for k, v in got.items():
-                        rows.setdefault(k, {}).update(zip(ids.tolist(), v, strict=True))
-            fresh = np.unique(add_e[~known])  # added experts: given rows, or the seeded init
-            if len(fresh):
-                given = new_rows or growth.seeded_rows(spec, fresh)
-                for k, v in given.items():
-                    at = fresh - old.num_experts if new_rows else np.arange(len(fresh))
-                    rows.setdefault(k, {}).update(zip(fresh.tolist(), v[at], strict=True))
-        step = max(1, COPY_CHUNK_BYTES // max(self.expert_bytes(), 1))
-        calls = [self._place_chunks(n, add_e[add_s == n], add_l[add_s == n], rows, step)
-                 for n in np.unique(add_s).tolist()]  # fmt: skip
-        await asyncio.gather(*calls)
-
-    async def _place_chunks(self, n: int, ids, local, rows, step: int) -> None:
-        """Place on shard ``n`` a few MB at a time, after growing its bank once: small copies
-        interleave with the routers' sub-batches instead of stalling them. Each chunk goes
-        into the object store once: the shard reads it, and it stays one of the controller's
-        weight increments (what a restarted shard reloads)."""
-        await self.cluster.call(self.shards[n], "reserve", int(local.max()) + 1, timeout=300)
-        for i in range(0, len(ids), step):
-            chunk = ids[i : i + step]
-            part = None
-            if rows is not None:
-                part = self.cluster.put({k: np.stack([v[e] for e in chunk.tolist()])
-                                         for k, v in rows.items()})  # fmt: skip
-                self._rows.setdefault(n, []).append((chunk, part))
-            await self.cluster.call(self.shards[n], "place", local[i : i + step], chunk, part,
-                                    timeout=300)  # fmt: skip
-
-    async def _break(self, old: Placement, new: Placement) -> None:
-        _, (_, drop_s, drop_l) = _diff(old, new)
-        for n in np.unique(drop_s).tolist():
-            if n < len(self.shards):
-                try:
-                    await self.cluster.call(self.shards[n], "free", drop_l[drop_s == n],
-                                            timeout=30)  # fmt: skip
-                except Exception:
-                    log.warning("shard %d did not free its old places", n)
 
     # --- introspection ------------------------------------------------------------------
 
@@ -701,21 +580,6 @@ class Controller:
         """Throughput, latency percentiles, batch sizes and loads, merged over routers."""
         got = [s for s in await self._call_or_none(self.routers, "stats") if s is not None]
         return merge_stats(got, self.placement.num_shards, self.spec.num_experts, window_s)
-
-
-def _diff(old: Placement, new: Placement):
-    """((expert, shard, local) of replicas only in ``new``), (... only in ``old``)."""
-    out = []
-    for a, b in ((new, old), (old, new)):
-        ea, sa = policy.pairs(a)
-        eb, sb = policy.pairs(b)
-        ka, kb = ea * (1 << 20) + sa, eb * (1 << 20) + sb
-        only = ~np.isin(ka, kb)
-        out.append((ea[only], sa[only], a.local.numpy()[only]))
-    return out[0], out[1]
-
-
-COPY_CHUNK_BYTES = 4 << 20  # weights per place() call while copying experts
 
 
 def _with_shards(spec: PoolSpec, count: int) -> PoolSpec:
