@@ -77,6 +77,12 @@ def check_routes(
 ) -> None:
     """Client routes: ``expert_ids`` [T, S] int (-1 = empty slot), ``weights`` [T, S] float;
     ``removed`` ([E] bool) marks ids that no longer exist."""
+    if (expert_ids is None) != (weights is None):
+        given, missing = ("weights", "expert_ids")
+        if weights is None:
+            given, missing = missing, given
+        raise InvalidInputError(f"client routes need both expert_ids and weights: {given} "
+                                f"given without {missing}")  # fmt: skip
     ids = _tensor(expert_ids, "expert_ids")
     w = _tensor(weights, "weights")
     if ids.dtype not in _INT_DTYPES:

@@ -127,6 +127,8 @@ def status_of(error: errors.RaymoeError) -> tuple[grpc.StatusCode, str]:
 def error_of(code: grpc.StatusCode, message: str, type_name: str | None) -> errors.RaymoeError:
     """The raymoe error a client raises for a failed call."""
     cls = _ERRORS_BY_NAME.get(type_name or "")
+    if cls is None and code == Code.RESOURCE_EXHAUSTED and "larger than max" in message:
+        cls = errors.RequestTooLargeError  # gRPC's own message size limit
     if cls is None:
         cls = _ERROR_OF.get(code, errors.PoolError)
     err = cls.__new__(cls)

@@ -143,12 +143,16 @@ BAD_FORWARD = {
     "too many tokens": (_fwd(x=_t(np.ones((MAX_TOKENS + 1, D), np.float32))), INVALID,
                         "RequestTooLargeError", str(MAX_TOKENS)),
     "expert id too big": (_fwd(x=_t(X), expert_ids=_t(IDS + E), weights=_t(W)), INVALID,
-                          "ExpertIdError", "expert"),
+                          "ExpertIdError", "out of range [0, 8)"),
     "negative expert id": (_fwd(x=_t(X), expert_ids=_t(IDS - 5), weights=_t(W)), INVALID,
-                           "ExpertIdError", "expert"),
-    "weights without ids": (_fwd(x=_t(X), weights=_t(W)), INVALID, "InvalidInputError", ""),
+                           "ExpertIdError", "out of range [0, 8)"),
+    "weights without ids": (_fwd(x=_t(X), weights=_t(W)), INVALID, "InvalidInputError",
+                            "weights given without expert_ids"),
     "routes of other rows": (_fwd(x=_t(X), expert_ids=_t(IDS[:2]), weights=_t(W[:2])), INVALID,
-                             "ShapeError", ""),
+                             "ShapeError", "expert_ids must have shape [3, S], got [2, 2]"),
+    "float expert ids": (_fwd(x=_t(X), expert_ids=_t(IDS.astype(np.float32)), weights=_t(W)),
+                         INVALID, "DTypeError", "expert_ids"),
+    "empty x": (_fwd(x=_t(np.ones((0, D + 1), np.float32))), INVALID, "ShapeError", "16"),
 }  # fmt: skip
 
 
@@ -164,6 +168,17 @@ def test_bad_forward_requests(served, case):
     assert match in e.details()
     y = stub.Forward(_fwd(x=_t(X)), metadata=_bearer(DATA), timeout=10)
     assert np.abs(wire.from_tensor(y.y, "y") - _want(layer, X).numpy()).max() <= 1e-5
+
+
+def test_oversize_message_is_refused_by_size(served):
+    _, endpoint, _ = served
+    big = np.ones((64 * MAX_TOKENS, D), np.float64)  # 2 MB: beyond the message limit
+    with raymoe.Client(endpoint, token=DATA) as c, pytest.raises(raymoe.RequestTooLargeError):
+        c.forward(big)
+    stub = pool_pb2_grpc.PoolServiceStub(grpc.insecure_channel(endpoint))
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Forward(_fwd(x=_t(big)), metadata=_bearer(DATA), timeout=10)
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
 BAD_ADMIN = {

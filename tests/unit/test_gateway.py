@@ -12,12 +12,13 @@ import grpc
 import numpy as np
 import pytest
 import torch
+from google.protobuf import message_factory
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 import raymoe
 from raymoe._private import wire
-from raymoe._private.gateway import Gateway, GatewayThread, Tokens
+from raymoe._private.gateway import ADMIN_SERVICE_DESC, Gateway, GatewayThread, Tokens
 from raymoe.config import GatewaySpec, PoolSpec
 from raymoe.errors import (
     AuthenticationError,
@@ -119,6 +120,26 @@ def test_tokens_are_checked_per_plane(gateway, pool, token, plane, error, match)
             pytest.raises(error, match=match) as info:  # fmt: skip
         c.forward(_x()) if plane == "data" else c.rebalance()
     assert "secret" not in str(info.value) and "nope" not in str(info.value)
+    assert pool.ops == []
+
+
+@pytest.mark.parametrize(
+    "token,code",
+    [(None, grpc.StatusCode.UNAUTHENTICATED), (TOKENS.data, grpc.StatusCode.PERMISSION_DENIED)],
+)
+def test_every_admin_call_is_refused_without_the_admin_token(gateway, pool, token, code):
+    channel = grpc.insecure_channel(gateway.endpoint)
+    md = _md(token) if token else ()
+    for method in ADMIN_SERVICE_DESC.methods:
+        request = message_factory.GetMessageClass(method.input_type)()
+        call = channel.unary_unary(
+            f"/{ADMIN_SERVICE_DESC.full_name}/{method.name}",
+            request_serializer=type(request).SerializeToString,
+        )
+        with pytest.raises(grpc.RpcError) as info:
+            call(request, metadata=md)
+        assert info.value.code() == code, method.name
+        assert "secret" not in info.value.details()
     assert pool.ops == []
 
 
