@@ -73,6 +73,8 @@ class MakeBeforeBreak:
         await self._break(old, target)  # 4. old places freed
         self.save()
         self._end_pending()
+        for n in range(min(old.num_shards, target.num_shards)):
+            await self._compact(n)
         t.append(time.perf_counter())
         self.last_apply = dict(zip(("copy", "publish", "drain", "free"), np.diff(t).tolist(),
                                    strict=True))  # fmt: skip
@@ -144,6 +146,25 @@ class MakeBeforeBreak:
                 self._rows.setdefault(n, []).append((chunk, part))
             await self.cluster.call(self.shards[n], "place", local[i : i + step], chunk, part,
                                     timeout=300)  # fmt: skip
+
+    async def _compact(self, n: int) -> None:
+        """Keep shard ``n``'s weight increments (what it reloads after a restart) within twice
+        the rows it holds: past that, take its current rows back, a few MB per call."""
+        increments = self._rows.get(n, [])
+        live = self.placement.shard_experts(n).numpy()
+        if not self.has_rows or sum(len(ids) for ids, _ in increments) <= 2 * max(len(live), 1):
+            return
+        step = max(1, COPY_CHUNK_BYTES // max(self.expert_bytes(), 1))
+        fresh = []
+        try:
+            for i in range(0, len(live), step):
+                ids = live[i : i + step]
+                rows = await self.cluster.call(self.shards[n], "export_experts", ids, timeout=120)
+                fresh.append((ids, self.cluster.put(rows)))
+        except Exception:
+            log.warning("shard %d: weight increments not compacted; the next change retries", n)
+            return
+        self._rows[n] = fresh
 
     async def _break(self, old: Placement, new: Placement) -> None:
         _, (_, drop_s, drop_l) = diff(old, new)

@@ -117,6 +117,29 @@ def test_update_reloads_a_restarted_shard_and_router():
             assert np.abs(y - layer(x).numpy()).max() <= 1e-5
 
 
+def test_weight_increments_stay_bounded_and_reload_a_shard():
+    """Many changes: what the controller keeps to reload a shard stays within twice the
+    rows the shard holds, and a shard restarted afterwards serves the right weights."""
+    ctl, cluster, layer, weights = setup()
+    x = torch.randn(9, 16)
+
+    async def main():
+        await ctl.start(contiguous(8, 2), weights)
+        for i in range(12):
+            await ctl.replicate(i % 8, 2)
+            await ctl.replicate(i % 8, 1)
+        sizes = {n: sum(len(ids) for ids, _ in ctl._rows[n]) for n in range(2)}
+        live = {n: len(ctl.placement.shard_experts(n)) for n in range(2)}
+        ctl.shards[0] = cluster.restart("shard", 0)
+        await ctl.update()
+        return sizes, live, await served(ctl, x)
+
+    sizes, live, y = _run(main())
+    assert all(sizes[n] <= 2 * live[n] for n in range(2)), (sizes, live)
+    with torch.no_grad():
+        assert np.abs(y - layer(x).numpy()).max() <= 1e-5
+
+
 def test_update_publishes_a_newer_placement():
     ctl, _, _, weights = setup()
 
