@@ -46,7 +46,9 @@ OPERATIONS = ("rebalance", "replicate", "pin", "unpin", "drain_shard", "scale_sh
 # NOTE: arrays arrive read-only from the object store; raymoe never writes into them.
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 STORE_DIR_ENV = "RAYMOE_STORE_DIR"
-SHARD_CONCURRENCY = 4  # threads of a shard actor: compute, a copy, status and load calls
+# NOTE: a shard's expert copies (reserve, place, export) run on their own thread, so that
+# sub-batches (the default group, one thread) keep running while a copy builds a grown bank
+SHARD_GROUPS = {"copy": 1}
 
 
 def actor_name(pool: str, role: str, index: int = 0) -> str:
@@ -63,9 +65,9 @@ def _device(spec: PoolSpec) -> str:
 
 
 class ShardActor(ExpertShard):
-    """A shard; a threaded actor (:data:`SHARD_CONCURRENCY`): sub-batches run while an
-    expert copy builds a grown bank. With the ``grpc`` transport it also serves its own gRPC
-    endpoint, whose thread computes under the same lock.
+    """A shard; expert copies run in their own concurrency group (:data:`SHARD_GROUPS`), so
+    sub-batches run while a copy builds a grown bank. With the ``grpc`` transport it also
+    serves its own gRPC endpoint, whose thread computes under the same lock.
 
     NOTE: two locks. ``_lock`` guards the bank in service (compute, and every change to it,
     each one short); ``_mutating`` serializes the changes, so the slow part of a copy (a grown
@@ -105,6 +107,7 @@ class ShardActor(ExpertShard):
         with self._lock:
             super().mark_ready()
 
+    @ray.method(concurrency_group="copy")
     def place(self, local, global_ids, rows=None):
         local = torch.as_tensor(np.asarray(local), dtype=torch.int64)
         gid = torch.as_tensor(np.asarray(global_ids), dtype=torch.int64)
@@ -119,6 +122,7 @@ class ShardActor(ExpertShard):
                     self._adopt(*grown)
                 super().place(local, gid, tensors)
 
+    @ray.method(concurrency_group="copy")
     def reserve(self, places: int) -> None:
         with self._mutating:
             grown = self._grown(places) if places > len(self.expert_ids) else None
@@ -130,6 +134,7 @@ class ShardActor(ExpertShard):
         with self._mutating, self._lock:
             super().free(local)
 
+    @ray.method(concurrency_group="copy")
     def export_experts(self, global_ids):
         with self._lock:
             return super().export_experts(global_ids)
@@ -162,9 +167,9 @@ class RayCluster:
     def shard(self, index: int):
         s = self.spec.shards
         gpus = s.num_gpus if s.device != "cpu" else 0.0
-        opts = self._opts("shard", index, max_task_retries=0, num_cpus=s.num_cpus, num_gpus=gpus,
-                          max_concurrency=SHARD_CONCURRENCY)  # fmt: skip
-        return ray.remote(ShardActor).options(**opts).remote(self.spec, index)
+        opts = self._opts("shard", index, max_task_retries=0, num_cpus=s.num_cpus, num_gpus=gpus)
+        actor = ray.remote(concurrency_groups=SHARD_GROUPS)(ShardActor)
+        return actor.options(**opts).remote(self.spec, index)
 
     def router(self, index: int):
         opts = self._opts("router", index, max_task_retries=-1, num_cpus=0,
