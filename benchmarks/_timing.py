@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
+
+import numpy as np
 
 
 def median_time(fn: Callable[[], object], reps: int) -> float:
@@ -15,3 +18,35 @@ def median_time(fn: Callable[[], object], reps: int) -> float:
         fn()
         times.append(time.perf_counter() - t)
     return sorted(times)[len(times) // 2]
+
+
+def threaded(fn: Callable[[], object], threads: int, requests: int, tokens: int) -> float:
+    """tokens/s of ``threads`` clients each calling ``fn`` (``tokens`` per call)
+    ``requests`` times, all started together."""
+    barrier = threading.Barrier(threads + 1)
+
+    def run():
+        barrier.wait()
+        for _ in range(requests):
+            fn()
+
+    ts = [threading.Thread(target=run) for _ in range(threads)]
+    for t in ts:
+        t.start()
+    barrier.wait()
+    t0 = time.perf_counter()
+    for t in ts:
+        t.join()
+    return threads * requests * tokens / (time.perf_counter() - t0)
+
+
+def latency_ms(fn: Callable[[], object], n: int = 200, warmup: int = 20) -> dict:
+    """p50 and p99 (ms) of ``n`` calls of ``fn`` after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    lat = []
+    for _ in range(n):
+        t = time.perf_counter()
+        fn()
+        lat.append((time.perf_counter() - t) * 1000)
+    return {"p50": float(np.percentile(lat, 50)), "p99": float(np.percentile(lat, 99))}

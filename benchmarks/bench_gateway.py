@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import threading
 import time
 from concurrent import futures
 from pathlib import Path
@@ -22,7 +21,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import torch
-from _timing import median_time
+from _timing import latency_ms, median_time, threaded
 
 import raymoe
 from raymoe import MoELayer, PoolSpec
@@ -51,36 +50,6 @@ def grpc_echo_ms(nbytes: int, n: int = 300) -> float:
     return float(np.percentile(lat, 50))
 
 
-def threaded(fn, threads: int, requests: int, tokens: int) -> float:
-    """tokens/s of ``threads`` clients each sending ``requests`` requests."""
-    barrier = threading.Barrier(threads + 1)
-
-    def run():
-        barrier.wait()
-        for _ in range(requests):
-            fn()
-
-    ts = [threading.Thread(target=run) for _ in range(threads)]
-    for t in ts:
-        t.start()
-    barrier.wait()
-    t0 = time.perf_counter()
-    for t in ts:
-        t.join()
-    return threads * requests * tokens / (time.perf_counter() - t0)
-
-
-def latency(fn, n: int = 200) -> dict:
-    for _ in range(20):
-        fn()
-    lat = []
-    for _ in range(n):
-        t = time.perf_counter()
-        fn()
-        lat.append((time.perf_counter() - t) * 1000)
-    return {"p50": float(np.percentile(lat, 50)), "p99": float(np.percentile(lat, 99))}
-
-
 def measure(call, layer, xs, sizes, reps) -> dict:
     out = {"rows": []}
     for T in sizes:
@@ -91,7 +60,7 @@ def measure(call, layer, xs, sizes, reps) -> dict:
         par = threaded(lambda x=x: call(x), 4, reps, T)
         out["rows"].append({"tokens": T, "seq_tok_s": seq, "threads4_tok_s": par,
                             "max_abs_err": err})  # fmt: skip
-    out["latency16_ms"] = latency(lambda: call(xs[16]))
+    out["latency16_ms"] = latency_ms(lambda: call(xs[16]))
     return out
 
 

@@ -19,14 +19,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import ray
 import torch
-from _timing import median_time
+from _timing import latency_ms, median_time, threaded
 
 import raymoe
 from raymoe import MoELayer, PoolSpec
@@ -56,21 +55,7 @@ def served_throughput(pool, x: np.ndarray, n: int, inflight: int) -> float:
 
 def clients(pool, d: int, threads: int, requests: int, tokens: int = 16) -> float:
     x = np.random.default_rng(0).standard_normal((tokens, d)).astype(np.float32)
-    barrier = threading.Barrier(threads + 1)
-
-    def run():
-        barrier.wait()
-        for _ in range(requests):
-            pool.forward(x)
-
-    ts = [threading.Thread(target=run) for _ in range(threads)]
-    for t in ts:
-        t.start()
-    barrier.wait()
-    t0 = time.perf_counter()
-    for t in ts:
-        t.join()
-    return threads * requests * tokens / (time.perf_counter() - t0)
+    return threaded(lambda: pool.forward(x), threads, requests, tokens)
 
 
 def ray_floor() -> dict:
@@ -93,14 +78,7 @@ def ray_floor() -> dict:
     x = np.zeros((16, 256), np.float32)
     out = {}
     for name, h in [("one_hop_ms", shards[0]), ("two_hops_ms", fan)]:
-        for _ in range(20):
-            ray.get(h.f.remote(x))
-        lat = []
-        for _ in range(200):
-            t = time.perf_counter()
-            ray.get(h.f.remote(x))
-            lat.append((time.perf_counter() - t) * 1000)
-        out[name] = float(np.percentile(lat, 50))
+        out[name] = latency_ms(lambda h=h: ray.get(h.f.remote(x)))["p50"]
     for h in [fan, *shards]:
         ray.kill(h)
     return out
@@ -146,21 +124,13 @@ def _measure(pool, spec, layer, xs, local, sizes, reps, transport) -> dict:
               f"{T / seq:>9,.0f} seq  {pipe:>9,.0f} pipelined tok/s  err {err:.1e}",
               flush=True)  # fmt: skip
     x16 = xs[16].numpy()
-    for _ in range(20):
-        pool.forward(x16)
-    lat = []
-    for _ in range(200):
-        t = time.perf_counter()
-        pool.forward(x16)
-        lat.append((time.perf_counter() - t) * 1000)
+    lat = latency_ms(lambda: pool.forward(x16))
     one = clients(pool, spec.d_model, 1, 100)
     pool.stats()
     many = clients(pool, spec.d_model, 32, 20)
     st = pool.stats(window_s=30)
     return {"config": spec.name, "transport": transport, "rows": rows,
-            "latency16_ms": {"p50": float(np.percentile(lat, 50)),
-                             "p99": float(np.percentile(lat, 99)),
-                             "inprocess": local[16] * 1000},
+            "latency16_ms": {**lat, "inprocess": local[16] * 1000},
             "clients": {"one_tok_s": one, "many_tok_s": many,
                         "mean_batch_tokens": st.get("batch_tokens", {}).get("mean")}}  # fmt: skip
 
