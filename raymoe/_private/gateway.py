@@ -52,6 +52,7 @@ POOL_SERVICE_DESC = pool_pb2.DESCRIPTOR.services_by_name["PoolService"]
 ADMIN_SERVICE_DESC = admin_pb2.DESCRIPTOR.services_by_name["AdminService"]
 POOL_SERVICE, ADMIN_SERVICE = POOL_SERVICE_DESC.full_name, ADMIN_SERVICE_DESC.full_name
 HEALTH_INTERVAL_S = 2.0
+MAX_MESSAGE_BYTES = 2**31 - 1  # gRPC's own ceiling
 MAX_STATS_WINDOW_S = 24 * 3600.0
 
 
@@ -264,7 +265,7 @@ def request_bytes(spec: PoolSpec) -> int:
     """The largest request of a pool: ``max_request_tokens`` of float64 hidden states with
     every routing slot used, plus room for the message's framing."""
     per_token = spec.d_model * 8 + spec.slots * 16 + 8
-    return spec.limits.max_request_tokens * per_token + (1 << 20)
+    return min(spec.limits.max_request_tokens * per_token + (1 << 20), MAX_MESSAGE_BYTES)
 
 
 class Gateway:

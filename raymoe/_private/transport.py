@@ -30,7 +30,7 @@ class ShardUnreachableError(Exception):
 def max_message_bytes(spec: PoolSpec) -> int:
     """The largest sub-batch message of a pool: its biggest request, with every slot used."""
     per_token = spec.d_model * spec.torch_dtype.itemsize + spec.slots * 12
-    return spec.limits.max_request_tokens * per_token + (1 << 20)
+    return min(spec.limits.max_request_tokens * per_token + (1 << 20), 2**31 - 1)  # gRPC's cap
 
 
 class RayShardCalls:

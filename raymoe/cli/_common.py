@@ -15,6 +15,7 @@ import os
 import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -82,7 +83,7 @@ def client(args: argparse.Namespace):
     token = None
     if args.token_file:
         try:
-            token = open(args.token_file).read().strip()  # noqa: SIM115
+            token = Path(args.token_file).read_text().strip()
         except OSError as e:
             raise ConfigError(f"cannot read the token file: {e.strerror}", "--token-file") from None
     tls = None
