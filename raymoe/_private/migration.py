@@ -149,9 +149,12 @@ class MakeBeforeBreak:
 
     async def _compact(self, n: int) -> None:
         """Keep shard ``n``'s weight increments (what it reloads after a restart) within twice
-        the rows it holds: past that, take its current rows back, a few MB per call."""
-        increments = self._rows.get(n, [])
+        the rows it holds: drop the ones of experts that left it; if that is not enough, take
+        its current rows back, a few MB per call."""
         live = self.placement.shard_experts(n).numpy()
+        increments = [(ids, ref) for ids, ref in self._rows.get(n, []) if np.isin(ids, live).any()]
+        if n in self._rows:
+            self._rows[n] = increments
         if not self.has_rows or sum(len(ids) for ids, _ in increments) <= 2 * max(len(live), 1):
             return
         step = max(1, COPY_CHUNK_BYTES // max(self.expert_bytes(), 1))
@@ -165,6 +168,8 @@ class MakeBeforeBreak:
             log.warning("shard %d: weight increments not compacted; the next change retries", n)
             return
         self._rows[n] = fresh
+        log.info("shard %d: weight increments taken back from the shard (%d experts)", n,
+                 len(live))  # fmt: skip
 
     async def _break(self, old: Placement, new: Placement) -> None:
         _, (_, drop_s, drop_l) = diff(old, new)
