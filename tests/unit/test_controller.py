@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from raymoe import ConfigError, DTypeError, ExpertIdError, MoELayer, PoolSpec, ShapeError
-from raymoe._private.controller import Controller, merge_stats
+from raymoe._private.controller import Controller
 from raymoe._private.placement import Placement, contiguous, replicated
 from raymoe._private.router import Router
 from raymoe._private.shard import ExpertShard
+from raymoe._private.stats import merge_stats
 from raymoe.errors import NonFiniteError
 from raymoe.store import EmbeddedStore, MemoryStore
 from tests.helpers import spec_dict
