@@ -166,7 +166,8 @@ def main() -> None:
                        "p99_vs_steady": float(np.percentile(lat, 99) / p99) if len(lat) else None,
                        "imbalance_before": before, "imbalance_after": imbalance(pool),
                        "replicas_added": report.get("replicas_added"),
-                       "bytes_moved": report.get("bytes_moved")}  # fmt: skip
+                       "bytes_moved": report.get("bytes_moved"),
+                       "stages_s": pool.describe().get("last_change_s")}  # fmt: skip
                 rows.append(row)
                 mark(f"after {name}")
                 return report
@@ -194,15 +195,17 @@ def main() -> None:
         head = (
             f"{'operation':<24}{'s':>6}{'reqs':>6}{'failed':>7}{'stalled':>8}"
             f"{'p99 ms':>8}{'p99/steady':>11}{'imb before':>11}{'imb after':>10}"
+            "  copy/publish/drain/free ms"
         )
         print(head)
         for r in rows:
             p99r = f"{r['p99_vs_steady']:.2f}" if r["p99_vs_steady"] else "-"
             p99m = f"{r['p99_ms']:.1f}" if r["p99_ms"] else "-"
+            stages = "/".join(f"{v * 1e3:.0f}" for v in (r["stages_s"] or {}).values())
             print(
                 f"{r['operation']:<24}{r['seconds']:>6.2f}{r['requests']:>6}{r['failed']:>7}"
                 f"{r['stalled']:>8}{p99m:>8}{p99r:>11}{r['imbalance_before']:>11.3f}"
-                f"{r['imbalance_after']:>10.3f}"
+                f"{r['imbalance_after']:>10.3f}  {stages}"
             )
         reb = [r for r in rows if r["operation"].startswith("rebalance")]
         worst = max(r["p99_vs_steady"] or 0 for r in reb)

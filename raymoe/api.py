@@ -100,13 +100,13 @@ class PoolHandle:
     def gateways(self) -> list[str]:
         """The "host:port" of each of the pool's gRPC gateways (none unless
         ``gateway.enabled``)."""
-        return _get([g.endpoint.remote() for g in actors.gateways(self.name)])
+        return _get(self._controller.gateways.remote())
 
     def shutdown(self) -> None:
         """Stop every actor of the pool and forget its saved state."""
-        actors.kill(actors.gateways(self.name))
         _get(self._controller.shutdown.remote())
         actors.kill([self._controller])
+        actors.kill(actors.gateways(self.name))  # any the controller did not know of
 
 
 def serve(spec: PoolSpec | dict | str | Path, weights: dict | None = None,
@@ -132,8 +132,6 @@ def serve(spec: PoolSpec | dict | str | Path, weights: dict | None = None,
     np_weights = {k: _np(v) for k, v in (weights or {}).items()}
     try:
         _get(controller.start.remote(placement, np_weights or None))
-        if spec.gateway.enabled:
-            actors.start_gateways(spec)
     except BaseException:
         with contextlib.suppress(Exception):
             _get(controller.shutdown.remote())

@@ -252,7 +252,7 @@ class GatewaySpec(_Section):
     enabled: bool = False
     host: str = "0.0.0.0"
     port: int = Field(50051, ge=0, le=65535)  # 0: a free port (see PoolHandle.gateways())
-    per_node: bool = False  # one gateway on every node (each on `port`), else one per pool
+    per_node: bool = False  # one on every node, joining ones too (each on `port`); else one
     max_inflight: PositiveInt = 256  # concurrent forward calls; more get RESOURCE_EXHAUSTED
     stream_window: PositiveInt = 8  # requests of one stream computed at once
     data_token_file: str | None = None

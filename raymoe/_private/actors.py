@@ -36,7 +36,7 @@ from raymoe._private.router import Router
 from raymoe._private.shard import ExpertShard
 from raymoe._private.transport import make_shard_calls, serve_shard
 from raymoe.config import PoolSpec
-from raymoe.errors import PoolError, PoolUnavailableError, RaymoeError
+from raymoe.errors import PoolUnavailableError, RaymoeError
 from raymoe.store import EmbeddedStore
 
 NAMESPACE = "raymoe"
@@ -51,7 +51,7 @@ STORE_DIR_ENV = "RAYMOE_STORE_DIR"
 SHARD_GROUPS = {"copy": 1}
 
 
-def actor_name(pool: str, role: str, index: int = 0) -> str:
+def actor_name(pool: str, role: str, index: int | str = 0) -> str:
     return f"{pool}:{role}:{index}"
 
 
@@ -176,6 +176,15 @@ class RayCluster:
                           max_concurrency=4 * self.spec.limits.max_queued_requests)  # fmt: skip
         return ray.remote(RouterActor).options(**opts).remote(self.spec)
 
+    def gateway(self, key: str, node: str | None):
+        opts = self._opts("gateway", key, num_cpus=0)
+        if node is not None:
+            opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node, soft=False)
+        return ray.remote(GatewayActor).options(**opts).remote(self.spec)
+
+    def nodes(self) -> list[str]:
+        return [n["NodeID"] for n in ray.nodes() if n["Alive"]]
+
     def put(self, value):
         return ray.put(value)
 
@@ -232,6 +241,10 @@ class ControllerActor:
     async def stats(self, window_s: float = 60.0) -> dict:
         await self._ensure()
         return await self.controller.stats(window_s)
+
+    async def gateways(self) -> list[str]:
+        await self._ensure()
+        return self.controller.gateway_endpoints()
 
     async def op(self, name: str, *args, **kwargs) -> dict:
         """A runtime operation of the controller (rebalance, replicate, pin, unpin,
@@ -368,30 +381,12 @@ class GatewayActor:
         self._thread.stop()
 
 
-def start_gateways(spec: PoolSpec) -> list[str]:
-    """Start the pool's gateways (one, or one per alive node); -> their endpoints.
-
-    Raises :class:`PoolError` when one cannot serve (e.g. its port is taken)."""
-    nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"]] if spec.gateway.per_node else [None]
-    handles = []
-    for i, node in enumerate(nodes):
-        opts = {"name": actor_name(spec.name, "gateway", i), "namespace": NAMESPACE,
-                "lifetime": "detached", "max_restarts": -1, "num_cpus": 0}  # fmt: skip
-        if node is not None:
-            opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node, soft=False)
-        handles.append(ray.remote(GatewayActor).options(**opts).remote(spec))
-    try:
-        return ray.get([h.endpoint.remote() for h in handles])
-    except ray.exceptions.RayError as e:
-        kill(handles)
-        raise PoolError(f"the gateway of pool {spec.name!r} could not start: {e}") from None
-
-
 def gateways(pool: str) -> list:
-    """The running gateway actors of ``pool``."""
+    """The gateway actors of ``pool`` (found by name: the controller may be gone)."""
+    prefix = actor_name(pool, "gateway", "")
     out = []
-    for i in itertools.count():
-        try:
-            out.append(ray.get_actor(actor_name(pool, "gateway", i), namespace=NAMESPACE))
-        except ValueError:
-            return out
+    for a in ray.util.list_named_actors(all_namespaces=True):
+        if a["namespace"] == NAMESPACE and a["name"].startswith(prefix):
+            with contextlib.suppress(ValueError):  # gone meanwhile
+                out.append(ray.get_actor(a["name"], namespace=NAMESPACE))
+    return out

@@ -8,7 +8,8 @@ converged by :meth:`Controller.update`, a pass of numbered steps that never rais
 1. every shard is up and holds its experts (a restarted shard comes back empty and is
    configured again, from the weights the controller keeps in the object store);
 2. every router is up, configured with the shards, the gate weights and the placement;
-3. every router runs the current placement version.
+3. every router runs the current placement version;
+4. the gateways run: one, or one per alive node (:mod:`raymoe._private.fleet`).
 
 Runtime operations (rebalance, replicate, pin, drain, scale) run one at a time and change
 the placement make-before-break (:meth:`Controller._apply`): copy weights to the new places,
@@ -32,6 +33,7 @@ import numpy as np
 import torch
 
 from raymoe._private import growth, policy
+from raymoe._private.fleet import GatewayFleet
 from raymoe._private.migration import MakeBeforeBreak, diff
 from raymoe._private.placement import Placement
 from raymoe._private.stats import merge_stats
@@ -58,9 +60,11 @@ class Cluster(Protocol):
     def put(self, value: Any) -> Any: ...  # object ref owned by the controller
     async def call(self, handle: Any, method: str, *args, timeout: float | None = None): ...
     def kill(self, handles: list) -> None: ...
+    def nodes(self) -> list[str]: ...  # ids of the alive nodes
+    def gateway(self, key: str, node: str | None) -> Any: ...  # get or create, on ``node``
 
 
-class Controller(MakeBeforeBreak):
+class Controller(MakeBeforeBreak, GatewayFleet):
     def __init__(self, spec: PoolSpec, cluster: Cluster, store: MetadataStore):
         self.spec = spec
         self.cluster = cluster
@@ -85,6 +89,7 @@ class Controller(MakeBeforeBreak):
         self._last_scale = -math.inf  # when the autoscaler last changed the shard count
         self.rate = 0.0  # tokens/s, decayed like the load window
         self.last_apply: dict[str, float] = {}  # seconds of each stage of the last change
+        self._init_fleet()
 
     # --- goal state ---------------------------------------------------------------------
 
@@ -135,6 +140,7 @@ class Controller(MakeBeforeBreak):
         self.routers = [self.cluster.router(i) for i in range(self.spec.shards.routers)]
         await asyncio.gather(*(self._configure_shard(n) for n in range(len(self.shards))))
         await asyncio.gather(*(self._configure_router(i) for i in range(len(self.routers))))
+        await self.ensure_gateways(strict=True)
 
     async def recover(self) -> None:
         """Resume after a controller restart: re-attach, rebuild what only lived in memory,
@@ -160,6 +166,7 @@ class Controller(MakeBeforeBreak):
         if pending is not None:
             async with self._ops:
                 await self._apply(pending, spec=spec)
+        await self.ensure_gateways()  # the running ones, found again by name
         await self.update()
 
     async def _capture_rows(self) -> None:
@@ -175,6 +182,7 @@ class Controller(MakeBeforeBreak):
     async def shutdown(self) -> None:
         for t in self._busy.values():
             t.cancel()
+        self.stop_gateways()
         self.cluster.kill(self.routers + self.shards)
         for key in self.store.keys(self._key("")):
             self.store.delete(key)
@@ -196,6 +204,8 @@ class Controller(MakeBeforeBreak):
                     self._spawn(("router", i), self._configure_router(i))
                 elif st["placement_version"] != self.placement.version:  # 3. current version
                     self._spawn(("router", i), self._publish(i))
+            if self._fleet_due():  # 4. gateways
+                self._spawn(("gateways", 0), self.ensure_gateways())
         except Exception:
             log.exception("controller update failed; retrying on the next pass")
 

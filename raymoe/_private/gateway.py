@@ -324,8 +324,11 @@ class Gateway:
     async def start(self) -> str:
         """Bind and serve; -> "host:port" (the port is a free one when the config says 0)."""
         c = self.config
+        # NOTE: no SO_REUSEPORT (gRPC's default on Linux): a second gateway on a taken port
+        # would silently share it with another pool; here it fails to bind instead
         options = [("grpc.max_receive_message_length", self.max_bytes),
-                   ("grpc.max_send_message_length", self.max_bytes)]  # fmt: skip
+                   ("grpc.max_send_message_length", self.max_bytes),
+                   ("grpc.so_reuseport", 0)]  # fmt: skip
         server = grpc.aio.server(interceptors=[_AuthInterceptor(self.tokens)], options=options,
                                  maximum_concurrent_rpcs=4 * c.max_inflight)  # fmt: skip
         _add_service(server, _PoolServicer(self), POOL_SERVICE_DESC)

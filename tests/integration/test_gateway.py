@@ -34,13 +34,13 @@ D, E, MAX_TOKENS = 16, 8, 256
 DATA, ADMIN = secrets.token_urlsafe(16), secrets.token_urlsafe(16)
 
 
-def _spec(name: str, tokens: Path) -> PoolSpec:
+def _spec(name: str, tokens: Path, **gateway) -> PoolSpec:
     s = spec_dict({"kind": "topk", "k": 2}, E=E, d=D)
     s.update(name=name, shards={"count": 2},
              limits={"max_request_tokens": MAX_TOKENS, "max_batch_tokens": MAX_TOKENS},
              gateway={"enabled": True, "host": "127.0.0.1", "port": 0,
                       "data_token_file": str(tokens / "data"),
-                      "admin_token_file": str(tokens / "admin")})  # fmt: skip
+                      "admin_token_file": str(tokens / "admin"), **gateway})  # fmt: skip
     return PoolSpec.from_dict(s)
 
 
@@ -440,6 +440,56 @@ def test_mutual_tls_with_a_certificate_made_here(served, tmp_path):
             with raymoe.Client(g.endpoint, tls=refused, retries=0, timeout_s=5) as client, \
                     pytest.raises(raymoe.PoolUnavailableError):  # fmt: skip
                 client.forward(x)
+
+
+# --- the gateways as the controller keeps them ----------------------------------------------
+
+
+def test_per_node_gateways_survive_a_controller_restart(ray_cluster, tokens):
+    import ray
+
+    from raymoe._private import actors
+
+    spec = _spec("gw-nodes", tokens, per_node=True)
+    pool = raymoe.serve(spec)
+    try:
+        nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
+        (endpoint,) = pool.gateways()
+        named = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)}
+        assert {f"gw-nodes:gateway:{n}" for n in nodes} <= named  # one on each node, by id
+        ray.kill(actors.get_controller("gw-nodes"), no_restart=False)
+        assert pool.gateways() == [endpoint]  # found again, not started anew
+        assert len(actors.gateways("gw-nodes")) == len(nodes)
+        x = torch.randn(4, D, generator=torch.Generator().manual_seed(4))
+        with raymoe.Client(endpoint, token=DATA) as c:
+            assert (c.forward(x) - _want(MoELayer(spec), x)).abs().max() <= 1e-5
+    finally:
+        pool.shutdown()
+    assert actors.gateways("gw-nodes") == []
+
+
+def test_per_node_gateways_follow_nodes_joining_and_leaving():
+    """On a two-node cluster of its own (a subprocess: the session's cluster has one node)."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).parents[2]
+    run = subprocess.run([sys.executable, "-m", "tests.integration._multinode"], cwd=root,
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-3000:]
+
+
+def test_a_gateway_that_cannot_start_fails_serve_and_leaves_nothing(ray_cluster, tokens, served):
+    from raymoe._private import actors
+
+    _, endpoint, _ = served
+    port = int(endpoint.rsplit(":", 1)[1])  # taken by the other pool's gateway
+    spec = _spec("gw-clash", tokens, port=port)
+    with pytest.raises(raymoe.PoolError, match="could not start"):
+        raymoe.serve(spec)
+    assert actors.gateways("gw-clash") == []
+    with pytest.raises(ValueError):
+        actors.get_controller("gw-clash")
 
 
 # --- last: tokens never reach a log ---------------------------------------------------------

@@ -43,6 +43,8 @@ class FakeCluster:
         self.spec = spec
         self.actors: dict[tuple[str, int], object] = {}
         self.killed = []
+        self.node_ids = ["node-a"]
+        self.refuse: set[str] = set()  # nodes where a gateway cannot bind its port
 
     def shard(self, i):
         return self.actors.setdefault(("shard", i), ExpertShard(self.spec, i))
@@ -64,10 +66,27 @@ class FakeCluster:
     def kill(self, handles):
         self.killed += handles
 
+    def nodes(self):
+        return list(self.node_ids)
 
-def setup(store=None):
+    def gateway(self, key, node):
+        return self.actors.setdefault(("gateway", key), FakeGateway(node, self))
+
+
+class FakeGateway:
+    def __init__(self, node, cluster):
+        self.node, self.cluster = node, cluster
+
+    def endpoint(self):
+        if self.node in self.cluster.refuse:
+            raise RuntimeError(f"Failed to bind to address {self.node}:50051")
+        return f"{self.node or 'any'}:50051"
+
+
+def setup(store=None, **gateway):
     spec = PoolSpec.from_dict({**spec_dict({"kind": "topk", "k": 2}, E=8),
-                               "shards": {"count": 2, "routers": 2}})  # fmt: skip
+                               "shards": {"count": 2, "routers": 2},
+                               "gateway": {"enabled": bool(gateway), **gateway}})  # fmt: skip
     layer = MoELayer(spec).eval()
     with torch.no_grad():
         for p in layer.parameters():
@@ -487,3 +506,51 @@ def test_impossible_control_specs_are_config_errors(control, field):
     with pytest.raises(ConfigError) as e:
         PoolSpec.from_dict({**spec_dict({"kind": "topk", "k": 2}), "control": control})
     assert e.value.field == field
+
+
+# --- gateways -------------------------------------------------------------------------------
+
+
+def test_one_gateway_unless_per_node_and_none_unless_enabled():
+    for gateway, want in (({}, []), ({"port": 0}, ["any:50051"])):
+        ctl, cluster, _, weights = setup(**gateway)
+        cluster.node_ids = ["node-a", "node-b"]
+        asyncio.run(ctl.start(contiguous(8, 2), weights))
+        assert ctl.gateway_endpoints() == want
+
+
+def test_per_node_gateways_follow_nodes_that_join_and_leave(monkeypatch):
+    from raymoe._private import fleet
+
+    monkeypatch.setattr(fleet, "CHECK_S", 0.0)
+    ctl, cluster, _, weights = setup(per_node=True)
+
+    async def main():
+        await ctl.start(contiguous(8, 2), weights)
+        assert ctl.gateway_endpoints() == ["node-a:50051"]
+        cluster.node_ids = ["node-a", "node-b", "node-c"]  # two join; one cannot bind
+        cluster.refuse = {"node-c"}
+        await ctl.update()
+        await asyncio.gather(*ctl._busy.values())
+        assert ctl.gateway_endpoints() == ["node-a:50051", "node-b:50051"]
+        assert cluster.actors.pop(("gateway", "node-c")) in cluster.killed  # its name freed
+        cluster.refuse = set()
+        cluster.node_ids = ["node-b", "node-c"]  # node-a leaves; node-c is tried again
+        gone = ctl.gateways["node-a"][0]
+        await ctl.update()
+        await asyncio.gather(*ctl._busy.values())
+        assert ctl.gateway_endpoints() == ["node-b:50051", "node-c:50051"]
+        assert gone in cluster.killed
+        await ctl.shutdown()
+        assert ctl.gateway_endpoints() == []
+
+    asyncio.run(main())
+
+
+def test_a_gateway_that_cannot_start_fails_the_deploy():
+    from raymoe.errors import PoolError
+
+    ctl, cluster, _, weights = setup(per_node=True)
+    cluster.refuse = {"node-a"}
+    with pytest.raises(PoolError, match=r"node node-a: .*Failed to bind"):
+        asyncio.run(ctl.start(contiguous(8, 2), weights))
