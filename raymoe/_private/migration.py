@@ -112,14 +112,18 @@ class MakeBeforeBreak:
             src = src_shard.numpy()[add_e[known]]
             rows = {}
             step = max(1, COPY_CHUNK_BYTES // max(self.expert_bytes(), 1))
+
+            async def export(s: int, ids: np.ndarray) -> None:
+                got = await self.cluster.call(self.shards[s], "export_experts", ids, timeout=120)
+                for k, v in got.items():
+                    rows.setdefault(k, {}).update(zip(ids.tolist(), v, strict=True))
+
+            # NOTE: source shards export at once; each one's calls queue in its copy group
+            chunks = []
             for s in np.unique(src).tolist():
                 mine = np.unique(add_e[known][src == s])
-                for i in range(0, len(mine), step):  # a few MB per call, as in place()
-                    ids = mine[i : i + step]
-                    got = await self.cluster.call(self.shards[s], "export_experts", ids,
-                                                  timeout=120)  # fmt: skip
-                    for k, v in got.items():
-                        rows.setdefault(k, {}).update(zip(ids.tolist(), v, strict=True))
+                chunks += [(s, mine[i : i + step]) for i in range(0, len(mine), step)]
+            await asyncio.gather(*(export(s, ids) for s, ids in chunks))
             fresh = np.unique(add_e[~known])  # added experts: given rows, or the seeded init
             if len(fresh):
                 given = new_rows or growth.seeded_rows(spec, fresh)
