@@ -193,9 +193,7 @@ class RayCluster:
         return await asyncio.wait_for(asyncio.wrap_future(ref.future()), timeout)
 
     def kill(self, handles: list) -> None:
-        for h in handles:
-            with contextlib.suppress(ValueError):  # already gone
-                ray.kill(h, no_restart=True)
+        kill(handles)
 
 
 class ControllerActor:

@@ -32,7 +32,7 @@ class GatewayFleet:
         self._fleet_checked = -float("inf")
 
     def gateway_endpoints(self) -> list[str]:
-        """ "host:port" of each running gateway."""
+        """The "host:port" of each running gateway."""
         return sorted(endpoint for _, endpoint in self.gateways.values())
 
     def _fleet_due(self) -> bool:
