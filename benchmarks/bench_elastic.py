@@ -43,13 +43,16 @@ MEASURE_S = 2.0  # traffic window over which per-shard pairs are counted
 
 
 def spec(E: int, shards: int) -> PoolSpec:
-    return PoolSpec.from_dict({
-        "name": "bench-elastic", "d_model": 256,
-        "experts": {"kind": "ffn", "num_experts": E, "hidden": 512},
-        "routing": {"kind": "topk", "k": 2, "renormalize": True},
-        "shards": {"count": shards, "routers": 2},
-        "control": {"load_half_life_s": HALF_LIFE_S, "extra_replicas": 0.25},
-    })  # fmt: skip
+    return PoolSpec.from_dict(
+        {
+            "name": "bench-elastic",
+            "d_model": 256,
+            "experts": {"kind": "ffn", "num_experts": E, "hidden": 512},
+            "routing": {"kind": "topk", "k": 2, "renormalize": True},
+            "shards": {"count": shards, "routers": 2},
+            "control": {"load_half_life_s": HALF_LIFE_S, "extra_replicas": 0.25},
+        }
+    )
 
 
 class Traffic:
@@ -73,8 +76,9 @@ class Traffic:
 
     def _request(self, rng):
         order, p = self.order, self.p
-        ids = np.stack([rng.choice(order, size=self.k, replace=False, p=p)
-                        for _ in range(self.tokens)])  # fmt: skip
+        ids = np.stack(
+            [rng.choice(order, size=self.k, replace=False, p=p) for _ in range(self.tokens)]
+        )
         w = rng.random((self.tokens, self.k)).astype(np.float32)
         x = rng.standard_normal((self.tokens, self.layer.spec.d_model)).astype(np.float32)
         w /= w.sum(1, keepdims=True)
@@ -173,8 +177,11 @@ def main() -> None:
     def mark(label: str) -> float:
         imb, model = measured_imbalance(pool), model_imbalance(pool)
         timeline.append((round(time.perf_counter() - t_start, 1), label, round(imb, 3)))
-        print(f"  t={timeline[-1][0]:>6.1f}s  imbalance {imb:.3f} measured, {model:.3f} model"
-              f"  ({label})", flush=True)  # fmt: skip
+        print(
+            f"  t={timeline[-1][0]:>6.1f}s  imbalance {imb:.3f} measured, {model:.3f} model"
+            f"  ({label})",
+            flush=True,
+        )
         return imb
 
     try:
@@ -198,15 +205,19 @@ def main() -> None:
                 t1 = time.perf_counter()
                 time.sleep(settle)
                 lat = traffic.window(t0, t1)
-                row = {"operation": name, "seconds": t1 - t0, "requests": len(lat),
-                       "failed": len(traffic.failures) - failed,
-                       "stalled": int((lat > 10 * p50).sum()),
-                       "p99_ms": float(np.percentile(lat, 99) * 1e3) if len(lat) else None,
-                       "p99_vs_steady": float(np.percentile(lat, 99) / p99) if len(lat) else None,
-                       "imbalance_before": before,
-                       "replicas_added": _get(report, "replicas_added"),
-                       "bytes_moved": _get(report, "bytes_moved"),
-                       "stages_s": _pool_describe(pool).get("last_change_s")}  # fmt: skip
+                row = {
+                    "operation": name,
+                    "seconds": t1 - t0,
+                    "requests": len(lat),
+                    "failed": len(traffic.failures) - failed,
+                    "stalled": int((lat > 10 * p50).sum()),
+                    "p99_ms": float(np.percentile(lat, 99) * 1e3) if len(lat) else None,
+                    "p99_vs_steady": float(np.percentile(lat, 99) / p99) if len(lat) else None,
+                    "imbalance_before": before,
+                    "replicas_added": _get(report, "replicas_added"),
+                    "bytes_moved": _get(report, "bytes_moved"),
+                    "stages_s": _pool_describe(pool).get("last_change_s"),
+                }
                 row["imbalance_after"] = mark(f"after {name}")
                 rows.append(row)
                 return report

@@ -31,8 +31,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def grpc_echo_ms(nbytes: int, n: int = 300) -> float:
     """p50 of a unary gRPC call carrying ``nbytes`` both ways on loopback."""
-    opts = [("grpc.max_receive_message_length", 2 * nbytes + (1 << 20)),
-            ("grpc.max_send_message_length", 2 * nbytes + (1 << 20))]  # fmt: skip
+    opts = [
+        ("grpc.max_receive_message_length", 2 * nbytes + (1 << 20)),
+        ("grpc.max_send_message_length", 2 * nbytes + (1 << 20)),
+    ]
     server = grpc.server(futures.ThreadPoolExecutor(2), options=opts)
     handler = grpc.unary_unary_rpc_method_handler(lambda req, ctx: req)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("e", {"E": handler}),))
@@ -58,8 +60,9 @@ def measure(call, layer, xs, sizes, reps) -> dict:
             err = float((call(x) - layer(x)).abs().max())
         seq = T / median_time(lambda x=x: call(x), reps)
         par = threaded(lambda x=x: call(x), 4, reps, T)
-        out["rows"].append({"tokens": T, "seq_tok_s": seq, "threads4_tok_s": par,
-                            "max_abs_err": err})  # fmt: skip
+        out["rows"].append(
+            {"tokens": T, "seq_tok_s": seq, "threads4_tok_s": par, "max_abs_err": err}
+        )
     out["latency16_ms"] = latency_ms(lambda: call(xs[16]))
     return out
 
@@ -93,34 +96,47 @@ def bench(config: str, sizes: list[int], reps: int) -> list[dict]:
 
 
 def _line(r: dict) -> None:
-    rows = "  ".join(f"{row['tokens']}: {row['seq_tok_s']:,.0f} seq / "
-                     f"{row['threads4_tok_s']:,.0f} x4 tok/s" for row in r["rows"])  # fmt: skip
+    rows = "  ".join(
+        f"{row['tokens']}: {row['seq_tok_s']:,.0f} seq / {row['threads4_tok_s']:,.0f} x4 tok/s"
+        for row in r["rows"]
+    )
     lat = r["latency16_ms"]
-    print(f"[{r['config']}/{r['transport']}] {r['via']:<6} {rows}  16-token p50 "
-          f"{lat['p50']:.2f} ms p99 {lat['p99']:.2f} ms  max err "
-          f"{max(row['max_abs_err'] for row in r['rows']):.1e}", flush=True)  # fmt: skip
+    print(
+        f"[{r['config']}/{r['transport']}] {r['via']:<6} {rows}  16-token p50 "
+        f"{lat['p50']:.2f} ms p99 {lat['p99']:.2f} ms  max err "
+        f"{max(row['max_abs_err'] for row in r['rows']):.1e}",
+        flush=True,
+    )
 
 
 def report(results: list[dict], echo: dict) -> None:
-    print(f"\nreference: bare gRPC unary echo on loopback p50 {echo['16']:.2f} ms (16 tokens), "
-          f"{echo['8192']:.2f} ms (8k tokens)\n")  # fmt: skip
-    print(f"{'transport':<14}{'tokens':>7}{'in-proc':>10}{'handle':>10}{'client':>10}"
-          f"{'client/handle':>15}{'x4 handle':>11}{'x4 client':>11}{'x4 ratio':>10}")  # fmt: skip
+    print(
+        f"\nreference: bare gRPC unary echo on loopback p50 {echo['16']:.2f} ms (16 tokens), "
+        f"{echo['8192']:.2f} ms (8k tokens)\n"
+    )
+    print(
+        f"{'transport':<14}{'tokens':>7}{'in-proc':>10}{'handle':>10}{'client':>10}"
+        f"{'client/handle':>15}{'x4 handle':>11}{'x4 client':>11}{'x4 ratio':>10}"
+    )
     by = {(r["transport"], r["via"]): r for r in results}
     for transport in ("object_store", "grpc"):
         h, c = by[(transport, "handle")], by[(transport, "client")]
         for rh, rc in zip(h["rows"], c["rows"], strict=True):
             T = rh["tokens"]
-            print(f"{transport:<14}{T:>7}{h['inprocess'][T]:>10,.0f}{rh['seq_tok_s']:>10,.0f}"
-                  f"{rc['seq_tok_s']:>10,.0f}{rc['seq_tok_s'] / rh['seq_tok_s']:>15.2f}"
-                  f"{rh['threads4_tok_s']:>11,.0f}{rc['threads4_tok_s']:>11,.0f}"
-                  f"{rc['threads4_tok_s'] / rh['threads4_tok_s']:>10.2f}")  # fmt: skip
+            print(
+                f"{transport:<14}{T:>7}{h['inprocess'][T]:>10,.0f}{rh['seq_tok_s']:>10,.0f}"
+                f"{rc['seq_tok_s']:>10,.0f}{rc['seq_tok_s'] / rh['seq_tok_s']:>15.2f}"
+                f"{rh['threads4_tok_s']:>11,.0f}{rc['threads4_tok_s']:>11,.0f}"
+                f"{rc['threads4_tok_s'] / rh['threads4_tok_s']:>10.2f}"
+            )
     print()
     for transport in ("object_store", "grpc"):
         h, c = by[(transport, "handle")]["latency16_ms"], by[(transport, "client")]["latency16_ms"]
-        print(f"{transport:<14}16-token p50: handle {h['p50']:.2f} ms, client {c['p50']:.2f} ms "
-              f"(+{c['p50'] - h['p50']:.2f} ms for the gateway hop); p99 {h['p99']:.2f} vs "
-              f"{c['p99']:.2f} ms")  # fmt: skip
+        print(
+            f"{transport:<14}16-token p50: handle {h['p50']:.2f} ms, client {c['p50']:.2f} ms "
+            f"(+{c['p50'] - h['p50']:.2f} ms for the gateway hop); p99 {h['p99']:.2f} vs "
+            f"{c['p99']:.2f} ms"
+        )
 
 
 def main() -> None:

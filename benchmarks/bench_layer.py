@@ -74,9 +74,15 @@ def worker(name: str, batches: list[int], reps: int, backward: bool) -> dict:
             row["fwdbwd_tok_s"] = T / median_time(step, max(1, reps // 2))
         rows.append(row)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KB -> GB
-    return {"config": name, "experts": spec.num_experts, "build_s": build_s,
-            "flops_per_token": flops, "bytes_per_token": nbytes, "peak_rss_gb": peak,
-            "rows": rows}  # fmt: skip
+    return {
+        "config": name,
+        "experts": spec.num_experts,
+        "build_s": build_s,
+        "flops_per_token": flops,
+        "bytes_per_token": nbytes,
+        "peak_rss_gb": peak,
+        "rows": rows,
+    }
 
 
 def main() -> None:
@@ -95,8 +101,10 @@ def main() -> None:
         print(json.dumps(worker(args.worker, args.batches, args.reps, not args.no_backward)))
         return
     ref = references()
-    print(f"machine: matmul {ref['matmul_gflops']:.0f} GFLOP/s fp32, memory bandwidth "
-          f"{ref['bandwidth_gbs']:.1f} GB/s, {torch.get_num_threads()} threads")  # fmt: skip
+    print(
+        f"machine: matmul {ref['matmul_gflops']:.0f} GFLOP/s fp32, memory bandwidth "
+        f"{ref['bandwidth_gbs']:.1f} GB/s, {torch.get_num_threads()} threads"
+    )
     results = []
     for name in args.configs:
         cmd = [sys.executable, __file__, "--worker", name, "--reps", str(args.reps)]
@@ -105,20 +113,28 @@ def main() -> None:
         print(f"  running {name} ...", flush=True)
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         results.append(json.loads(out.strip().splitlines()[-1]))
-    head = (f"{'config':<14}{'experts':>10}{'tokens':>7}{'fwd tok/s':>11}{'GFLOP/s':>9}"
-            f"{'/matmul':>8}{'GB/s':>7}{'/bw':>6}{'f+b tok/s':>11}{'peak GB':>8}")  # fmt: skip
+    head = (
+        f"{'config':<14}{'experts':>10}{'tokens':>7}{'fwd tok/s':>11}{'GFLOP/s':>9}"
+        f"{'/matmul':>8}{'GB/s':>7}{'/bw':>6}{'f+b tok/s':>11}{'peak GB':>8}"
+    )
     print("\n" + head + "\n" + "-" * len(head))
     for r in results:
         for row in r["rows"]:
             gf = row["fwd_tok_s"] * r["flops_per_token"] / 1e9
             gb = row["fwd_tok_s"] * r["bytes_per_token"] / 1e9
-            row.update(gflops=gf, gflops_ratio=gf / ref["matmul_gflops"], gbs=gb,
-                       bw_ratio=gb / ref["bandwidth_gbs"])  # fmt: skip
+            row.update(
+                gflops=gf,
+                gflops_ratio=gf / ref["matmul_gflops"],
+                gbs=gb,
+                bw_ratio=gb / ref["bandwidth_gbs"],
+            )
             fb = row.get("fwdbwd_tok_s")
-            print(f"{r['config']:<14}{r['experts']:>10,}{row['tokens']:>7}"
-                  f"{row['fwd_tok_s']:>11,.0f}{gf:>9.1f}{row['gflops_ratio']:>8.2f}"
-                  f"{gb:>7.1f}{row['bw_ratio']:>6.2f}"
-                  f"{(f'{fb:,.0f}' if fb else '-'):>11}{r['peak_rss_gb']:>8.2f}")  # fmt: skip
+            print(
+                f"{r['config']:<14}{r['experts']:>10,}{row['tokens']:>7}"
+                f"{row['fwd_tok_s']:>11,.0f}{gf:>9.1f}{row['gflops_ratio']:>8.2f}"
+                f"{gb:>7.1f}{row['bw_ratio']:>6.2f}"
+                f"{(f'{fb:,.0f}' if fb else '-'):>11}{r['peak_rss_gb']:>8.2f}"
+            )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"reference": ref, "results": results}, indent=1))
     print(f"\nwritten {args.out}")

@@ -28,14 +28,22 @@ def main() -> None:
         raise SystemExit("install the bench extra: .venv/bin/pip install -e '.[bench]'") from e
 
     d, heads, k = 256, 8, 16
-    spec = PoolSpec.from_dict({
-        "d_model": d,
-        "experts": {"kind": "peer", "num_experts": args.experts, "activation": "gelu"},
-        "routing": {"kind": "product_key", "heads": heads, "k": k, "d_key": 128},
-    })  # fmt: skip
+    spec = PoolSpec.from_dict(
+        {
+            "d_model": d,
+            "experts": {"kind": "peer", "num_experts": args.experts, "activation": "gelu"},
+            "routing": {"kind": "product_key", "heads": heads, "k": k, "d_key": 128},
+        }
+    )
     ours = MoELayer(spec)
-    theirs = PEER(d, heads=heads, num_experts=args.experts, num_experts_per_head=k, dim_key=64,
-                  non_competing_scores=False)  # fmt: skip
+    theirs = PEER(
+        d,
+        heads=heads,
+        num_experts=args.experts,
+        num_experts_per_head=k,
+        dim_key=64,
+        non_competing_scores=False,
+    )
     x = torch.randn(args.tokens, d)
     rows = []
     for name, fwd in [("raymoe", lambda: ours(x)), ("peer-pytorch", lambda: theirs(x[None]))]:

@@ -15,8 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from raymoe._private.placement import contiguous
-from raymoe._private.policy import Budget, eplb, incremental
+from raymoe.placement import Budget, contiguous, eplb, incremental
 
 ROOT = Path(__file__).resolve().parents[1]
 BYTES_PER_EXPERT = 2 * 256 * 4
@@ -45,21 +44,27 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "planner.json")
     args = ap.parse_args()
     rows = [run(E, args.shards, args.zipf, args.extra) for E in args.experts]
-    print(f"{'experts':>9} {'policy':<12}{'seconds':>9}{'imb before':>12}{'imb after':>11}"
-          f"{'replicas +':>11}{'MB moved':>10}")  # fmt: skip
+    print(
+        f"{'experts':>9} {'policy':<12}{'seconds':>9}{'imb before':>12}{'imb after':>11}"
+        f"{'replicas +':>11}{'MB moved':>10}"
+    )
     for r in rows:
         for name in ("eplb", "incremental"):
             p = r[name]
-            print(f"{r['experts']:>9} {name:<12}{p['seconds']:>9.3f}{p['imbalance_before']:>12.3f}"
-                  f"{p['imbalance_after']:>11.3f}{p['replicas_added']:>11,}"
-                  f"{p['bytes_moved'] / 1e6:>10.1f}")  # fmt: skip
+            print(
+                f"{r['experts']:>9} {name:<12}{p['seconds']:>9.3f}{p['imbalance_before']:>12.3f}"
+                f"{p['imbalance_after']:>11.3f}{p['replicas_added']:>11,}"
+                f"{p['bytes_moved'] / 1e6:>10.1f}"
+            )
     print()
     for r in rows:
         e, i = r["eplb"], r["incremental"]
         share = i["bytes_moved"] / max(e["bytes_moved"], 1)
-        print(f"{r['experts']:>9} experts: incremental is {e['seconds'] / i['seconds']:.1f}x "
-              f"faster and moves {share:.1%} of eplb's bytes; under 1 s: "
-              f"{'yes' if i['seconds'] < 1 else 'NO'}")  # fmt: skip
+        print(
+            f"{r['experts']:>9} experts: incremental is {e['seconds'] / i['seconds']:.1f}x "
+            f"faster and moves {share:.1%} of eplb's bytes; under 1 s: "
+            f"{'yes' if i['seconds'] < 1 else 'NO'}"
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(rows, indent=1))
 

@@ -141,52 +141,76 @@ def _measure(pool, spec, layer, xs, inproc, sizes, reps, transport) -> dict:
             err = float(np.abs(pool.forward(x) - layer(xs[T]).numpy()).max())
         seq = median_time(lambda x=x: pool.forward(x), reps)
         pipe = served_throughput(pool, x, 2 * reps, inflight=2)
-        rows.append({"tokens": T, "inprocess_tok_s": T / local[T],
-                     "inprocess_pipelined_tok_s": local_pipe[T], "served_seq_tok_s": T / seq,
-                     "served_pipelined_tok_s": pipe, "max_abs_err": err})  # fmt: skip
-        print(f"[{tag}] {T:>6} tokens  seq: in-process {T / local[T]:>9,.0f} served "
-              f"{T / seq:>9,.0f}  2 in flight: in-process {local_pipe[T]:>9,.0f} served "
-              f"{pipe:>9,.0f} tok/s  err {err:.1e}", flush=True)  # fmt: skip
+        rows.append(
+            {
+                "tokens": T,
+                "inprocess_tok_s": T / local[T],
+                "inprocess_pipelined_tok_s": local_pipe[T],
+                "served_seq_tok_s": T / seq,
+                "served_pipelined_tok_s": pipe,
+                "max_abs_err": err,
+            }
+        )
+        print(
+            f"[{tag}] {T:>6} tokens  seq: in-process {T / local[T]:>9,.0f} served "
+            f"{T / seq:>9,.0f}  2 in flight: in-process {local_pipe[T]:>9,.0f} served "
+            f"{pipe:>9,.0f} tok/s  err {err:.1e}",
+            flush=True,
+        )
     x16 = xs[16].numpy()
     lat = latency_ms(lambda: pool.forward(x16))
     one, _ = clients(pool, spec.d_model, 1, 100)
     many, mean_batch = clients(pool, spec.d_model, 32, 20)
-    return {"config": spec.name, "transport": transport, "rows": rows,
-            "latency16_ms": {**lat, "inprocess": local[16] * 1000},
-            "clients": {"one_tok_s": one, "many_tok_s": many,
-                        "mean_batch_tokens": mean_batch}}  # fmt: skip
+    return {
+        "config": spec.name,
+        "transport": transport,
+        "rows": rows,
+        "latency16_ms": {**lat, "inprocess": local[16] * 1000},
+        "clients": {"one_tok_s": one, "many_tok_s": many, "mean_batch_tokens": mean_batch},
+    }
 
 
 def report(results: list[dict], gflops: float, floor: dict) -> None:
-    print(f"\nreferences: fp32 matmul {gflops:.0f} GFLOP/s; plain Ray actor round trip "
-          f"{floor['one_hop_ms']:.2f} ms, two hops with fan-out to 2 {floor['two_hops_ms']:.2f} ms"
-          " (p50, 16 KB)\n")  # fmt: skip
+    print(
+        f"\nreferences: fp32 matmul {gflops:.0f} GFLOP/s; plain Ray actor round trip "
+        f"{floor['one_hop_ms']:.2f} ms, two hops with fan-out to 2 {floor['two_hops_ms']:.2f} ms"
+        " (p50, 16 KB)\n"
+    )
     print("tokens/s; 'seq' = one request in flight on both sides, '2 in flight' = two on both")
-    print(f"{'config':<14}{'transport':<14}{'tokens':>7}{'in-proc seq':>12}{'served seq':>11}"
-          f"{'ratio':>7}{'in-proc 2':>11}{'served 2':>10}{'ratio':>7}{'max err':>9}")  # fmt: skip
+    print(
+        f"{'config':<14}{'transport':<14}{'tokens':>7}{'in-proc seq':>12}{'served seq':>11}"
+        f"{'ratio':>7}{'in-proc 2':>11}{'served 2':>10}{'ratio':>7}{'max err':>9}"
+    )
     for r in results:
         for row in r["rows"]:
             base, base2 = row["inprocess_tok_s"], row["inprocess_pipelined_tok_s"]
             seq, pipe = row["served_seq_tok_s"], row["served_pipelined_tok_s"]
-            print(f"{r['config']:<14}{r['transport']:<14}{row['tokens']:>7}{base:>12,.0f}"
-                  f"{seq:>11,.0f}{seq / base:>7.2f}{base2:>11,.0f}{pipe:>10,.0f}"
-                  f"{pipe / base2:>7.2f}{row['max_abs_err']:>9.1e}")  # fmt: skip
+            print(
+                f"{r['config']:<14}{r['transport']:<14}{row['tokens']:>7}{base:>12,.0f}"
+                f"{seq:>11,.0f}{seq / base:>7.2f}{base2:>11,.0f}{pipe:>10,.0f}"
+                f"{pipe / base2:>7.2f}{row['max_abs_err']:>9.1e}"
+            )
     print()
     for r in results:
         lat, cl = r["latency16_ms"], r["clients"]
-        print(f"{r['config']:<14}{r['transport']:<14}16-token p50 {lat['p50']:.2f} ms, p99 "
-              f"{lat['p99']:.2f} ms (in-process {lat['inprocess']:.2f} ms); 32 clients "
-              f"{cl['many_tok_s']:,.0f} tok/s vs 1 client {cl['one_tok_s']:,.0f} "
-              f"({cl['many_tok_s'] / cl['one_tok_s']:.1f}x), mean batch "
-              f"{cl['mean_batch_tokens'] or 0:.0f} tokens")  # fmt: skip
+        print(
+            f"{r['config']:<14}{r['transport']:<14}16-token p50 {lat['p50']:.2f} ms, p99 "
+            f"{lat['p99']:.2f} ms (in-process {lat['inprocess']:.2f} ms); 32 clients "
+            f"{cl['many_tok_s']:,.0f} tok/s vs 1 client {cl['one_tok_s']:,.0f} "
+            f"({cl['many_tok_s'] / cl['one_tok_s']:.1f}x), mean batch "
+            f"{cl['mean_batch_tokens'] or 0:.0f} tokens"
+        )
     print("\ntargets:")
     for r in results:
         tag = f"{r['config']} ({r['transport']})"
         at8k = next((row for row in r["rows"] if row["tokens"] == 8192), None)
         if r["config"] in TARGETS and at8k:
             ratio = at8k["served_seq_tok_s"] / at8k["inprocess_tok_s"]
-            _verdict(f"{tag} served/in-process at 8k tokens, one in flight each", ratio,
-                     TARGETS[r["config"]])  # fmt: skip
+            _verdict(
+                f"{tag} served/in-process at 8k tokens, one in flight each",
+                ratio,
+                TARGETS[r["config"]],
+            )
             ratio = at8k["served_pipelined_tok_s"] / at8k["inprocess_pipelined_tok_s"]
             print(f"  {tag} served/in-process at 8k tokens, two in flight each: {ratio:.2f}")
         p50 = r["latency16_ms"]["p50"]
@@ -212,8 +236,9 @@ def main() -> None:
     args = ap.parse_args()
     ray.init(include_dashboard=False, log_to_driver=False, namespace="raymoe")
     gflops, floor = matmul_gflops(), ray_floor()
-    results = [r for name in args.configs for r in bench(name, args.sizes, args.reps,
-                                                          args.transports)]  # fmt: skip
+    results = [
+        r for name in args.configs for r in bench(name, args.sizes, args.reps, args.transports)
+    ]
     report(results, gflops, floor)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     out = {"matmul_gflops": gflops, "ray_floor": floor, "results": results}

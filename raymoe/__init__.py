@@ -24,6 +24,7 @@ from raymoe.errors import (
     ShapeError,
 )
 from raymoe.layer import MoEInfo, MoELayer
+from raymoe.reports import Latency, OpReport, PoolDescription, PoolStats
 
 __version__ = "0.1.0"
 
@@ -38,17 +39,21 @@ __all__ = [
     "EmptyBatchError",
     "ExpertIdError",
     "InvalidInputError",
+    "Latency",
     "LayoutError",
     "MoEInfo",
     "MoELayer",
     "NonFiniteError",
+    "OpReport",
     "PermissionDeniedError",
+    "PoolDescription",
     "PoolError",
     "PoolExistsError",
     "PoolHandle",
     "PoolNotFoundError",
     "PoolOverloadedError",
     "PoolSpec",
+    "PoolStats",
     "PoolUnavailableError",
     "RaymoeError",
     "RequestTooLargeError",

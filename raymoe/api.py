@@ -11,9 +11,10 @@ import ray
 import torch
 
 from raymoe._private import actors
-from raymoe._private.growth import initial_placement
+from raymoe._private.control.goal import Goal
 from raymoe.config import PoolSpec, load_spec
 from raymoe.errors import PoolExistsError, PoolNotFoundError
+from raymoe.reports import OpReport, PoolDescription, PoolStats
 
 
 class PoolHandle:
@@ -28,8 +29,13 @@ class PoolHandle:
     def forward_async(self, x, *, expert_ids=None, weights=None, token_ids=None, timeout_s=None):
         """Start a forward pass; returns a Ray ObjectRef of the numpy result."""
         router = self._routers[next(self._next) % len(self._routers)]
-        return router.forward.remote(_np(x), expert_ids=_np(expert_ids), weights=_np(weights),
-                                     token_ids=_np(token_ids), timeout_s=timeout_s)  # fmt: skip
+        return router.forward.remote(
+            _np(x),
+            expert_ids=_np(expert_ids),
+            weights=_np(weights),
+            token_ids=_np(token_ids),
+            timeout_s=timeout_s,
+        )
 
     def forward(self, x, *, expert_ids=None, weights=None, token_ids=None, timeout_s=None):
         """``x`` [..., d] (torch or numpy) -> output of the same kind and shape.
@@ -38,48 +44,51 @@ class PoolHandle:
         ``token_ids`` ([T]) feed hash routing; ``timeout_s`` bounds the wait (at most the
         spec's ``limits.request_timeout_s``). Raises typed raymoe errors.
         """
-        ref = self.forward_async(x, expert_ids=expert_ids, weights=weights,
-                                 token_ids=token_ids, timeout_s=timeout_s)  # fmt: skip
+        ref = self.forward_async(
+            x, expert_ids=expert_ids, weights=weights, token_ids=token_ids, timeout_s=timeout_s
+        )
         out = np.array(_get(ref))  # results come read-only out of the object store: copy
         return torch.from_numpy(out) if isinstance(x, torch.Tensor) else out
 
-    def describe(self) -> dict:
-        """Spec, shards, routers, placement version, experts per shard."""
+    def describe(self) -> PoolDescription:
+        """Spec, shards, routers, placement and routing versions, experts per shard, pins."""
         return _get(self._controller.describe.remote())
 
-    def stats(self, window_s: float = 60.0) -> dict:
-        """Tokens/s and latency p50/p99 over the last ``window_s``, batch sizes, per-shard
-        (token, expert) pairs and their imbalance (max/mean), per-expert load (numpy)."""
+    def stats(self, window_s: float = 60.0) -> PoolStats:
+        """Traffic over the last ``window_s`` seconds, ending now: tokens/s, latency p50/p99,
+        batch sizes, (token, expert) pairs per shard and their imbalance (max/mean over the
+        shards holding experts), pairs per expert (numpy)."""
         return _get(self._controller.stats.remote(window_s))
 
-    # --- runtime operations: idempotent; each returns a report (placement version, replicas
-    # added and dropped, bytes moved, imbalance before and after). Traffic keeps flowing.
+    # --- runtime operations: idempotent; each returns an OpReport (placement version,
+    # replicas added and dropped, bytes moved, imbalance before and after). Traffic keeps
+    # flowing.
 
-    def rebalance(self, dry_run: bool = False, policy: str | None = None) -> dict:
-        """Plan a placement for the measured load (``incremental`` by default) and apply it;
-        ``dry_run`` only reports the plan."""
+    def rebalance(self, dry_run: bool = False, policy: str | None = None) -> OpReport:
+        """Plan a placement for the measured load (the spec's ``control.policy``, default
+        ``balanced``) and apply it; ``dry_run`` only reports the plan."""
         return self._op("rebalance", dry_run, policy)
 
-    def replicate(self, expert_id: int, replicas: int) -> dict:
+    def replicate(self, expert_id: int, replicas: int) -> OpReport:
         """Give ``expert_id`` exactly ``replicas`` replicas, on distinct shards."""
         return self._op("replicate", int(expert_id), int(replicas))
 
-    def pin(self, expert_id: int, replicas: int) -> dict:
+    def pin(self, expert_id: int, replicas: int) -> OpReport:
         """Like :meth:`replicate`, and every later rebalance keeps that count."""
         return self._op("pin", int(expert_id), int(replicas))
 
-    def unpin(self, expert_id: int) -> dict:
+    def unpin(self, expert_id: int) -> OpReport:
         return self._op("unpin", int(expert_id))
 
-    def drain_shard(self, shard: int) -> dict:
+    def drain_shard(self, shard: int) -> OpReport:
         """Move every replica off ``shard`` (it stays up, holding nothing)."""
         return self._op("drain_shard", int(shard))
 
-    def scale_shards(self, count: int) -> dict:
+    def scale_shards(self, count: int) -> OpReport:
         """Grow or shrink the pool to ``count`` shards, redistributing experts."""
         return self._op("scale_shards", int(count))
 
-    def add_experts(self, count: int, weights: dict | None = None) -> dict:
+    def add_experts(self, count: int, weights: dict | None = None) -> OpReport:
         """Add ``count`` experts; the report's ``expert_ids`` are their (new, stable) ids.
 
         ``weights`` in neutral names, stacked over the new experts: ``experts.*`` rows, and
@@ -89,12 +98,12 @@ class PoolHandle:
         w = {k: _np(v) for k, v in (weights or {}).items()}
         return self._op("add_experts", count, w)
 
-    def remove_experts(self, expert_ids) -> dict:
+    def remove_experts(self, expert_ids) -> OpReport:
         """Stop routing to ``expert_ids`` from the next placement version; free them once
         drained. Their ids are never reused."""
         return self._op("remove_experts", np.asarray(_np(expert_ids)))
 
-    def _op(self, name: str, *args) -> dict:
+    def _op(self, name: str, *args) -> OpReport:
         return _get(self._controller.op.remote(name, *args))
 
     def gateways(self) -> list[str]:
@@ -109,15 +118,16 @@ class PoolHandle:
         actors.kill(actors.gateways(self.name))  # any the controller did not know of
 
 
-def serve(spec: PoolSpec | dict | str | Path, weights: dict | None = None,
-          name: str | None = None) -> PoolHandle:  # fmt: skip
+def serve(
+    spec: PoolSpec | dict | str | Path, weights: dict | None = None, name: str | None = None
+) -> PoolHandle:
     """Start a pool for ``spec`` (and ``weights`` in neutral names); starts local Ray if needed.
 
     Raises :class:`PoolExistsError` when a pool of that name already runs.
     """
     spec = load_spec(spec)
     if name is not None:
-        spec = spec.model_copy(update={"name": name})
+        spec = spec.with_name(name)
     if not ray.is_initialized():
         ray.init(namespace=actors.NAMESPACE, include_dashboard=False, log_to_driver=False)
     try:
@@ -125,9 +135,10 @@ def serve(spec: PoolSpec | dict | str | Path, weights: dict | None = None,
     except ValueError:
         pass
     else:
-        raise PoolExistsError(f"a raymoe pool named {spec.name!r} already runs; "
-                              "connect() to it or shut it down first")  # fmt: skip
-    placement = initial_placement(spec)
+        raise PoolExistsError(
+            f"a raymoe pool named {spec.name!r} already runs; connect() to it or shut it down first"
+        )
+    placement = Goal.initial(spec).placement
     controller = actors.start_controller(spec)
     np_weights = {k: _np(v) for k, v in (weights or {}).items()}
     try:

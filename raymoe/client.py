@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from raymoe._private import wire
+from raymoe._private.data import wire
 from raymoe.errors import RaymoeError
 from raymoe.v1 import admin_pb2, admin_pb2_grpc, pool_pb2, pool_pb2_grpc
 
@@ -53,23 +53,34 @@ class TLS:
         def read(p):
             return Path(p).read_bytes() if p else None
 
-        return grpc.ssl_channel_credentials(read(self.ca_file), read(self.key_file),
-                                            read(self.cert_file))  # fmt: skip
+        return grpc.ssl_channel_credentials(
+            read(self.ca_file), read(self.key_file), read(self.cert_file)
+        )
 
 
 class _Base:
     """What both clients share: channel set-up, requests, replies, errors; the methods of
     :class:`raymoe.PoolHandle`, each one ``self._unary(...)`` (sync or async)."""
 
-    def __init__(self, target: str, token: str | None = None, tls: TLS | bool | None = None, *,
-                 timeout_s: float = 60.0, admin_timeout_s: float = 600.0, retries: int = 3,
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):  # fmt: skip
+    def __init__(
+        self,
+        target: str,
+        token: str | None = None,
+        tls: TLS | bool | None = None,
+        *,
+        timeout_s: float = 60.0,
+        admin_timeout_s: float = 600.0,
+        retries: int = 3,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    ):
         token = token if token is not None else os.environ.get(TOKEN_ENV) or None
         self.target = target
         self.timeout_s, self.admin_timeout_s, self.retries = timeout_s, admin_timeout_s, retries
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
-        self._options = [("grpc.max_send_message_length", max_message_bytes),
-                         ("grpc.max_receive_message_length", max_message_bytes)]  # fmt: skip
+        self._options = [
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes),
+        ]
         if isinstance(tls, TLS) and tls.server_name:
             self._options.append(("grpc.ssl_target_name_override", tls.server_name))
         self._creds = (TLS() if tls is True else tls).credentials() if tls else None
@@ -102,8 +113,9 @@ class _Base:
         return self._op("Rebalance", admin_pb2.RebalanceRequest(dry_run=dry_run, policy=policy))
 
     def replicate(self, expert_id: int, replicas: int):
-        return self._op("Replicate", admin_pb2.ReplicaRequest(expert_id=expert_id,
-                                                              replicas=replicas))  # fmt: skip
+        return self._op(
+            "Replicate", admin_pb2.ReplicaRequest(expert_id=expert_id, replicas=replicas)
+        )
 
     def pin(self, expert_id: int, replicas: int):
         return self._op("Pin", admin_pb2.ReplicaRequest(expert_id=expert_id, replicas=replicas))
@@ -164,8 +176,9 @@ class Client(_Base):
         deadline = self._deadline(timeout_s)
         for attempt in range(self.retries + 1):
             try:
-                reply = method(request, timeout=max(deadline - time.monotonic(), 1e-3),
-                               metadata=self._metadata)  # fmt: skip
+                reply = method(
+                    request, timeout=max(deadline - time.monotonic(), 1e-3), metadata=self._metadata
+                )
             except grpc.RpcError as e:
                 wait = self._retry_in(e, attempt, deadline)
                 if wait is None:
@@ -214,8 +227,9 @@ class AsyncClient(_Base):
         deadline = self._deadline(timeout_s)
         for attempt in range(self.retries + 1):
             try:
-                reply = await method(request, timeout=max(deadline - time.monotonic(), 1e-3),
-                                     metadata=self._metadata)  # fmt: skip
+                reply = await method(
+                    request, timeout=max(deadline - time.monotonic(), 1e-3), metadata=self._metadata
+                )
             except grpc.RpcError as e:
                 wait = self._retry_in(e, attempt, deadline)
                 if wait is None:
@@ -225,8 +239,9 @@ class AsyncClient(_Base):
                 return convert(reply)
         raise AssertionError("unreachable")
 
-    async def forward_stream(self, batches: Iterable | AsyncIterable, *,
-                             timeout_s: float | None = None):  # fmt: skip
+    async def forward_stream(
+        self, batches: Iterable | AsyncIterable, *, timeout_s: float | None = None
+    ):
         kinds: collections.deque = collections.deque()
 
         async def requests():
@@ -270,8 +285,11 @@ def _np(a):
 
 def _request(x, expert_ids=None, weights=None, token_ids=None, request_id: int = 0):
     req = pool_pb2.ForwardRequest(x=wire.to_tensor(_np(x)), request_id=request_id)
-    for field, value in (("expert_ids", expert_ids), ("weights", weights),
-                         ("token_ids", token_ids)):  # fmt: skip
+    for field, value in (
+        ("expert_ids", expert_ids),
+        ("weights", weights),
+        ("token_ids", token_ids),
+    ):
         if value is not None:
             getattr(req, field).CopyFrom(wire.to_tensor(_np(value)))
     return req

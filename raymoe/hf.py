@@ -32,13 +32,24 @@ def _mlp(prefix: str, mlp: Any, sd: State) -> None:
 
 
 def _ffn(config: Any, num_experts: int, hidden: int) -> dict:
-    return {"kind": "ffn", "num_experts": num_experts, "hidden": hidden, "gated": True,
-            "activation": _act(config.hidden_act)}  # fmt: skip
+    return {
+        "kind": "ffn",
+        "num_experts": num_experts,
+        "hidden": hidden,
+        "gated": True,
+        "activation": _act(config.hidden_act),
+    }
 
 
 def _act(name: str) -> str:
-    return {"silu": "silu", "swish": "silu", "gelu": "gelu", "relu": "relu",
-            "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}[name]  # fmt: skip
+    return {
+        "silu": "silu",
+        "swish": "silu",
+        "gelu": "gelu",
+        "relu": "relu",
+        "gelu_new": "gelu_tanh",
+        "gelu_pytorch_tanh": "gelu_tanh",
+    }[name]
 
 
 def _topk_softmax(block: Any, config: Any, renormalize: bool) -> tuple[dict, State]:
@@ -48,9 +59,13 @@ def _topk_softmax(block: Any, config: Any, renormalize: bool) -> tuple[dict, Sta
     spec = {
         "d_model": config.hidden_size,
         "experts": _ffn(config, E, sd["experts.w_gate"].shape[1]),
-        "routing": {"kind": "topk", "k": config.num_experts_per_tok, "score": "softmax",
-                    "renormalize": renormalize},
-    }  # fmt: skip
+        "routing": {
+            "kind": "topk",
+            "k": config.num_experts_per_tok,
+            "score": "softmax",
+            "renormalize": renormalize,
+        },
+    }
     return spec, sd
 
 
@@ -83,13 +98,18 @@ def deepseek_v3(block: Any, config: Any) -> tuple[dict, State]:
         "d_model": config.hidden_size,
         "experts": _ffn(config, E, sd["experts.w_gate"].shape[1]),
         "routing": {
-            "kind": "topk", "k": config.num_experts_per_tok, "score": "sigmoid",
-            "renormalize": bool(config.norm_topk_prob), "scaling": config.routed_scaling_factor,
-            "correction_bias": True, "n_groups": config.n_group,
-            "topk_groups": config.topk_group, "group_score": "top2_sum",
+            "kind": "topk",
+            "k": config.num_experts_per_tok,
+            "score": "sigmoid",
+            "renormalize": bool(config.norm_topk_prob),
+            "scaling": config.routed_scaling_factor,
+            "correction_bias": True,
+            "n_groups": config.n_group,
+            "topk_groups": config.topk_group,
+            "group_score": "top2_sum",
         },
         "shared": {"hidden": sd["shared.w_gate"].shape[0]},
-    }  # fmt: skip
+    }
     return spec, sd
 
 
@@ -104,11 +124,19 @@ def switch_transformers(block: Any, config: Any) -> tuple[dict, State]:
     }
     spec = {
         "d_model": config.d_model,
-        "experts": {"kind": "ffn", "num_experts": E, "hidden": config.d_ff, "gated": False,
-                    "activation": _act(config.dense_act_fn)},
-        "routing": {"kind": "switch", "capacity": config.expert_capacity,
-                    "capacity_scope": "sequence"},
-    }  # fmt: skip
+        "experts": {
+            "kind": "ffn",
+            "num_experts": E,
+            "hidden": config.d_ff,
+            "gated": False,
+            "activation": _act(config.dense_act_fn),
+        },
+        "routing": {
+            "kind": "switch",
+            "capacity": config.expert_capacity,
+            "capacity_scope": "sequence",
+        },
+    }
     return spec, sd
 
 

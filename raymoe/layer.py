@@ -89,8 +89,9 @@ class MoELayer(nn.Module):
         if spec.shared and spec.shared.gate:
             self.shared_gate = nn.Linear(spec.d_model, 1, bias=False, dtype=spec.torch_dtype)
             with torch.no_grad():
-                self.shared_gate.weight.copy_(seeded_parameter(spec, "shared_gate.weight",
-                                                               (1, spec.d_model)))  # fmt: skip
+                self.shared_gate.weight.copy_(
+                    seeded_parameter(spec, "shared_gate.weight", (1, spec.d_model))
+                )
         self.router.to(device)
         if self.shared is not None:
             self.shared.to(device)
@@ -113,9 +114,12 @@ class MoELayer(nn.Module):
     ):
         spec = self.spec
         T = check_hidden(
-            x, d_model=spec.d_model, dtype=spec.torch_dtype, device=self.device,
+            x,
+            d_model=spec.d_model,
+            dtype=spec.torch_dtype,
+            device=self.device,
             allow_nonfinite=spec.limits.allow_nonfinite,
-        )  # fmt: skip
+        )
         flat = x.view(T, spec.d_model)
         routes = self.route(flat, x, token_ids=token_ids, expert_ids=expert_ids, weights=weights)
         y = self.experts(flat, routes.ids, routes.weights) if T else torch.zeros_like(flat)
@@ -130,8 +134,14 @@ class MoELayer(nn.Module):
         """Raise the typed error :meth:`route` would raise for these inputs, gating nothing."""
         T = flat.shape[0]
         if expert_ids is not None or weights is not None:
-            check_routes(expert_ids, weights, tokens=T, num_experts=self.spec.num_experts,
-                         device=self.device, removed=self.router.removed)  # fmt: skip
+            check_routes(
+                expert_ids,
+                weights,
+                tokens=T,
+                num_experts=self.spec.num_experts,
+                device=self.device,
+                removed=self.router.removed,
+            )
             return
         gate = self.router
         if gate.needs_token_ids:
@@ -144,8 +154,9 @@ class MoELayer(nn.Module):
     def route(self, flat, x, *, token_ids=None, expert_ids=None, weights=None) -> Routes:
         """Gate ``flat`` ([T, d]) or validate client routes; ``x`` is the caller's tensor."""
         T = flat.shape[0]
-        self.check_route_inputs(flat, x, token_ids=token_ids, expert_ids=expert_ids,
-                                weights=weights)  # fmt: skip
+        self.check_route_inputs(
+            flat, x, token_ids=token_ids, expert_ids=expert_ids, weights=weights
+        )
         if expert_ids is not None or weights is not None:
             return Routes(expert_ids.long(), weights.to(torch.float32))
         gate = self.router

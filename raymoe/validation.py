@@ -81,8 +81,9 @@ def check_routes(
         given, missing = ("weights", "expert_ids")
         if weights is None:
             given, missing = missing, given
-        raise InvalidInputError(f"client routes need both expert_ids and weights: {given} "
-                                f"given without {missing}")  # fmt: skip
+        raise InvalidInputError(
+            f"client routes need both expert_ids and weights: {given} given without {missing}"
+        )
     ids = _tensor(expert_ids, "expert_ids")
     w = _tensor(weights, "weights")
     if ids.dtype not in _INT_DTYPES:
@@ -114,8 +115,9 @@ def check_routes(
     check_finite(w, "weights")
 
 
-def check_token_ids(token_ids: object, *, tokens: int, vocab_size: int,
-                    device: torch.device | None = None) -> None:  # fmt: skip
+def check_token_ids(
+    token_ids: object, *, tokens: int, vocab_size: int, device: torch.device | None = None
+) -> None:
     """Token ids for hash routing: [T] int in [0, vocab_size)."""
     if token_ids is None:
         raise InvalidInputError("hash routing needs token_ids ([T] int64)")

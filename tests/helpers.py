@@ -9,8 +9,16 @@ import torch
 from raymoe import MoELayer, PoolSpec
 
 
-def spec_dict(routing: dict, *, E: int = 8, d: int = 16, H: int = 24, kind: str = "ffn",
-              shared: dict | None = None, **experts) -> dict:  # fmt: skip
+def spec_dict(
+    routing: dict,
+    *,
+    E: int = 8,
+    d: int = 16,
+    H: int = 24,
+    kind: str = "ffn",
+    shared: dict | None = None,
+    **experts,
+) -> dict:
     ex = {"kind": kind, "num_experts": E}
     if kind == "ffn":
         ex["hidden"] = H
@@ -38,15 +46,24 @@ def state(layer: MoELayer) -> dict:
 # one small pool per routing kind, shared by the sharded and the served parity tests
 ROUTINGS = {
     "topk": spec_dict({"kind": "topk", "k": 3, "renormalize": True}, E=16),
-    "groups": spec_dict({"kind": "topk", "k": 2, "score": "sigmoid", "n_groups": 4,
-                         "topk_groups": 2, "correction_bias": True}, E=16,
-                        shared={"hidden": 8, "gate": True}),
+    "groups": spec_dict(
+        {
+            "kind": "topk",
+            "k": 2,
+            "score": "sigmoid",
+            "n_groups": 4,
+            "topk_groups": 2,
+            "correction_bias": True,
+        },
+        E=16,
+        shared={"hidden": 8, "gate": True},
+    ),
     "dense": spec_dict({"kind": "dense"}, E=16),
     "switch": spec_dict({"kind": "switch", "capacity_factor": 0.5}, E=16),
     "expert_choice": spec_dict({"kind": "expert_choice", "k": 2}, E=16),
     "hash": spec_dict({"kind": "hash", "vocab_size": 100}, E=16),
-    "product_key": spec_dict({"kind": "product_key", "heads": 2, "k": 3, "d_key": 8}, E=64,
-                             kind="peer"),
-    "hierarchical": spec_dict({"kind": "hierarchical", "n_groups": 4, "k_groups": 2, "k": 2},
-                              E=16),
-}  # fmt: skip
+    "product_key": spec_dict(
+        {"kind": "product_key", "heads": 2, "k": 3, "d_key": 8}, E=64, kind="peer"
+    ),
+    "hierarchical": spec_dict({"kind": "hierarchical", "n_groups": 4, "k_groups": 2, "k": 2}, E=16),
+}

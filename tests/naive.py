@@ -119,8 +119,9 @@ def expert_choice_routes(sd, x, E, capacity):
         col = [float(probs[t][e]) for t in range(T)]
         for t in topk_list(col, capacity):
             picked[t].append(e)
-    return [sorted(p) for p in picked], [[float(probs[t][e]) for e in sorted(picked[t])]
-                                          for t in range(T)]  # fmt: skip
+    return [sorted(p) for p in picked], [
+        [float(probs[t][e]) for e in sorted(picked[t])] for t in range(T)
+    ]
 
 
 def product_key_routes(sd, x, heads, k, d_key, n, shift=0.0, rows=None, cols=None):

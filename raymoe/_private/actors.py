@@ -30,18 +30,28 @@ import ray
 import torch
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from raymoe._private.controller import Controller
-from raymoe._private.gateway import Gateway, GatewayThread
-from raymoe._private.router import Router
-from raymoe._private.shard import ExpertShard
-from raymoe._private.transport import make_shard_calls, serve_shard
+from raymoe._private.control.cluster import ActorUnreachable
+from raymoe._private.control.controller import Controller
+from raymoe._private.data.gateway import Gateway, GatewayThread
+from raymoe._private.data.router import Router
+from raymoe._private.data.shard import ExpertShard
+from raymoe._private.data.transport import GrpcShardCalls, serve_shard
 from raymoe.config import PoolSpec
-from raymoe.errors import PoolUnavailableError, RaymoeError
+from raymoe.errors import PoolUnavailableError, RaymoeError, ShardNotReadyError
+from raymoe.reports import OpReport, PoolDescription, PoolStats
 from raymoe.store import EmbeddedStore
 
 NAMESPACE = "raymoe"
-OPERATIONS = ("rebalance", "replicate", "pin", "unpin", "drain_shard", "scale_shards",
-              "add_experts", "remove_experts")  # fmt: skip
+OPERATIONS = (
+    "rebalance",
+    "replicate",
+    "pin",
+    "unpin",
+    "drain_shard",
+    "scale_shards",
+    "add_experts",
+    "remove_experts",
+)
 
 # NOTE: arrays arrive read-only from the object store; raymoe never writes into them.
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
@@ -90,10 +100,6 @@ class ShardActor(ExpertShard):
     def compute(self, x, local_ids, weights):
         with self._lock:
             return super().compute(x, local_ids, weights)
-
-    def take_load(self):
-        with self._lock:
-            return super().take_load()
 
     def configure(self, expert_ids, rows=None, ready=True):
         with self._mutating, self._lock:
@@ -147,10 +153,42 @@ class RouterActor(Router):
         torch.set_num_threads(spec.shards.router_threads)
         super().__init__(spec)
 
-    def configure_pool(self, shard_handles: list, placement, weights=None, spec=None,
-                       routing_version: int = 0) -> None:  # fmt: skip
-        calls = make_shard_calls(self.spec, shard_handles)
-        self.configure(calls, placement, weights, spec, routing_version)
+    def configure_pool(
+        self, shard_handles: list, placement, weights=None, spec=None, routing_version: int = 0
+    ) -> None:
+        self.configure(
+            shard_calls(spec or self.spec, shard_handles), placement, weights, spec, routing_version
+        )
+
+
+class RayShardCalls:
+    """:class:`raymoe._private.data.router.ShardCalls` over Ray actor calls: numpy arrays
+    through the object store."""
+
+    def __init__(self, handles: list):
+        self.handles = handles
+
+    async def compute(self, shard, x, local_ids, weights):
+        return await self.handles[shard].compute.remote(x, local_ids, weights)
+
+    def retryable(self, error: BaseException) -> bool:
+        return shard_down(error)
+
+
+def shard_down(error: BaseException) -> bool:
+    """Whether a shard call failed because the shard is down or reloading."""
+    if isinstance(error, ray.exceptions.RayActorError | ray.exceptions.ObjectLostError):
+        return True
+    return isinstance(error, ray.exceptions.RayTaskError) and isinstance(
+        error.as_instanceof_cause(), ShardNotReadyError
+    )
+
+
+def shard_calls(spec: PoolSpec, handles: list):
+    """The transport ``spec.shards.transport`` names, to the shards ``handles``."""
+    if spec.shards.transport == "grpc":
+        return GrpcShardCalls(spec, lambda n: handles[n].endpoint.remote(), shard_down)
+    return RayShardCalls(handles)
 
 
 class RayCluster:
@@ -161,8 +199,14 @@ class RayCluster:
 
     def _opts(self, role: str, index: int, **extra) -> dict:
         name = actor_name(self.spec.name, role, index)
-        return {"name": name, "namespace": NAMESPACE, "lifetime": "detached",
-                "get_if_exists": True, "max_restarts": -1, **extra}  # fmt: skip
+        return {
+            "name": name,
+            "namespace": NAMESPACE,
+            "lifetime": "detached",
+            "get_if_exists": True,
+            "max_restarts": -1,
+            **extra,
+        }
 
     def shard(self, index: int):
         s = self.spec.shards
@@ -172,8 +216,13 @@ class RayCluster:
         return actor.options(**opts).remote(self.spec, index)
 
     def router(self, index: int):
-        opts = self._opts("router", index, max_task_retries=-1, num_cpus=0,
-                          max_concurrency=4 * self.spec.limits.max_queued_requests)  # fmt: skip
+        opts = self._opts(
+            "router",
+            index,
+            max_task_retries=-1,
+            num_cpus=0,
+            max_concurrency=4 * self.spec.limits.max_queued_requests,
+        )
         return ray.remote(RouterActor).options(**opts).remote(self.spec)
 
     def gateway(self, key: str, node: str | None):
@@ -190,7 +239,12 @@ class RayCluster:
 
     async def call(self, handle, method: str, *args, timeout: float | None = None):
         ref = getattr(handle, method).remote(*args)
-        return await asyncio.wait_for(asyncio.wrap_future(ref.future()), timeout)
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(ref.future()), timeout)
+        except (TimeoutError, ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as e:
+            raise ActorUnreachable(f"{method}(): {type(e).__name__}") from e
+        except ray.exceptions.RayTaskError as e:
+            raise raymoe_error(e) from None
 
     def kill(self, handles: list) -> None:
         kill(handles)
@@ -217,14 +271,14 @@ class ControllerActor:
         if self._loop is None:
             self._loop = asyncio.get_running_loop().create_task(self.controller.run())
 
-    async def start(self, placement, weights=None) -> dict:
+    async def start(self, placement, weights=None) -> PoolDescription:
         if not self._started.is_set():
             self._started.set()
             await self.controller.start(placement, weights)
             self._run()
         return self.controller.describe()
 
-    async def describe(self) -> dict:
+    async def describe(self) -> PoolDescription:
         await self._ensure()
         return self.controller.describe()
 
@@ -236,15 +290,15 @@ class ControllerActor:
         await self._ensure()
         return self.controller.shards
 
-    async def stats(self, window_s: float = 60.0) -> dict:
+    async def stats(self, window_s: float = 60.0) -> PoolStats:
         await self._ensure()
         return await self.controller.stats(window_s)
 
     async def gateways(self) -> list[str]:
         await self._ensure()
-        return self.controller.gateway_endpoints()
+        return self.controller.fleet.endpoints()
 
-    async def op(self, name: str, *args, **kwargs) -> dict:
+    async def op(self, name: str, *args, **kwargs) -> OpReport:
         """A runtime operation of the controller (rebalance, replicate, pin, unpin,
         drain_shard, scale_shards)."""
         await self._ensure()
@@ -266,8 +320,14 @@ class ControllerActor:
 def start_controller(spec: PoolSpec):
     """Create the pool's controller (a fresh one: an existing pool of that name is an error)."""
     name = actor_name(spec.name, "controller")
-    opts = {"name": name, "namespace": NAMESPACE, "lifetime": "detached", "max_restarts": -1,
-            "max_task_retries": -1, "num_cpus": 0}  # fmt: skip
+    opts = {
+        "name": name,
+        "namespace": NAMESPACE,
+        "lifetime": "detached",
+        "max_restarts": -1,
+        "max_task_retries": -1,
+        "num_cpus": 0,
+    }
     return ray.remote(ControllerActor).options(**opts).remote(spec, str(store_dir()))
 
 
@@ -345,22 +405,30 @@ class RayPoolBackend:
         def router():
             return self._routers[next(self._next) % len(self._routers)]
 
-        return await self._call(router, "forward", x, expert_ids=expert_ids, weights=weights,
-                                token_ids=token_ids, timeout_s=timeout_s)  # fmt: skip
+        return await self._call(
+            router,
+            "forward",
+            x,
+            expert_ids=expert_ids,
+            weights=weights,
+            token_ids=token_ids,
+            timeout_s=timeout_s,
+        )
 
-    async def stats(self, window_s: float) -> dict:
+    async def stats(self, window_s: float) -> PoolStats:
         return await self._call(lambda: self._controller, "stats", window_s)
 
-    async def describe(self) -> dict:
+    async def describe(self) -> PoolDescription:
         return await self._call(lambda: self._controller, "describe")
 
-    async def op(self, name: str, *args) -> dict:
+    async def op(self, name: str, *args) -> OpReport:
         return await self._call(lambda: self._controller, "op", name, *args)
 
     async def ready(self) -> bool:
         await self._attach()
-        states = await asyncio.gather(*(wait_async(r.ready.remote()) for r in self._routers),
-                                      return_exceptions=True)  # fmt: skip
+        states = await asyncio.gather(
+            *(wait_async(r.ready.remote()) for r in self._routers), return_exceptions=True
+        )
         return any(s is True for s in states)
 
 

@@ -11,8 +11,13 @@ from raymoe.cli import _common, demo, experts, rebalance, serve, shards, status,
 from raymoe.errors import RaymoeError
 
 LOCAL = {"demo": demo, "serve": serve}  # start pools here
-REMOTE = {"status": status, "top": top, "experts": experts, "shards": shards,
-          "rebalance": rebalance}  # fmt: skip
+REMOTE = {
+    "status": status,
+    "top": top,
+    "experts": experts,
+    "shards": shards,
+    "rebalance": rebalance,
+}
 
 EPILOG = """exit codes: 0 done; 1 the pool could not do it; 2 bad usage or input the pool
 refused; 3 gateway unreachable or too slow; 4 missing, wrong or insufficient token;

@@ -17,8 +17,6 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
-
 from raymoe.errors import (
     AuthenticationError,
     ConfigError,
@@ -29,6 +27,7 @@ from raymoe.errors import (
     PoolUnavailableError,
     RaymoeError,
 )
+from raymoe.reports import OpReport
 
 TARGET_ENV = "RAYMOE_TARGET"
 DEFAULT_TARGET = "127.0.0.1:50051"
@@ -59,8 +58,11 @@ def connection_parser() -> argparse.ArgumentParser:
     """Flags every command that talks to a gateway takes (a parent parser)."""
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("connection")
-    g.add_argument("--target", default=os.environ.get(TARGET_ENV, DEFAULT_TARGET),
-                   help=f"gateway host:port (${TARGET_ENV}, default {DEFAULT_TARGET})")  # fmt: skip
+    g.add_argument(
+        "--target",
+        default=os.environ.get(TARGET_ENV, DEFAULT_TARGET),
+        help=f"gateway host:port (${TARGET_ENV}, default {DEFAULT_TARGET})",
+    )
     g.add_argument("--token-file", help="file holding the bearer token (default: $RAYMOE_TOKEN)")
     g.add_argument("--tls", action="store_true", help="TLS with the system's root CAs")
     g.add_argument("--ca-file", help="TLS: the CA that signed the gateway's certificate (PEM)")
@@ -68,8 +70,13 @@ def connection_parser() -> argparse.ArgumentParser:
     g.add_argument("--key-file", help="TLS: client key for mutual TLS (PEM)")
     g.add_argument("--server-name", help="TLS: name expected in the gateway's certificate")
     g.add_argument("--timeout", type=float, default=600.0, help="seconds per call (600)")
-    p.add_argument("-o", "--output", choices=("table", "json"), default="table",
-                   help="table for people, json for scripts")  # fmt: skip
+    p.add_argument(
+        "-o",
+        "--output",
+        choices=("table", "json"),
+        default="table",
+        help="table for people, json for scripts",
+    )
     return p
 
 
@@ -89,8 +96,9 @@ def client(args: argparse.Namespace):
     tls = None
     if args.tls or args.ca_file or args.cert_file:
         tls = TLS(args.ca_file, args.cert_file, args.key_file, args.server_name)
-    return Client(args.target, token=token, tls=tls, timeout_s=args.timeout,
-                  admin_timeout_s=args.timeout)  # fmt: skip
+    return Client(
+        args.target, token=token, tls=tls, timeout_s=args.timeout, admin_timeout_s=args.timeout
+    )
 
 
 def confirm(args: argparse.Namespace, question: str) -> None:
@@ -115,8 +123,9 @@ def progress(args: argparse.Namespace, label: str):
 
     def tick():
         while not done.wait(0.2):
-            print(f"\r{label} ... {time.monotonic() - t0:5.1f} s", end="", file=sys.stderr,
-                  flush=True)  # fmt: skip
+            print(
+                f"\r{label} ... {time.monotonic() - t0:5.1f} s", end="", file=sys.stderr, flush=True
+            )
 
     thread = threading.Thread(target=tick, daemon=True)
     thread.start()
@@ -128,41 +137,31 @@ def progress(args: argparse.Namespace, label: str):
         print(f"\r{label} ... done in {time.monotonic() - t0:.1f} s", file=sys.stderr)
 
 
-def jsonable(value):
-    if isinstance(value, dict):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [jsonable(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
+def emit(args: argparse.Namespace, data: dict, table: str) -> None:
+    """``data`` (JSON-able) for ``-o json``, else ``table``."""
+    print(json.dumps(data, indent=2) if args.output == "json" else table)
 
 
-def emit(args: argparse.Namespace, value: dict, table: str) -> None:
-    print(json.dumps(jsonable(value), indent=2) if args.output == "json" else table)
+def emit_report(args: argparse.Namespace, title: str, report: OpReport) -> None:
+    emit(args, report.to_dict(), report_table(title, report))
 
 
-def report_table(title: str, report: dict) -> str:
+def report_table(title: str, report: OpReport) -> str:
     """A runtime operation's report, for people."""
-    lines = [title]
     rows = {
-        "placement version": report.get("version"),
-        "replicas added": report.get("replicas_added"),
-        "replicas dropped": report.get("replicas_dropped"),
-        "bytes moved": _bytes(report.get("bytes_moved", 0)),
-        "imbalance": f"{report.get('imbalance_before', 0):.3f} -> "
-        f"{report.get('imbalance_after', 0):.3f}",
+        "placement version": report.version,
+        "replicas added": report.replicas_added,
+        "replicas dropped": report.replicas_dropped,
+        "bytes moved": _bytes(report.bytes_moved),
+        "imbalance": f"{report.imbalance_before:.3f} -> {report.imbalance_after:.3f}",
     }
     for key in ("expert_ids", "removed", "pinned", "policy"):
-        if report.get(key):
-            rows[key.replace("_", " ")] = report[key]
-    if report.get("dry_run"):
+        if getattr(report, key):
+            rows[key.replace("_", " ")] = getattr(report, key)
+    if report.dry_run:
         rows["dry run"] = "yes: nothing changed"
     width = max(len(k) for k in rows)
-    lines += [f"  {k:<{width}}  {v}" for k, v in rows.items()]
-    return "\n".join(lines)
+    return "\n".join([title] + [f"  {k:<{width}}  {v}" for k, v in rows.items()])
 
 
 def _bytes(n: int) -> str:

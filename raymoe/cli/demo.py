@@ -17,8 +17,12 @@ DEMO_CONFIGS = ("mixtral-tiny", "peer-1m")
 
 
 def add_parser(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--configs", nargs="+", default=list(DEMO_CONFIGS),
-                   help="example config names or YAML paths")  # fmt: skip
+    p.add_argument(
+        "--configs",
+        nargs="+",
+        default=list(DEMO_CONFIGS),
+        help="example config names or YAML paths",
+    )
     p.add_argument("--clients", type=int, default=4, help="concurrent clients")
     p.add_argument("--requests", type=int, default=8, help="requests per client")
     p.add_argument("--tokens", type=int, default=512, help="tokens per request")
@@ -45,12 +49,16 @@ def run(args: argparse.Namespace) -> int:
             rows.append((spec, *drive(pool, spec, args)))
         finally:
             pool.shutdown()
-    print(f"\n{'pool':<14}{'experts':>11}{'shards':>7}{'tokens/s':>10}{'p50 ms':>8}"
-          f"{'p99 ms':>8}{'imbalance':>10}{'max err':>9}  pairs per shard")  # fmt: skip
+    print(
+        f"\n{'pool':<14}{'experts':>11}{'shards':>7}{'tokens/s':>10}{'p50 ms':>8}"
+        f"{'p99 ms':>8}{'imbalance':>10}{'max err':>9}  pairs per shard"
+    )
     for spec, tps, p50, p99, stats, err in rows:
-        print(f"{spec.name:<14}{spec.num_experts:>11,}{spec.shards.count:>7}{tps:>10,.0f}"
-              f"{p50:>8.1f}{p99:>8.1f}{stats['imbalance']:>10.2f}{err:>9.1e}  "
-              f"{stats['pairs_per_shard']}")  # fmt: skip
+        print(
+            f"{spec.name:<14}{spec.num_experts:>11,}{spec.shards.count:>7}{tps:>10,.0f}"
+            f"{p50:>8.1f}{p99:>8.1f}{stats.imbalance:>10.2f}{err:>9.1e}  "
+            f"{list(stats.pairs_per_shard)}"
+        )
     print("(imbalance: max/mean pairs per shard; max err: served vs in-process MoELayer)")
     return 0
 
@@ -84,11 +92,16 @@ def drive(pool, spec: PoolSpec, args):
     for t in threads:
         t.join()
     elapsed = time.perf_counter() - t0
-    stats = pool.stats()
+    stats = pool.stats(window_s=elapsed + 1.0)
     print(f"\n[{spec.name}] checking a sample against the in-process MoELayer ...", flush=True)
     with torch.no_grad():
         sample = xs[0][:64]
         err = (pool.forward(sample) - MoELayer(spec).eval()(sample)).abs().max().item()
     ms = np.array(latencies) * 1e3
-    return (total * args.tokens / elapsed, float(np.percentile(ms, 50)),
-            float(np.percentile(ms, 99)), stats, err)  # fmt: skip
+    return (
+        total * args.tokens / elapsed,
+        float(np.percentile(ms, 50)),
+        float(np.percentile(ms, 99)),
+        stats,
+        err,
+    )

@@ -15,22 +15,28 @@ def add_parser(p: argparse.ArgumentParser, parents: list) -> None:
     verbs = p.add_subparsers(dest="verb", required=True)
     a = verbs.add_parser("add", help="add experts (new, stable ids)", parents=parents)
     a.add_argument("count", type=int)
-    a.add_argument("--weights", help=".npz of neutral-name weights stacked over the new experts "
-                   "(default: the seeded init of the new ids)")  # fmt: skip
+    a.add_argument(
+        "--weights",
+        help=".npz of neutral-name weights stacked over the new experts "
+        "(default: the seeded init of the new ids)",
+    )
     a.set_defaults(run=add)
     r = verbs.add_parser("remove", help="stop routing to experts and free them", parents=parents)
     r.add_argument("ids", type=int, nargs="+")
     _common.destructive(r)
     r.set_defaults(run=remove)
-    pairs = (("replicate", replicate, "give an expert exactly N replicas"),
-             ("pin", pin, "like replicate, and later rebalances keep N"))  # fmt: skip
+    pairs = (
+        ("replicate", replicate, "give an expert exactly N replicas"),
+        ("pin", pin, "like replicate, and later rebalances keep N"),
+    )
     for verb, fn, text in pairs:
         v = verbs.add_parser(verb, help=text, parents=parents)
         v.add_argument("id", type=int)
         v.add_argument("replicas", type=int)
         v.set_defaults(run=fn)
-    u = verbs.add_parser("unpin", help="let rebalances choose an expert's replicas again",
-                         parents=parents)  # fmt: skip
+    u = verbs.add_parser(
+        "unpin", help="let rebalances choose an expert's replicas again", parents=parents
+    )
     u.add_argument("id", type=int)
     u.set_defaults(run=unpin)
 
@@ -38,7 +44,7 @@ def add_parser(p: argparse.ArgumentParser, parents: list) -> None:
 def _call(args, label: str, fn, *call_args) -> int:
     with _common.client(args) as c, _common.progress(args, label):
         report = fn(c)(*call_args)
-    _common.emit(args, report, _common.report_table(label, report))
+    _common.emit_report(args, label, report)
     return 0
 
 

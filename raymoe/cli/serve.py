@@ -9,9 +9,12 @@ import time
 def add_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("-c", "--config", required=True, help="pool spec YAML")
     p.add_argument("--name", help="pool name (default: the spec's)")
-    p.add_argument("--gateway", metavar="[HOST:]PORT",
-                   help="serve the gRPC gateway there (tokens: $RAYMOE_DATA_TOKEN, "
-                   "$RAYMOE_ADMIN_TOKEN or the spec's gateway section)")  # fmt: skip
+    p.add_argument(
+        "--gateway",
+        metavar="[HOST:]PORT",
+        help="serve the gRPC gateway there (tokens: $RAYMOE_DATA_TOKEN, "
+        "$RAYMOE_ADMIN_TOKEN or the spec's gateway section)",
+    )
     p.add_argument("--interval", type=float, default=2.0, help="seconds between status lines")
     p.add_argument("--duration", type=float, help="stop after this many seconds (default: never)")
     p.set_defaults(run=run)
@@ -25,9 +28,11 @@ def run(args: argparse.Namespace) -> int:
         spec = with_gateway(spec, args.gateway)
     pool = raymoe.serve(spec, name=args.name)
     d = pool.describe()
-    print(f"serving pool {pool.name!r}: {spec.num_experts:,} experts on {d['shards']} shards, "
-          f"{spec.shards.routers} router(s); connect with raymoe.connect({pool.name!r})",
-          flush=True)  # fmt: skip
+    print(
+        f"serving pool {pool.name!r}: {spec.num_experts:,} experts on {d.shards} shards, "
+        f"{spec.shards.routers} router(s); connect with raymoe.connect({pool.name!r})",
+        flush=True,
+    )
     for endpoint in pool.gateways():
         print(f"gRPC gateway on {endpoint}: raymoe status --target {endpoint}", flush=True)
     t0 = time.monotonic()
@@ -35,12 +40,14 @@ def run(args: argparse.Namespace) -> int:
         while args.duration is None or time.monotonic() - t0 < args.duration:
             time.sleep(max(0.0, min(args.interval, _left(args, t0))))
             s = pool.stats(window_s=max(args.interval, 1.0))
-            tps = s.get("tokens_per_s") or 0.0
-            lat = s.get("latency_ms", {})
-            print(f"\r[{pool.name}] up {time.monotonic() - t0:6.0f}s  requests {s['requests']:>7}"
-                  f"  tokens/s {tps:10,.0f}  p50 {lat.get('p50', 0):7.1f} ms"
-                  f"  p99 {lat.get('p99', 0):7.1f} ms  shard imbalance {s['imbalance']:.2f} ",
-                  end="", flush=True)  # fmt: skip
+            p50, p99 = (s.latency.p50_ms, s.latency.p99_ms) if s.latency else (0.0, 0.0)
+            print(
+                f"\r[{pool.name}] up {time.monotonic() - t0:6.0f}s  requests {s.requests:>7}"
+                f"  tokens/s {s.tokens_per_s:10,.0f}  p50 {p50:7.1f} ms  p99 {p99:7.1f} ms"
+                f"  shard imbalance {s.imbalance:.2f} ",
+                end="",
+                flush=True,
+            )
     except KeyboardInterrupt:
         pass
     finally:
@@ -51,15 +58,12 @@ def run(args: argparse.Namespace) -> int:
 
 def with_gateway(spec, address: str):
     """``spec`` with its gateway enabled on ``[HOST:]PORT``."""
-    from raymoe.config import PoolSpec
     from raymoe.errors import ConfigError
 
     host, _, port = address.rpartition(":")
     if not port.isdigit():
         raise ConfigError(f"expected [HOST:]PORT, got {address!r}", "--gateway")
-    data = spec.model_dump(mode="json")
-    data["gateway"].update(enabled=True, port=int(port), **({"host": host} if host else {}))
-    return PoolSpec.from_dict(data)
+    return spec.with_gateway(enabled=True, port=int(port), **({"host": host} if host else {}))
 
 
 def _left(args: argparse.Namespace, t0: float) -> float:

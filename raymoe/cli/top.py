@@ -26,11 +26,12 @@ def run(args: argparse.Namespace) -> int:
         for i in rounds:
             if i:
                 time.sleep(args.interval)
-            view = status.snapshot(c, window_s=max(args.interval, 1.0))
+            d, s = c.describe(), c.stats(max(args.interval, 1.0))
             if args.output == "json":
-                _common.emit(args, view, "")
+                _common.emit(args, status.as_json(d, s), "")
                 continue
             clear = CLEAR if sys.stdout.isatty() else ("\n" if i else "")
-            print(f"{clear}{time.strftime('%H:%M:%S')}  {c.target}\n{status.render(view)}",
-                  flush=True)  # fmt: skip
+            print(
+                f"{clear}{time.strftime('%H:%M:%S')}  {c.target}\n{status.render(d, s)}", flush=True
+            )
     return 0

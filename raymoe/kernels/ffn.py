@@ -103,9 +103,15 @@ class FFNBank(ExpertBank):
         ex = spec.experts
         assert isinstance(ex, FFNExperts)
         bank = cls(
-            len(expert_ids), spec.d_model, ex.hidden, gated=ex.gated, act=ex.activation,
-            bias=ex.bias, dtype=spec.torch_dtype, device=device,
-        )  # fmt: skip
+            len(expert_ids),
+            spec.d_model,
+            ex.hidden,
+            gated=ex.gated,
+            act=ex.activation,
+            bias=ex.bias,
+            dtype=spec.torch_dtype,
+            device=device,
+        )
         inner = ("w_gate", "w_up", "w_in", "b_gate", "b_up", "b_in")  # fan-in d; the rest H
         scales = {
             name: 1.0 / math.sqrt(spec.d_model if name in inner else ex.hidden)

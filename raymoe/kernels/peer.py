@@ -56,9 +56,13 @@ class PeerBank(ExpertBank):
         ex = spec.experts
         assert isinstance(ex, PeerExperts)
         bank = cls(
-            len(expert_ids), spec.d_model, act=ex.activation, sparse_grad=ex.sparse_grad,
-            dtype=spec.torch_dtype, device=device,
-        )  # fmt: skip
+            len(expert_ids),
+            spec.d_model,
+            act=ex.activation,
+            sparse_grad=ex.sparse_grad,
+            dtype=spec.torch_dtype,
+            device=device,
+        )
         scale = 1.0 / math.sqrt(spec.d_model)
         if seeded:  # else zeros: the caller imports every row
             bank.seed_rows(spec, expert_ids, {"u": scale, "v": scale})
@@ -70,5 +74,6 @@ class PeerBank(ExpertBank):
         u = F.embedding(safe, self.u, sparse=self.sparse_grad)  # [T, S, d]
         s = torch.bmm(u, x.unsqueeze(2)).squeeze(2)  # [T, S]
         h = self.act(s) * torch.where(valid, weights.to(s.dtype), 0)
-        return F.embedding_bag(safe, self.v, per_sample_weights=h, mode="sum",
-                               sparse=self.sparse_grad)  # fmt: skip
+        return F.embedding_bag(
+            safe, self.v, per_sample_weights=h, mode="sum", sparse=self.sparse_grad
+        )

@@ -102,3 +102,26 @@ def seeded_parameter(
     if scale is None:
         scale = spec.d_model**-0.5
     return nn.Parameter(init_tensor(name, shape, seed=spec.seed, scale=scale, dtype=torch.float32))
+
+
+def seeded_rows(
+    spec: PoolSpec, name: str, shape: tuple[int, ...], scale: float | None = None
+) -> nn.Parameter:
+    """A router parameter stacked over experts (``shape[0]`` rows), each row drawn by its
+    index: the rows of experts ``a..b`` are the same whatever the expert count, so a pool
+    grown at runtime holds exactly the gate of ``MoELayer`` of its grown spec."""
+    return nn.Parameter(gate_rows(spec, name, torch.arange(shape[0]), shape[1:], scale))
+
+
+def gate_rows(
+    spec: PoolSpec,
+    name: str,
+    rows: torch.Tensor,
+    shape: tuple[int, ...],
+    scale: float | None = None,
+) -> torch.Tensor:
+    """The seeded rows ``rows`` ([n]) of the stacked router parameter ``name``: [n, *shape]."""
+    from raymoe.kernels.init import init_rows
+
+    scale = spec.d_model**-0.5 if scale is None else scale
+    return init_rows(name, rows, shape, seed=spec.seed, scale=scale, dtype=torch.float32)

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from raymoe.config import ExpertChoiceRouting, PoolSpec, SwitchRouting
-from raymoe.routing.base import Gate, Routes, register_gate, seeded_parameter
+from raymoe.routing.base import Gate, Routes, register_gate, seeded_rows
 from raymoe.routing.select import select_topk
 
 
@@ -43,7 +43,7 @@ class SwitchGate(Gate):
         assert isinstance(r, SwitchRouting)
         self.cfg = r
         self.needs_sequences = r.capacity_scope == "sequence"
-        self.weight = seeded_parameter(spec, "router.weight", (spec.num_experts, spec.d_model))
+        self.weight = seeded_rows(spec, "router.weight", (spec.num_experts, spec.d_model))
 
     def capacity(self, tokens_per_group: int) -> int:
         r = self.cfg
@@ -89,7 +89,7 @@ class ExpertChoiceGate(Gate):
         r = spec.routing
         assert isinstance(r, ExpertChoiceRouting)
         self.cfg = r
-        self.weight = seeded_parameter(spec, "router.weight", (spec.num_experts, spec.d_model))
+        self.weight = seeded_rows(spec, "router.weight", (spec.num_experts, spec.d_model))
 
     def forward(self, x, *, token_ids=None, seq_len=None) -> Routes:
         T, E = x.shape[0], self.num_experts

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from raymoe.config import HierarchicalRouting, PoolSpec
-from raymoe.routing.base import Gate, Routes, register_gate, seeded_parameter
+from raymoe.routing.base import Gate, Routes, register_gate, seeded_parameter, seeded_rows
 from raymoe.routing.select import select_topk
 
 
@@ -28,7 +28,7 @@ class HierarchicalGate(Gate):
         assert isinstance(r, HierarchicalRouting)
         self.cfg = r
         self.m = spec.num_experts // r.n_groups
-        self.weight = seeded_parameter(spec, "router.weight", (spec.num_experts, spec.d_model))
+        self.weight = seeded_rows(spec, "router.weight", (spec.num_experts, spec.d_model))
         self.group = nn.Linear(spec.d_model, r.n_groups, bias=False)
         self.group.weight = seeded_parameter(
             spec, "router.group.weight", (r.n_groups, spec.d_model)

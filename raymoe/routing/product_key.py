@@ -23,8 +23,22 @@ import torch
 from torch import nn
 
 from raymoe.config import PoolSpec, ProductKeyRouting
-from raymoe.routing.base import Gate, Routes, register_gate, seeded_parameter
+from raymoe.routing.base import Gate, Routes, gate_rows, register_gate, seeded_parameter
 from raymoe.routing.select import select_topk
+
+
+def key_rows(spec: PoolSpec, half: int, rows: torch.Tensor) -> torch.Tensor:
+    """The seeded sub-keys ``rows`` ([n]) of one half, [h, n, d_key/2], each drawn by its
+    index (a grown pool's new rows are those of ``MoELayer`` of its grown spec)."""
+    r = spec.routing
+    c = r.d_key // 2
+    return gate_rows(spec, f"router.keys.{half}", rows, (r.heads, c), c**-0.5).transpose(0, 1)
+
+
+def seeded_keys(spec: PoolSpec, row_ids: torch.Tensor, col_ids: torch.Tensor) -> torch.Tensor:
+    """[h, 2, n, d_key/2] sub-keys of both halves (the shorter half padded with its next rows,
+    which are never selected)."""
+    return torch.stack([key_rows(spec, 0, row_ids), key_rows(spec, 1, col_ids)], dim=1)
 
 
 @register_gate
@@ -41,8 +55,8 @@ class ProductKeyGate(Gate):
         d = spec.d_model
         self.query = nn.Linear(d, r.heads * r.d_key, bias=False)
         self.query.weight = seeded_parameter(spec, "router.query.weight", (r.heads * r.d_key, d))
-        self.keys = seeded_parameter(
-            spec, "router.keys", (r.heads, 2, self.n, r.d_key // 2), scale=(r.d_key // 2) ** -0.5
+        self.keys = torch.nn.Parameter(
+            seeded_keys(spec, torch.arange(self.n), torch.arange(self.n))
         )
         self.query_norm = nn.BatchNorm1d(r.heads * r.d_key) if r.query_batchnorm else None
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from raymoe.config import PoolSpec, TopKRouting
-from raymoe.routing.base import Gate, Routes, register_gate, seeded_parameter
+from raymoe.routing.base import Gate, Routes, register_gate, seeded_rows
 from raymoe.routing.select import select_topk
 
 
@@ -32,15 +32,15 @@ class TopKGate(Gate):
         assert isinstance(r, TopKRouting)
         self.cfg = r
         E, d = spec.num_experts, spec.d_model
-        self.weight = seeded_parameter(spec, "router.weight", (E, d))
-        self.bias = seeded_parameter(spec, "router.bias", (E,)) if r.bias else None
+        self.weight = seeded_rows(spec, "router.weight", (E, d))
+        self.bias = seeded_rows(spec, "router.bias", (E,)) if r.bias else None
         if r.correction_bias:
             self.register_buffer("correction_bias", torch.zeros(E))
         else:
             self.correction_bias = None
         self.noise = nn.Linear(d, E, bias=False) if r.noise else None
         if self.noise is not None:
-            self.noise.weight = seeded_parameter(spec, "router.noise.weight", (E, d))
+            self.noise.weight = seeded_rows(spec, "router.noise.weight", (E, d))
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """``x``: [T, d] -> [T, E] fp32 (noise added in training mode when configured)."""
@@ -95,7 +95,7 @@ class DenseGate(Gate):
 
     def __init__(self, spec: PoolSpec):
         super().__init__(spec)
-        self.weight = seeded_parameter(spec, "router.weight", (spec.num_experts, spec.d_model))
+        self.weight = seeded_rows(spec, "router.weight", (spec.num_experts, spec.d_model))
 
     def forward(self, x, *, token_ids=None, seq_len=None) -> Routes:
         logits = F.linear(x.float(), self.weight.float())

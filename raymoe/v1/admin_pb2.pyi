@@ -12,7 +12,7 @@ class DescribeRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class DescribeReply(_message.Message):
-    __slots__ = ("name", "spec_json", "placement_version", "shards", "routers", "experts", "replicas", "experts_per_shard", "degraded", "removed", "last_change_s")
+    __slots__ = ("name", "spec_json", "placement_version", "shards", "routers", "experts", "replicas", "experts_per_shard", "degraded", "removed", "last_change_s", "routing_version", "live_experts", "pinned", "drained", "resumed_changes")
     class LastChangeSEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -20,6 +20,13 @@ class DescribeReply(_message.Message):
         key: str
         value: float
         def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    class PinnedEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: int
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[int] = ...) -> None: ...
     NAME_FIELD_NUMBER: _ClassVar[int]
     SPEC_JSON_FIELD_NUMBER: _ClassVar[int]
     PLACEMENT_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -31,6 +38,11 @@ class DescribeReply(_message.Message):
     DEGRADED_FIELD_NUMBER: _ClassVar[int]
     REMOVED_FIELD_NUMBER: _ClassVar[int]
     LAST_CHANGE_S_FIELD_NUMBER: _ClassVar[int]
+    ROUTING_VERSION_FIELD_NUMBER: _ClassVar[int]
+    LIVE_EXPERTS_FIELD_NUMBER: _ClassVar[int]
+    PINNED_FIELD_NUMBER: _ClassVar[int]
+    DRAINED_FIELD_NUMBER: _ClassVar[int]
+    RESUMED_CHANGES_FIELD_NUMBER: _ClassVar[int]
     name: str
     spec_json: str
     placement_version: int
@@ -42,7 +54,12 @@ class DescribeReply(_message.Message):
     degraded: _containers.RepeatedScalarFieldContainer[str]
     removed: _containers.RepeatedScalarFieldContainer[int]
     last_change_s: _containers.ScalarMap[str, float]
-    def __init__(self, name: _Optional[str] = ..., spec_json: _Optional[str] = ..., placement_version: _Optional[int] = ..., shards: _Optional[int] = ..., routers: _Optional[int] = ..., experts: _Optional[int] = ..., replicas: _Optional[int] = ..., experts_per_shard: _Optional[_Iterable[int]] = ..., degraded: _Optional[_Iterable[str]] = ..., removed: _Optional[_Iterable[int]] = ..., last_change_s: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    routing_version: int
+    live_experts: int
+    pinned: _containers.ScalarMap[int, int]
+    drained: _containers.RepeatedScalarFieldContainer[int]
+    resumed_changes: int
+    def __init__(self, name: _Optional[str] = ..., spec_json: _Optional[str] = ..., placement_version: _Optional[int] = ..., shards: _Optional[int] = ..., routers: _Optional[int] = ..., experts: _Optional[int] = ..., replicas: _Optional[int] = ..., experts_per_shard: _Optional[_Iterable[int]] = ..., degraded: _Optional[_Iterable[str]] = ..., removed: _Optional[_Iterable[int]] = ..., last_change_s: _Optional[_Mapping[str, float]] = ..., routing_version: _Optional[int] = ..., live_experts: _Optional[int] = ..., pinned: _Optional[_Mapping[int, int]] = ..., drained: _Optional[_Iterable[int]] = ..., resumed_changes: _Optional[int] = ...) -> None: ...
 
 class RebalanceRequest(_message.Message):
     __slots__ = ("dry_run", "policy")

@@ -48,7 +48,7 @@ class StatsRequest(_message.Message):
     def __init__(self, window_s: _Optional[float] = ...) -> None: ...
 
 class StatsReply(_message.Message):
-    __slots__ = ("requests", "tokens_per_s", "latency_p50_ms", "latency_p99_ms", "batch_tokens_mean", "batch_tokens_max", "pairs_per_shard", "imbalance", "expert_load", "counters")
+    __slots__ = ("requests", "tokens_per_s", "latency_p50_ms", "latency_p99_ms", "batch_tokens_mean", "batch_tokens_max", "pairs_per_shard", "imbalance", "expert_load", "counters", "window_s", "tokens")
     class CountersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -66,6 +66,8 @@ class StatsReply(_message.Message):
     IMBALANCE_FIELD_NUMBER: _ClassVar[int]
     EXPERT_LOAD_FIELD_NUMBER: _ClassVar[int]
     COUNTERS_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_S_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
     requests: int
     tokens_per_s: float
     latency_p50_ms: float
@@ -76,4 +78,6 @@ class StatsReply(_message.Message):
     imbalance: float
     expert_load: _tensor_pb2.Tensor
     counters: _containers.ScalarMap[str, int]
-    def __init__(self, requests: _Optional[int] = ..., tokens_per_s: _Optional[float] = ..., latency_p50_ms: _Optional[float] = ..., latency_p99_ms: _Optional[float] = ..., batch_tokens_mean: _Optional[float] = ..., batch_tokens_max: _Optional[int] = ..., pairs_per_shard: _Optional[_Iterable[int]] = ..., imbalance: _Optional[float] = ..., expert_load: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., counters: _Optional[_Mapping[str, int]] = ...) -> None: ...
+    window_s: float
+    tokens: int
+    def __init__(self, requests: _Optional[int] = ..., tokens_per_s: _Optional[float] = ..., latency_p50_ms: _Optional[float] = ..., latency_p99_ms: _Optional[float] = ..., batch_tokens_mean: _Optional[float] = ..., batch_tokens_max: _Optional[int] = ..., pairs_per_shard: _Optional[_Iterable[int]] = ..., imbalance: _Optional[float] = ..., expert_load: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., counters: _Optional[_Mapping[str, int]] = ..., window_s: _Optional[float] = ..., tokens: _Optional[int] = ...) -> None: ...

@@ -12,12 +12,25 @@ pytestmark = pytest.mark.gpu
 
 CASES = {
     "mixtral": spec_dict({"kind": "topk", "k": 2, "renormalize": True}, E=8, d=64, H=128),
-    "deepseek": spec_dict({"kind": "topk", "k": 4, "score": "sigmoid", "renormalize": True,
-                           "n_groups": 4, "topk_groups": 2, "correction_bias": True},
-                          E=16, d=64, H=96, shared={"hidden": 64}),
-    "peer": spec_dict({"kind": "product_key", "heads": 4, "k": 8, "d_key": 32}, E=4096, d=64,
-                      kind="peer"),
-}  # fmt: skip
+    "deepseek": spec_dict(
+        {
+            "kind": "topk",
+            "k": 4,
+            "score": "sigmoid",
+            "renormalize": True,
+            "n_groups": 4,
+            "topk_groups": 2,
+            "correction_bias": True,
+        },
+        E=16,
+        d=64,
+        H=96,
+        shared={"hidden": 64},
+    ),
+    "peer": spec_dict(
+        {"kind": "product_key", "heads": 4, "k": 8, "d_key": 32}, E=4096, d=64, kind="peer"
+    ),
+}
 
 
 @pytest.mark.parametrize("name", sorted(CASES))

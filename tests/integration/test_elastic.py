@@ -25,8 +25,10 @@ class Traffic:
 
     def __init__(self, pool, layer, clients=6):
         self.pool = pool
-        self.xs = [torch.randn(8 + 4 * i, 16, generator=torch.Generator().manual_seed(i))
-                   for i in range(clients)]  # fmt: skip
+        self.xs = [
+            torch.randn(8 + 4 * i, 16, generator=torch.Generator().manual_seed(i))
+            for i in range(clients)
+        ]
         self.wants = [self._outputs(layer)]  # per epoch: the right output of every client
         self.epoch = 0
         self.errors: list[float] = []
@@ -68,11 +70,13 @@ class Traffic:
 
 @pytest.mark.parametrize("transport", ["object_store", "grpc"])
 def test_operations_under_traffic_fail_nothing(ray_cluster, transport):
-    spec = PoolSpec.from_dict({
-        **spec_dict({"kind": "topk", "k": 2, "renormalize": True}, E=16),
-        "name": f"t-elastic-{transport}",
-        "shards": {"count": 3, "routers": 2, "transport": transport},
-    })  # fmt: skip
+    spec = PoolSpec.from_dict(
+        {
+            **spec_dict({"kind": "topk", "k": 2, "renormalize": True}, E=16),
+            "name": f"t-elastic-{transport}",
+            "shards": {"count": 3, "routers": 2, "transport": transport},
+        }
+    )
     layer = MoELayer(spec).eval()
     with torch.no_grad():
         for p in layer.experts.parameters():
@@ -80,22 +84,22 @@ def test_operations_under_traffic_fail_nothing(ray_cluster, transport):
     pool = raymoe.serve(spec, weights=layer.state_dict())
     try:
         with Traffic(pool, layer) as traffic:
-            v0 = pool.describe()["placement_version"]
+            v0 = pool.describe().placement_version
             r = pool.replicate(3, 3)
-            assert r["replicas_added"] == 2 and r["version"] > v0
-            assert pool.replicate(3, 3)["replicas_added"] == 0  # idempotent
-            assert pool.pin(5, 2)["pinned"] == {5: 2}
+            assert r.replicas_added == 2 and r.version > v0
+            assert pool.replicate(3, 3).replicas_added == 0  # idempotent
+            assert pool.pin(5, 2).pinned == {5: 2}
             plan = pool.rebalance(dry_run=True)
-            assert plan["dry_run"] and plan["version"] == pool.describe()["placement_version"]
+            assert plan.dry_run and plan.version == pool.describe().placement_version
             pool.rebalance()
             d = pool.drain_shard(0)
-            assert pool.describe()["experts_per_shard"][0] == 0, d
+            assert pool.describe().experts_per_shard[0] == 0, d
             pool.scale_shards(5)
             d = pool.describe()
-            assert d["shards"] == 5 and min(d["experts_per_shard"]) > 0, d  # drain ended
+            assert d.shards == 5 and min(d.experts_per_shard) > 0, d  # drain ended
             pool.scale_shards(2)
             d = pool.describe()
-            assert d["shards"] == 2 and sum(d["experts_per_shard"]) >= 16
+            assert d.shards == 2 and sum(d.experts_per_shard) >= 16
             pool.replicate(3, 1)
             pool.unpin(5)
         assert not traffic.failures, traffic.failures[:1]
@@ -108,8 +112,9 @@ def test_operations_under_traffic_fail_nothing(ray_cluster, transport):
 
 
 def test_bad_admin_input_is_refused_and_changes_nothing(ray_cluster):
-    spec = PoolSpec.from_dict({**spec_dict({"kind": "topk", "k": 2}, E=8), "name": "t-admin",
-                               "shards": {"count": 2}})  # fmt: skip
+    spec = PoolSpec.from_dict(
+        {**spec_dict({"kind": "topk", "k": 2}, E=8), "name": "t-admin", "shards": {"count": 2}}
+    )
     pool = raymoe.serve(spec)
     try:
         before = pool.describe()
@@ -133,7 +138,7 @@ def test_bad_admin_input_is_refused_and_changes_nothing(ray_cluster):
         with pytest.raises(ConfigError, match="policy"):
             pool.rebalance(policy="nope")
         after = pool.describe()
-        assert after["shards"] == before["shards"]
+        assert after.shards == before.shards
         x = torch.randn(8, 16)
         assert (pool.forward(x) - MoELayer(spec)(x)).abs().max().item() <= 1e-5
     finally:
@@ -142,18 +147,22 @@ def test_bad_admin_input_is_refused_and_changes_nothing(ray_cluster):
 
 @pytest.mark.parametrize("transport", ["object_store", "grpc"])
 def test_experts_added_and_removed_under_traffic(ray_cluster, transport):
-    spec = PoolSpec.from_dict({
-        **spec_dict({"kind": "topk", "k": 2, "renormalize": True}, E=8),
-        "name": f"t-grow-{transport}",
-        "shards": {"count": 2, "routers": 2, "transport": transport},
-    })  # fmt: skip
+    spec = PoolSpec.from_dict(
+        {
+            **spec_dict({"kind": "topk", "k": 2, "renormalize": True}, E=8),
+            "name": f"t-grow-{transport}",
+            "shards": {"count": 2, "routers": 2, "transport": transport},
+        }
+    )
     layer = MoELayer(spec).eval()
     pool = raymoe.serve(spec, weights=layer.state_dict())
     g = torch.Generator().manual_seed(5)
-    extra = {"experts.w_gate": torch.randn(4, 24, 16, generator=g) * 0.2,
-             "experts.w_up": torch.randn(4, 24, 16, generator=g) * 0.2,
-             "experts.w_down": torch.randn(4, 16, 24, generator=g) * 0.2,
-             "router.weight": torch.randn(4, 16, generator=g) * 2}  # fmt: skip
+    extra = {
+        "experts.w_gate": torch.randn(4, 24, 16, generator=g) * 0.2,
+        "experts.w_up": torch.randn(4, 24, 16, generator=g) * 0.2,
+        "experts.w_down": torch.randn(4, 16, 24, generator=g) * 0.2,
+        "router.weight": torch.randn(4, 16, generator=g) * 2,
+    }
     grown = PoolSpec.from_dict(
         {
             **spec.model_dump(mode="json"),
@@ -162,26 +171,34 @@ def test_experts_added_and_removed_under_traffic(ray_cluster, transport):
     )
     big = MoELayer(grown).eval()
     sd = layer.state_dict()
-    big.load_state_dict({k: torch.cat([sd[k], extra[k]]) if k in extra else sd[k]
-                         for k in sd})  # fmt: skip
+    big.load_state_dict({k: torch.cat([sd[k], extra[k]]) if k in extra else sd[k] for k in sd})
     try:
         with Traffic(pool, layer) as traffic:
             with traffic.change(big):
                 r = pool.add_experts(4, extra)
-            assert r["expert_ids"] == [8, 9, 10, 11]
+            assert r.expert_ids == (8, 9, 10, 11)
             d = pool.describe()
-            assert d["experts"] == 12 and sum(d["experts_per_shard"]) == 12
+            assert d.experts == 12 and sum(d.experts_per_shard) == 12
             pool.replicate(9, 2)  # new experts are ordinary experts
-            small = MoELayer(PoolSpec.from_dict({**grown.model_dump(mode="json"), "experts": {
-                **grown.experts.model_dump(), "removed": [1, 9]}})).eval()  # fmt: skip
+            small = MoELayer(
+                PoolSpec.from_dict(
+                    {
+                        **grown.model_dump(mode="json"),
+                        "experts": {**grown.experts.model_dump(), "removed": [1, 9]},
+                    }
+                )
+            ).eval()
             small.load_state_dict(big.state_dict())
             with traffic.change(small):
                 r = pool.remove_experts([1, 9])
-            assert r["removed"] == [1, 9]
-            assert sum(pool.describe()["experts_per_shard"]) == 10
+            assert r.removed == (1, 9)
+            assert sum(pool.describe().experts_per_shard) == 10
             with pytest.raises(ExpertIdError, match="removed"):
-                pool.forward(torch.randn(2, 16), expert_ids=torch.tensor([[1], [0]]),
-                             weights=torch.ones(2, 1))  # fmt: skip
+                pool.forward(
+                    torch.randn(2, 16),
+                    expert_ids=torch.tensor([[1], [0]]),
+                    weights=torch.ones(2, 1),
+                )
         assert not traffic.failures, traffic.failures[:1]
         assert len(traffic.errors) > 20 and max(traffic.errors) <= 1e-5
         x = torch.randn(40, 16)

@@ -25,30 +25,49 @@ from tests.helpers import spec_dict
 pytestmark = pytest.mark.integration
 
 ROUTINGS = {
-    "topk": spec_dict({"kind": "topk", "k": 2, "renormalize": True}, E=8,
-                      shared={"hidden": 8, "gate": True}),
-    "groups": spec_dict({"kind": "topk", "k": 2, "score": "sigmoid", "n_groups": 4,
-                         "topk_groups": 2, "correction_bias": True}, E=16),
+    "topk": spec_dict(
+        {"kind": "topk", "k": 2, "renormalize": True}, E=8, shared={"hidden": 8, "gate": True}
+    ),
+    "groups": spec_dict(
+        {
+            "kind": "topk",
+            "k": 2,
+            "score": "sigmoid",
+            "n_groups": 4,
+            "topk_groups": 2,
+            "correction_bias": True,
+        },
+        E=16,
+    ),
     "dense": spec_dict({"kind": "dense"}, E=8),
     "switch": spec_dict({"kind": "switch", "capacity_factor": 0.5}, E=8),
     "expert_choice": spec_dict({"kind": "expert_choice", "k": 2}, E=8),
     "hash": spec_dict({"kind": "hash", "vocab_size": 100}, E=8),
-    "product_key": spec_dict({"kind": "product_key", "heads": 2, "k": 3, "d_key": 8}, E=64,
-                             kind="peer"),
-    "hierarchical": spec_dict({"kind": "hierarchical", "n_groups": 4, "k_groups": 2, "k": 2},
-                              E=16),
-}  # fmt: skip
+    "product_key": spec_dict(
+        {"kind": "product_key", "heads": 2, "k": 3, "d_key": 8}, E=64, kind="peer"
+    ),
+    "hierarchical": spec_dict({"kind": "hierarchical", "n_groups": 4, "k_groups": 2, "k": 2}, E=16),
+}
 CONFIGS = Path(__file__).parents[2] / "examples" / "configs"
 
 # (routing or example config, shards, routers, replicated): every routing kind and example
 # config; every shard count 1/2/3/8, with and without replicas, 1 and 3 routers among them.
 MATRIX = [
-    ("topk", 1, 1, False), ("topk", 2, 3, True), ("topk", 3, 1, True), ("topk", 8, 3, True),
-    ("groups", 3, 3, True), ("dense", 2, 1, False), ("switch", 3, 3, True),
-    ("expert_choice", 2, 1, True), ("hash", 8, 1, False), ("product_key", 2, 3, True),
-    ("hierarchical", 1, 3, False), ("mixtral-tiny", 2, 1, True), ("deepseek-tiny", 3, 3, True),
+    ("topk", 1, 1, False),
+    ("topk", 2, 3, True),
+    ("topk", 3, 1, True),
+    ("topk", 8, 3, True),
+    ("groups", 3, 3, True),
+    ("dense", 2, 1, False),
+    ("switch", 3, 3, True),
+    ("expert_choice", 2, 1, True),
+    ("hash", 8, 1, False),
+    ("product_key", 2, 3, True),
+    ("hierarchical", 1, 3, False),
+    ("mixtral-tiny", 2, 1, True),
+    ("deepseek-tiny", 3, 3, True),
     ("switch-tiny", 2, 1, False),
-]  # fmt: skip
+]
 
 
 # every routing kind again over the gRPC transport (routers -> shards on loopback)
@@ -79,17 +98,19 @@ def _perturbed(spec: PoolSpec) -> MoELayer:
 CASES = [(*m, "object_store") for m in MATRIX] + [(*m, "grpc") for m in GRPC_MATRIX]
 
 
-@pytest.mark.parametrize("case,shards,routers,replicated,transport", CASES,
-                         ids=[f"{c}-{s}shards-{r}routers{'-replicas' if p else ''}-{t}"
-                              for c, s, r, p, t in CASES])  # fmt: skip
+@pytest.mark.parametrize(
+    "case,shards,routers,replicated,transport",
+    CASES,
+    ids=[f"{c}-{s}shards-{r}routers{'-replicas' if p else ''}-{t}" for c, s, r, p, t in CASES],
+)
 def test_pool_equals_layer(ray_cluster, case, shards, routers, replicated, transport):
     spec = _spec(case, shards, routers, replicated, transport)
     layer = _perturbed(spec)
     pool = raymoe.serve(spec, weights=layer.state_dict())
     try:
         d = pool.describe()
-        assert d["shards"] == shards and d["routers"] == routers
-        assert d["replicas"] > d["experts"] if replicated and shards > 1 else True
+        assert d.shards == shards and d.routers == routers
+        assert d.replicas > d.experts if replicated and shards > 1 else True
         hashed = spec.routing.kind == "hash"
         g = torch.Generator().manual_seed(0)
         xs = [torch.randn(1 + (7 * i) % 23, spec.d_model, generator=g) for i in range(32)]
@@ -109,15 +130,16 @@ def test_pool_equals_layer(ray_cluster, case, shards, routers, replicated, trans
         other = raymoe.connect(spec.name)
         assert (other.forward(x, token_ids=tok) - want).abs().max().item() <= 1e-5
         st = pool.stats()
-        assert st["counters"]["batches"] < st["requests"]  # batching happened
+        assert st.counters["batches"] < st.requests  # batching happened
     finally:
         pool.shutdown()
 
 
 def test_bad_input_through_the_handle_is_typed_and_pool_keeps_serving(ray_cluster):
     limits = {"max_request_tokens": 64, "max_batch_tokens": 64}
-    spec = PoolSpec.from_dict({**spec_dict({"kind": "topk", "k": 2}, E=4), "name": "t-bad",
-                               "limits": limits})  # fmt: skip
+    spec = PoolSpec.from_dict(
+        {**spec_dict({"kind": "topk", "k": 2}, E=4), "name": "t-bad", "limits": limits}
+    )
     pool = raymoe.serve(spec)
     layer = MoELayer(spec)
     nan = torch.randn(2, 16)
@@ -127,15 +149,39 @@ def test_bad_input_through_the_handle_is_typed_and_pool_keeps_serving(ray_cluste
         (DTypeError, "float32", dict(x=torch.randn(3, 16, dtype=torch.float64))),
         (NonFiniteError, "NaN|finite", dict(x=nan)),
         (RequestTooLargeError, "64", dict(x=torch.randn(65, 16))),
-        (ExpertIdError, "9|range", dict(x=torch.randn(2, 16), expert_ids=torch.tensor([[0, 9]] * 2),
-                                 weights=torch.ones(2, 2))),
-        (ExpertIdError, None, dict(x=torch.randn(2, 16), expert_ids=torch.tensor([[0, -2]] * 2),
-                                 weights=torch.ones(2, 2))),
-        (ShapeError, None, dict(x=torch.randn(2, 16), expert_ids=torch.tensor([[0, 1]] * 2),
-                              weights=torch.ones(2, 3))),
-        (InvalidInputError, None, dict(x=torch.randn(2, 16),
-                                       expert_ids=torch.tensor([[0, 1]] * 2))),
-    ]  # fmt: skip
+        (
+            ExpertIdError,
+            "9|range",
+            dict(
+                x=torch.randn(2, 16),
+                expert_ids=torch.tensor([[0, 9]] * 2),
+                weights=torch.ones(2, 2),
+            ),
+        ),
+        (
+            ExpertIdError,
+            None,
+            dict(
+                x=torch.randn(2, 16),
+                expert_ids=torch.tensor([[0, -2]] * 2),
+                weights=torch.ones(2, 2),
+            ),
+        ),
+        (
+            ShapeError,
+            None,
+            dict(
+                x=torch.randn(2, 16),
+                expert_ids=torch.tensor([[0, 1]] * 2),
+                weights=torch.ones(2, 3),
+            ),
+        ),
+        (
+            InvalidInputError,
+            None,
+            dict(x=torch.randn(2, 16), expert_ids=torch.tensor([[0, 1]] * 2)),
+        ),
+    ]
     try:
         good = torch.randn(4, 16)
         pending = [pool.forward_async(good) for _ in range(8)]  # other callers, in flight
@@ -161,8 +207,17 @@ def test_connect_to_unknown_pool(ray_cluster):
 def test_demo_serves_checks_and_prints_a_table(ray_cluster, capsys):
     from raymoe.cli import main
 
-    argv = ["demo", "--configs", "mixtral-tiny", "--clients", "2", "--requests", "2",
-            "--tokens", "32"]  # fmt: skip
+    argv = [
+        "demo",
+        "--configs",
+        "mixtral-tiny",
+        "--clients",
+        "2",
+        "--requests",
+        "2",
+        "--tokens",
+        "32",
+    ]
     assert main(argv) == 0
     out = capsys.readouterr().out
     row = next(line for line in out.splitlines() if line.startswith("mixtral-tiny"))
@@ -202,8 +257,9 @@ def _traffic(pool, layer, kill, clients=8, rounds=6):
 
 def _pool_with_weights(name, shards=3, routers=2, transport="object_store"):
     layout = {"count": shards, "routers": routers, "transport": transport}
-    spec = PoolSpec.from_dict({**spec_dict({"kind": "topk", "k": 3}, E=8), "name": name,
-                               "shards": layout})  # fmt: skip
+    spec = PoolSpec.from_dict(
+        {**spec_dict({"kind": "topk", "k": 3}, E=8), "name": name, "shards": layout}
+    )
     layer = MoELayer(spec).eval()
     with torch.no_grad():
         for p in layer.experts.parameters():
@@ -211,9 +267,15 @@ def _pool_with_weights(name, shards=3, routers=2, transport="object_store"):
     return raymoe.serve(spec, weights=layer.state_dict()), layer
 
 
-@pytest.mark.parametrize("role,transport", [("shard", "object_store"), ("shard", "grpc"),
-                                            ("router", "object_store"),
-                                            ("controller", "object_store")])  # fmt: skip
+@pytest.mark.parametrize(
+    "role,transport",
+    [
+        ("shard", "object_store"),
+        ("shard", "grpc"),
+        ("router", "object_store"),
+        ("controller", "object_store"),
+    ],
+)
 def test_killed_actor_comes_back_and_no_request_fails(ray_cluster, role, transport):
     pool, layer = _pool_with_weights(f"t-kill-{role}-{transport}", transport=transport)
     index = 1 if role != "controller" else 0
@@ -227,7 +289,7 @@ def test_killed_actor_comes_back_and_no_request_fails(ray_cluster, role, transpo
             want = layer(x)
         for _ in range(4):  # every router, every shard is back with its experts' weights
             assert (pool.forward(x) - want).abs().max().item() <= 1e-5
-        assert pool.describe()["degraded"] == []
+        assert pool.describe().degraded == ()
         if role == "controller":  # the restarted controller still recovers shards
             shard = ray.get_actor(f"{pool.name}:shard:2", namespace="raymoe")
             err, failures = _traffic(pool, layer, lambda: ray.kill(shard, no_restart=False))
@@ -252,8 +314,10 @@ def test_cli_serve_runs_for_a_bounded_time(ray_cluster, capsys, tmp_path):
 
     cfg = tmp_path / "pool.yaml"
     cfg.write_text(PoolSpec.from_dict(spec_dict({"kind": "topk", "k": 2}, E=4)).to_yaml())
-    assert main(["serve", "-c", str(cfg), "--name", "t-cli", "--interval", "0.2",
-                 "--duration", "0.5"]) == 0  # fmt: skip
+    assert (
+        main(["serve", "-c", str(cfg), "--name", "t-cli", "--interval", "0.2", "--duration", "0.5"])
+        == 0
+    )
     out = capsys.readouterr().out
     assert "serving pool 't-cli'" in out and "shard imbalance" in out
     with pytest.raises(raymoe.PoolNotFoundError):

@@ -39,24 +39,48 @@ BAD = [
     ("k > E", _bad({"kind": "topk", "k": 9}), "routing", "k=9 exceeds"),
     ("unknown kind", _bad({"kind": "toppk", "k": 2}), "routing", "'topk'"),
     ("non-square", _bad({"kind": "product_key", "k": 2, "d_key": 4}), "routing", "square"),
-    ("odd d_key", {**spec_dict({"kind": "product_key", "k": 2, "d_key": 5}, E=16)}, "routing",
-     "even"),
-    ("pk k > sqrt", {**spec_dict({"kind": "product_key", "k": 5, "d_key": 4}, E=16)}, "routing",
-     "sub-keys"),
-    ("groups", _bad({"kind": "topk", "k": 2, "n_groups": 3, "topk_groups": 1}), "routing",
-     "divide"),
+    (
+        "odd d_key",
+        {**spec_dict({"kind": "product_key", "k": 2, "d_key": 5}, E=16)},
+        "routing",
+        "even",
+    ),
+    (
+        "pk k > sqrt",
+        {**spec_dict({"kind": "product_key", "k": 5, "d_key": 4}, E=16)},
+        "routing",
+        "sub-keys",
+    ),
+    (
+        "groups",
+        _bad({"kind": "topk", "k": 2, "n_groups": 3, "topk_groups": 1}),
+        "routing",
+        "divide",
+    ),
     ("groups alone", _bad({"kind": "topk", "k": 2, "n_groups": 2}), "routing", "together"),
     ("negative d", _bad(d_model=-1), "d_model", "greater than 0"),
     ("unknown field", _bad(colour="red"), "colour", "Extra inputs"),
     ("bad dtype", _bad(dtype="float8"), "dtype", "float32"),
     ("shards > experts", _bad(shards={"count": 9}), "shards.count", "9 shards exceed"),
-    ("bad activation", {**spec_dict({"kind": "topk", "k": 1}, activation="tanh")},
-     "experts.activation", "silu"),
-    ("hierarchical k", _bad({"kind": "hierarchical", "n_groups": 4, "k": 3}), "routing",
-     "experts per group"),
-    ("switch both", _bad({"kind": "switch", "capacity": 2, "capacity_factor": 1.0}), "routing",
-     "not both"),
-]  # fmt: skip
+    (
+        "bad activation",
+        {**spec_dict({"kind": "topk", "k": 1}, activation="tanh")},
+        "experts.activation",
+        "silu",
+    ),
+    (
+        "hierarchical k",
+        _bad({"kind": "hierarchical", "n_groups": 4, "k": 3}),
+        "routing",
+        "experts per group",
+    ),
+    (
+        "switch both",
+        _bad({"kind": "switch", "capacity": 2, "capacity_factor": 1.0}),
+        "routing",
+        "not both",
+    ),
+]
 
 
 @pytest.mark.parametrize("name,data,field,msg", BAD, ids=[b[0] for b in BAD])
@@ -68,12 +92,15 @@ def test_impossible_specs_name_the_field(name, data, field, msg):
         assert str(e.value).startswith(e.value.field)
 
 
-@pytest.mark.parametrize("text,msg", [
-    ("d_model: [1, 2", "malformed YAML at line"),
-    ("- 1\n- 2\n", "mapping"),
-    ("", "mapping"),
-    ("d_model: 4\nexperts: {kind: ffn}\n", "experts.num_experts"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "text,msg",
+    [
+        ("d_model: [1, 2", "malformed YAML at line"),
+        ("- 1\n- 2\n", "mapping"),
+        ("", "mapping"),
+        ("d_model: 4\nexperts: {kind: ffn}\n", "experts.num_experts"),
+    ],
+)
 def test_malformed_yaml(text, msg):
     with pytest.raises(ConfigError, match=msg):
         PoolSpec.from_yaml(text + "\n")

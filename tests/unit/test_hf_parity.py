@@ -42,27 +42,69 @@ def _randomise(block: torch.nn.Module, seed: int) -> None:
 
 
 MODELS = {
-    "mixtral": lambda: (MixtralConfig(hidden_size=D, intermediate_size=H, num_local_experts=E,
-                                      num_experts_per_tok=2), MixtralSparseMoeBlock),
-    "olmoe": lambda: (OlmoeConfig(hidden_size=D, intermediate_size=H, num_experts=E,
-                                  num_experts_per_tok=2, norm_topk_prob=False),
-                      OlmoeSparseMoeBlock),
-    "qwen2_moe": lambda: (Qwen2MoeConfig(hidden_size=D, moe_intermediate_size=H, num_experts=E,
-                                         num_experts_per_tok=2, shared_expert_intermediate_size=40,
-                                         norm_topk_prob=False), Qwen2MoeSparseMoeBlock),
-    "qwen2_moe-renorm": lambda: (Qwen2MoeConfig(hidden_size=D, moe_intermediate_size=H,
-                                                num_experts=E, num_experts_per_tok=3,
-                                                shared_expert_intermediate_size=40,
-                                                norm_topk_prob=True), Qwen2MoeSparseMoeBlock),
-    "qwen3_moe": lambda: (Qwen3MoeConfig(hidden_size=D, moe_intermediate_size=H, num_experts=E,
-                                         num_experts_per_tok=2, norm_topk_prob=True),
-                          Qwen3MoeSparseMoeBlock),
-    "deepseek_v3": lambda: (DeepseekV3Config(hidden_size=D, moe_intermediate_size=H,
-                                             n_routed_experts=16, n_shared_experts=2,
-                                             num_experts_per_tok=4, n_group=4, topk_group=2,
-                                             norm_topk_prob=True, routed_scaling_factor=2.5),
-                            DeepseekV3MoE),
-}  # fmt: skip
+    "mixtral": lambda: (
+        MixtralConfig(
+            hidden_size=D, intermediate_size=H, num_local_experts=E, num_experts_per_tok=2
+        ),
+        MixtralSparseMoeBlock,
+    ),
+    "olmoe": lambda: (
+        OlmoeConfig(
+            hidden_size=D,
+            intermediate_size=H,
+            num_experts=E,
+            num_experts_per_tok=2,
+            norm_topk_prob=False,
+        ),
+        OlmoeSparseMoeBlock,
+    ),
+    "qwen2_moe": lambda: (
+        Qwen2MoeConfig(
+            hidden_size=D,
+            moe_intermediate_size=H,
+            num_experts=E,
+            num_experts_per_tok=2,
+            shared_expert_intermediate_size=40,
+            norm_topk_prob=False,
+        ),
+        Qwen2MoeSparseMoeBlock,
+    ),
+    "qwen2_moe-renorm": lambda: (
+        Qwen2MoeConfig(
+            hidden_size=D,
+            moe_intermediate_size=H,
+            num_experts=E,
+            num_experts_per_tok=3,
+            shared_expert_intermediate_size=40,
+            norm_topk_prob=True,
+        ),
+        Qwen2MoeSparseMoeBlock,
+    ),
+    "qwen3_moe": lambda: (
+        Qwen3MoeConfig(
+            hidden_size=D,
+            moe_intermediate_size=H,
+            num_experts=E,
+            num_experts_per_tok=2,
+            norm_topk_prob=True,
+        ),
+        Qwen3MoeSparseMoeBlock,
+    ),
+    "deepseek_v3": lambda: (
+        DeepseekV3Config(
+            hidden_size=D,
+            moe_intermediate_size=H,
+            n_routed_experts=16,
+            n_shared_experts=2,
+            num_experts_per_tok=4,
+            n_group=4,
+            topk_group=2,
+            norm_topk_prob=True,
+            routed_scaling_factor=2.5,
+        ),
+        DeepseekV3MoE,
+    ),
+}
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))

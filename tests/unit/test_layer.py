@@ -21,20 +21,33 @@ TOPK = {"kind": "topk", "k": 2}
 
 
 def test_state_dict_uses_neutral_names():
-    layer = make_layer({"kind": "topk", "k": 2, "bias": True, "score": "sigmoid",
-                        "correction_bias": True}, shared={"hidden": 8, "gate": True})  # fmt: skip
+    layer = make_layer(
+        {"kind": "topk", "k": 2, "bias": True, "score": "sigmoid", "correction_bias": True},
+        shared={"hidden": 8, "gate": True},
+    )
     assert set(layer.state_dict()) == {
-        "router.weight", "router.bias", "router.correction_bias", "experts.w_gate",
-        "experts.w_up", "experts.w_down", "shared.w_gate", "shared.w_up", "shared.w_down",
+        "router.weight",
+        "router.bias",
+        "router.correction_bias",
+        "experts.w_gate",
+        "experts.w_up",
+        "experts.w_down",
+        "shared.w_gate",
+        "shared.w_up",
+        "shared.w_down",
         "shared_gate.weight",
-    }  # fmt: skip
+    }
     sd = layer.state_dict()
     assert sd["experts.w_gate"].shape == (8, 24, 16) and sd["experts.w_down"].shape == (8, 16, 24)
     assert sd["shared.w_down"].shape == (16, 8) and sd["shared_gate.weight"].shape == (1, 16)
     pk = make_layer({"kind": "product_key", "heads": 2, "k": 2, "d_key": 4}, E=16, kind="peer")
     shapes = {k: tuple(v.shape) for k, v in pk.state_dict().items()}
-    assert shapes == {"router.query.weight": (8, 16), "router.keys": (2, 2, 4, 2),
-                      "experts.u": (16, 16), "experts.v": (16, 16)}  # fmt: skip
+    assert shapes == {
+        "router.query.weight": (8, 16),
+        "router.keys": (2, 2, 4, 2),
+        "experts.u": (16, 16),
+        "experts.v": (16, 16),
+    }
 
 
 def test_load_state_dict_round_trip_changes_output():
@@ -76,23 +89,66 @@ BAD_INPUTS = [
     ("dtype", lambda: {"x": torch.randn(4, 16, dtype=torch.float64)}, DTypeError, "float32"),
     ("int", lambda: {"x": torch.ones(4, 16, dtype=torch.long)}, DTypeError, "float32"),
     ("nan", lambda: {"x": torch.full((4, 16), float("nan"))}, NonFiniteError, "NaN"),
-    ("inf", lambda: {"x": torch.tensor([[float("inf")] + [0.0] * 15])}, NonFiniteError,
-     "1 NaN/Inf"),
+    (
+        "inf",
+        lambda: {"x": torch.tensor([[float("inf")] + [0.0] * 15])},
+        NonFiniteError,
+        "1 NaN/Inf",
+    ),
     ("non-contiguous", lambda: {"x": torch.randn(16, 4).T}, LayoutError, "contiguous"),
     ("wrong device", lambda: {"x": torch.randn(2, 16, device="meta")}, LayoutError, "meta"),
     ("not a tensor", lambda: {"x": [[0.0] * 16]}, InvalidInputError, "torch.Tensor"),
-    ("ids out of range", lambda: {"x": torch.randn(2, 16), "expert_ids": torch.tensor([[0, 8]] * 2),
-                                  "weights": torch.ones(2, 2)}, ExpertIdError, "8"),
-    ("ids negative", lambda: {"x": torch.randn(2, 16), "expert_ids": torch.tensor([[0, -2]] * 2),
-                              "weights": torch.ones(2, 2)}, ExpertIdError, "-2"),
-    ("ids/weights shapes", lambda: {"x": torch.randn(2, 16), "expert_ids": torch.zeros(2, 2).long(),
-                                    "weights": torch.ones(2, 3)}, ShapeError, "does not match"),
-    ("ids float", lambda: {"x": torch.randn(2, 16), "expert_ids": torch.zeros(2, 2),
-                           "weights": torch.ones(2, 2)}, DTypeError, "int64"),
-    ("weights nan", lambda: {"x": torch.randn(2, 16), "expert_ids": torch.zeros(2, 2).long(),
-                             "weights": torch.full((2, 2), float("nan"))}, NonFiniteError,
-     "weights"),
-]  # fmt: skip
+    (
+        "ids out of range",
+        lambda: {
+            "x": torch.randn(2, 16),
+            "expert_ids": torch.tensor([[0, 8]] * 2),
+            "weights": torch.ones(2, 2),
+        },
+        ExpertIdError,
+        "8",
+    ),
+    (
+        "ids negative",
+        lambda: {
+            "x": torch.randn(2, 16),
+            "expert_ids": torch.tensor([[0, -2]] * 2),
+            "weights": torch.ones(2, 2),
+        },
+        ExpertIdError,
+        "-2",
+    ),
+    (
+        "ids/weights shapes",
+        lambda: {
+            "x": torch.randn(2, 16),
+            "expert_ids": torch.zeros(2, 2).long(),
+            "weights": torch.ones(2, 3),
+        },
+        ShapeError,
+        "does not match",
+    ),
+    (
+        "ids float",
+        lambda: {
+            "x": torch.randn(2, 16),
+            "expert_ids": torch.zeros(2, 2),
+            "weights": torch.ones(2, 2),
+        },
+        DTypeError,
+        "int64",
+    ),
+    (
+        "weights nan",
+        lambda: {
+            "x": torch.randn(2, 16),
+            "expert_ids": torch.zeros(2, 2).long(),
+            "weights": torch.full((2, 2), float("nan")),
+        },
+        NonFiniteError,
+        "weights",
+    ),
+]
 
 
 @pytest.mark.parametrize("name,make,err,msg", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])

@@ -31,7 +31,8 @@ def incremental(
     expert, shard = repair_pairs(load, current, budget, max_rounds)
     plan = Plan.between(load, current, realize(current, expert, shard), budget, bytes_per_expert)
     forced = budget.exclude or any(int(current.replicas()[e]) != c for e, c in budget.pins.items())
-    if plan.imbalance_after > plan.imbalance_before and not forced:
+    nothing = not (plan.replicas_added or plan.replicas_dropped)
+    if nothing or (plan.imbalance_after > plan.imbalance_before and not forced):
         return Plan.unchanged(load, current, budget)
     if plan.replicas_added > E // 4:
         # NOTE: a repair this big may cost more than planning from scratch (small pools

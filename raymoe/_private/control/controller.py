@@ -1,0 +1,479 @@
+"""Controller: the goal state of one pool and the loop that converges the actual state to it.
+
+The :class:`~.goal.Goal` (spec, placement, pins, drained shards, the change being applied)
+is saved to the metadata store before any actor is started or any weight moves, so a
+restarted controller resumes exactly: it re-attaches to its named actors and carries on.
+Actual state is converged by :meth:`Controller.update`, a pass of numbered steps that never
+raises:
+
+1. every shard is up and holds its experts (a restarted shard comes back empty and is
+   configured again, from the weight ledger);
+2. every router is up, configured with the shards, the gate weights and the placement;
+3. every router runs the current placement version;
+4. the gateways run: one, or one per alive node (:class:`~.fleet.GatewayFleet`).
+
+Runtime operations run one at a time: each is planned by a pure function of
+:mod:`.plans` and applied make before break (:meth:`Controller.apply`, the stages of
+:class:`~.migration.Migrator`).
+Serving never pauses. The pending change is saved first, so a controller that dies midway
+finishes it when it comes back.
+
+The controller owns its helpers and hands them their dependencies: the
+:class:`~.ledger.WeightLedger` (what restarted shards reload), the
+:class:`~.migration.Migrator`, the :class:`~.fleet.GatewayFleet` and the
+:class:`~.load.LoadWindow`. All Ray calls go through a :class:`~.cluster.Cluster`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from raymoe._private import timeouts
+from raymoe._private.control import growth, plans
+from raymoe._private.control.cluster import ActorUnreachable, Cluster
+from raymoe._private.control.fleet import GatewayFleet
+from raymoe._private.control.goal import Goal
+from raymoe._private.control.ledger import WeightLedger
+from raymoe._private.control.load import LoadWindow
+from raymoe._private.control.loop import ControlLoop, live_mask
+from raymoe._private.control.migration import Migrator
+from raymoe._private.control.roster import Roster
+from raymoe._private.data.stats import merge
+from raymoe.config import PoolSpec
+from raymoe.errors import PoolUnavailableError
+from raymoe.kernels import make_bank
+from raymoe.placement import Placement, bias_step, get_policy, place_new
+from raymoe.reports import OpReport, PoolDescription, PoolStats
+from raymoe.store import MetadataStore
+
+log = logging.getLogger(__name__)
+
+
+class Controller:
+    def __init__(self, spec: PoolSpec, cluster: Cluster, store: MetadataStore):
+        self.goal = Goal.initial(spec)
+        self.cluster = cluster
+        self.store = store
+        self.gate = None  # object ref of the gate / shared-expert weights
+        self.degraded: list[str] = []
+        self.last_change: dict[str, float] = {}  # seconds of each stage of the last change
+        self.resumed_changes = 0
+        self.expert_bytes = _expert_bytes(spec)
+        self.ledger = WeightLedger(cluster, self.expert_bytes)
+        self.roster = Roster(cluster, self.ledger)
+        self.migrator = Migrator(cluster, self.ledger)
+        self.fleet = GatewayFleet(cluster, spec.name, spec.gateway)
+        self.load = LoadWindow(spec.num_experts, spec.control.load_half_life_s)
+        self.loop = ControlLoop(self)
+        self.ops = asyncio.Lock()  # one runtime operation at a time
+        self._busy: dict[tuple[str, int], asyncio.Task] = {}
+
+    @property
+    def spec(self) -> PoolSpec:
+        return self.goal.spec
+
+    @property
+    def placement(self) -> Placement:
+        return self.goal.placement
+
+    @property
+    def shards(self) -> list:
+        return self.roster.shards
+
+    @property
+    def routers(self) -> list:
+        return self.roster.routers
+
+    # --- lifecycle ----------------------------------------------------------------------
+
+    async def start(self, placement: Placement, weights: dict[str, np.ndarray] | None) -> None:
+        """Deploy: save the goal, start every actor, load weights, wait until all serve."""
+        experts = {k: v for k, v in (weights or {}).items() if k.startswith("experts.")}
+        self.goal = self.goal.replace(placement=placement, has_rows=bool(experts))
+        self.goal.save(self.store)
+        for n in range(placement.num_shards):
+            ids = placement.shard_experts(n)
+            if experts:
+                rows = {k.removeprefix("experts."): np.asarray(v)[ids] for k, v in experts.items()}
+                self.ledger.set(n, ids, self.cluster.put(rows))
+        gate = {k: v for k, v in (weights or {}).items() if not k.startswith("experts.")}
+        self.gate = self.cluster.put(gate) if gate else None
+        self.roster.attach(self.goal)
+        await asyncio.gather(
+            *(self.roster.configure_shard(n, self.goal) for n in range(len(self.shards)))
+        )
+        await self._configure_routers()
+        await self.fleet.ensure(strict=True)
+
+    async def recover(self) -> None:
+        """Resume after a controller restart: re-attach, rebuild what only lived in memory,
+        and finish a change that was under way."""
+        self.goal = Goal.load(self.store, self.spec.name)
+        spec, p = self.goal.spec, self.goal.placement
+        self.load = LoadWindow(spec.num_experts, spec.control.load_half_life_s)
+        self.roster.attach(self.goal)
+        gate = next((g for g in await self.poll(self.routers, "gate_weights") if g), None)
+        self.gate = self.cluster.put(gate) if gate else None
+        if self.goal.has_rows:  # the ledger died with the old controller: take rows back
+            for n, h in enumerate(self.shards):
+                try:
+                    await self.ledger.capture(n, h, p.shard_experts(n))
+                except ActorUnreachable as e:
+                    self.degraded.append(f"shard {n} lost its weights with the controller: {e}")
+        pending, pending_spec = self.goal.pending, self.goal.pending_spec
+        if pending is not None and pending.num_experts != p.num_experts:
+            # an unacknowledged add_experts: drop it (Ray retries the call, which starts over)
+            self.goal = self.goal.replace(pending=None, pending_spec=None)
+            self.goal.save(self.store)
+        elif pending is not None:
+            log.info("finishing placement %d, cut short by a controller restart", pending.version)
+            async with self.ops:
+                await self.apply(pending, spec=pending_spec)
+            self.resumed_changes += 1
+        await self.fleet.ensure()  # the running ones, found again by name
+        await self.update()
+
+    async def shutdown(self) -> None:
+        for t in self._busy.values():
+            t.cancel()
+        self.fleet.stop()
+        self.cluster.kill(self.routers + self.shards)
+        Goal.forget(self.store, self.spec.name)
+
+    # --- reconcile ----------------------------------------------------------------------
+
+    async def update(self) -> None:
+        """One reconcile pass (the numbered steps of the module docstring); never raises."""
+        try:
+            shard_status = await self.poll(self.shards, "status")
+            for n, st in enumerate(shard_status):  # 1. shards hold their experts
+                if st is not None and not st["ready"]:
+                    self._spawn(("shard", n), self.roster.configure_shard(n, self.goal))
+            router_status = await self.poll(self.routers, "describe")
+            for i, st in enumerate(router_status):  # 2. routers configured
+                if st is None:
+                    continue
+                if not st["ready"] or st.get("routing_version") != self.goal.routing_version:
+                    configure = self.roster.configure_router(i, self.goal, self.gate)
+                    self._spawn(("router", i), configure)
+                elif st["placement_version"] != self.placement.version:  # 3. current version
+                    self._spawn(("router", i), self.roster.publish(i, self.goal))
+            if self.fleet.due():  # 4. gateways
+                self._spawn(("gateways", 0), self.fleet.ensure())
+        except Exception:
+            log.exception("controller update failed; retrying on the next pass")
+
+    async def run(self) -> None:
+        next_step = time.monotonic()
+        while True:
+            await self.update()
+            if time.monotonic() >= next_step:
+                next_step = time.monotonic() + timeouts.LOAD_INTERVAL_S
+                await self.loop.step()
+            await asyncio.sleep(timeouts.UPDATE_INTERVAL_S)
+
+    async def poll(self, handles: list, method: str) -> list:
+        """``method`` of every actor at once; None for each that does not answer in
+        ``timeouts.STATUS_S`` (any other failure is logged with the method's name)."""
+
+        async def one(i: int, h) -> Any:
+            try:
+                return await self.cluster.call(h, method, timeout=timeouts.STATUS_S)
+            except ActorUnreachable:
+                return None
+            except Exception:
+                log.exception("%s() of actor %d failed", method, i)
+                return None
+
+        return await asyncio.gather(*(one(i, h) for i, h in enumerate(handles)))
+
+    def _spawn(self, key: tuple[str, int], coro) -> None:
+        if key in self._busy and not self._busy[key].done():
+            coro.close()
+            return
+        self._busy[key] = asyncio.get_running_loop().create_task(coro)
+
+    # --- make before break ----------------------------------------------------------------
+
+    async def apply(
+        self,
+        target: Placement,
+        spec: PoolSpec | None = None,
+        gate: dict | None = None,
+        new_rows: dict | None = None,
+    ) -> None:
+        """Move to ``target`` without pausing or failing requests (the stages of
+        :class:`~.migration.Migrator`). With ``spec`` (and ``gate``, when the gate weights
+        change) the routing state moves with it: experts added (``new_rows``: their weights
+        by name, in id order) or removed. Callers hold ``self.ops``."""
+        old = self.placement
+        t = [time.perf_counter()]
+        self.goal = self.goal.replace(pending=target, pending_spec=spec)
+        self.goal.save(self.store)  # NOTE: saved before any weight moves
+        try:  # 1. copy
+            await self.migrator.copy(
+                old, target, spec or self.spec, self.shards, self.goal.has_rows, new_rows
+            )
+        except Exception as e:
+            self.goal = self.goal.replace(pending=None, pending_spec=None)
+            self.goal.save(self.store)
+            raise PoolUnavailableError(f"could not copy weights to new places: {e}") from e
+        t.append(time.perf_counter())
+        if spec is not None:
+            self.goal = self.goal.replace(spec=spec, routing_version=target.version)
+            self.gate = self.cluster.put(gate) if gate is not None else self.gate
+            self.load.resize(spec.num_experts, spec.experts.removed)
+        self.goal = self.goal.replace(placement=target)
+        await self.roster.publish_all(self.goal, self.gate, routing=spec is not None)  # 2.
+        t.append(time.perf_counter())
+        drain_s = self.spec.control.drain_timeout_s
+        await self.migrator.drain(self.routers, target.version, drain_s)  # 3.
+        t.append(time.perf_counter())
+        await self.migrator.free(old, target, self.shards)  # 4.
+        self.goal = self.goal.replace(pending=None, pending_spec=None)
+        self.goal.save(self.store)
+        for n in range(min(old.num_shards, target.num_shards)):
+            if self.goal.has_rows:
+                await self.ledger.compact(n, self.shards[n], target.shard_experts(n))
+        t.append(time.perf_counter())
+        self.last_change = dict(
+            zip(("copy", "publish", "drain", "free"), np.diff(t).tolist(), strict=True)
+        )
+        log.info(
+            "placement %d applied in %s",
+            target.version,
+            ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in self.last_change.items()),
+        )
+
+    # --- the control loop ---------------------------------------------------------------
+
+    async def collect_load(self) -> np.ndarray:
+        """Fold the routers' new per-expert counts into the load window; -> the new counts."""
+        counts = await self.poll(self.routers, "take_load")
+        return self.load.add(counts, self.spec.experts.removed, self.spec.slots)
+
+    async def update_bias(self, counts: np.ndarray) -> None:
+        """One aux-loss-free step: the routers' selection bias moves towards balance."""
+        async with self.ops:
+            gate = dict(await self._gate_weights())
+            live = live_mask(len(counts), self.spec.experts.removed)
+            bias = np.asarray(gate["router.correction_bias"], np.float32)
+            rate = self.spec.control.bias_update_rate
+            gate["router.correction_bias"] = bias_step(bias, counts, rate, live).astype(np.float32)
+            # the same layout, next version: routers swap gate and placement together
+            await self.apply(self.placement.bump(), spec=self.spec, gate=gate)
+
+    def imbalance(self) -> float:
+        return plans.pool_imbalance(self.goal, self._load())
+
+    def _load(self) -> np.ndarray:
+        return self.load.or_uniform(self.spec.experts.removed)
+
+    # --- runtime operations: each idempotent, each returns an OpReport -------------------
+
+    async def rebalance(self, dry_run: bool = False, policy_name: str | None = None) -> OpReport:
+        """Plan with the spec's policy (or ``policy_name``) over the load window; apply."""
+        name = policy_name or self.spec.control.policy
+        policy = get_policy(name)
+        async with self.ops:
+            await self.collect_load()
+            plan = policy(
+                self._load(),
+                self.placement,
+                plans.budget(self.goal),
+                bytes_per_expert=self.expert_bytes,
+            )
+            changed = plan.replicas_added or plan.replicas_dropped
+            report = OpReport(
+                version=plan.placement.version
+                if changed and not dry_run
+                else self.placement.version,
+                replicas_added=plan.replicas_added,
+                replicas_dropped=plan.replicas_dropped,
+                bytes_moved=plan.bytes_moved,
+                imbalance_before=plan.imbalance_before,
+                imbalance_after=plan.imbalance_after,
+                dry_run=dry_run,
+                policy=name,
+            )
+            if changed and not dry_run:
+                await self.apply(plan.placement)
+            return report
+
+    async def replicate(self, expert: int, replicas: int) -> OpReport:
+        """Give ``expert`` exactly ``replicas`` replicas (more on the least loaded shards,
+        fewer by dropping from the most loaded); a pin set later or before wins in plans."""
+        async with self.ops:
+            target = plans.replicated(self.goal, self._load(), expert, replicas)
+            if target is None:
+                return plans.unchanged(self.goal, self._load())
+            return await self._apply_report(target)
+
+    async def pin(self, expert: int, replicas: int) -> OpReport:
+        """An operator's replica target for ``expert`` that every later plan keeps."""
+        report = await self.replicate(expert, replicas)
+        async with self.ops:
+            self.goal = self.goal.replace(spec=self.spec.with_pin(expert, replicas))
+            self.goal.save(self.store)
+        return dataclasses.replace(report, pinned=self.spec.pins)
+
+    async def unpin(self, expert: int) -> OpReport:
+        plans.check_expert(self.spec, expert)
+        async with self.ops:
+            self.goal = self.goal.replace(spec=self.spec.with_pin(expert, None))
+            self.goal.save(self.store)
+        return plans.unchanged(self.goal, self._load(), pinned=self.spec.pins)
+
+    async def drain_shard(self, shard: int) -> OpReport:
+        """Move every replica off ``shard``; it keeps running but holds nothing."""
+        plans.drain_bounds(self.goal, shard)
+        async with self.ops:
+            self.goal = self.goal.replace(drained=self.goal.drained | {shard})
+            self.goal.save(self.store)
+            return await self._replan()
+
+    async def scale_shards(self, count: int, max_shards: int | None = None) -> OpReport:
+        """Grow or shrink the pool to ``count`` active shards; experts are redistributed.
+        Scaling ends maintenance: shards drained before are active again afterwards."""
+        plans.scale_bounds(self.goal, count, max_shards)
+        N = self.placement.num_shards
+        if count == N:
+            return plans.unchanged(self.goal, self._load())
+        async with self.ops:
+            if count > N:
+                self.goal = self.goal.replace(drained=frozenset())
+                await self._resize(count)
+                return await self._replan(force=True)
+            self.goal = self.goal.replace(drained=frozenset(range(count, N)))
+            self.goal.save(self.store)
+            report = await self._replan()
+            await self._resize(count)
+            return report
+
+    async def _replan(self, force: bool = False) -> OpReport:
+        plan = get_policy(self.spec.control.policy)(
+            self._load(),
+            self.placement,
+            plans.budget(self.goal),
+            bytes_per_expert=self.expert_bytes,
+        )
+        if not (plan.replicas_added or plan.replicas_dropped or force):
+            return plans.unchanged(self.goal, self._load())
+        return await self._apply_report(plan.placement)
+
+    async def _resize(self, count: int) -> None:
+        """The shard count becomes ``count`` (new shards start empty; removed ones hold
+        nothing by now), published to every router as the next placement version."""
+        gone = await self.roster.resize(count)
+        drained = frozenset(n for n in self.goal.drained if n < count)
+        self.goal = self.goal.replace(
+            placement=self.placement.bump(num_shards=count),
+            spec=self.spec.with_shards(count),
+            drained=drained,
+        )
+        self.goal.save(self.store)
+        await self._configure_routers()
+        self.cluster.kill(gone)
+
+    async def _configure_routers(self) -> None:
+        await asyncio.gather(
+            *(
+                self.roster.configure_router(i, self.goal, self.gate)
+                for i in range(len(self.routers))
+            )
+        )
+
+    async def add_experts(self, count: int, weights: dict | None = None) -> OpReport:
+        """Grow the pool by ``count`` experts with ids ``E .. E+count-1``: their weights
+        (``experts.*`` rows, stacked over the new experts) and gate rows (``router.weight``
+        etc. for ``topk``; ``router.keys`` [heads, rows, d_key/2] for the new sub-key rows of
+        ``product_key``), or the seeded init of those ids where not given."""
+        spec, E = self.spec, self.spec.num_experts
+        grown = spec.with_experts_added(count)
+        expert_rows, gate_rows = growth.new_weights(grown, E, count, weights or {})
+        async with self.ops:
+            gate = growth.grow_gate(spec, grown, await self._gate_weights(), gate_rows)
+            if expert_rows and not self.goal.has_rows:
+                for n, h in enumerate(self.shards):  # from now on the ledger keeps every row
+                    await self.ledger.capture(n, h, self.placement.shard_experts(n))
+                self.goal = self.goal.replace(has_rows=True)
+            target = place_new(
+                self.placement, count, spec.routing.align(E), plans.active(self.goal)
+            )
+            report = await self._apply_report(target, grown, gate, expert_rows)
+            return dataclasses.replace(report, expert_ids=tuple(range(E, E + count)))
+
+    async def remove_experts(self, ids) -> OpReport:
+        """Never route to experts ``ids`` again from the next placement version; their
+        places are freed once no batch runs under an older one. Ids are never reused."""
+        spec, target, ids = plans.removed(self.goal, ids)
+        async with self.ops:
+            report = await self._apply_report(target, spec)
+            return dataclasses.replace(report, removed=tuple(ids))
+
+    async def _apply_report(self, target: Placement, *routing) -> OpReport:
+        before, old = self.imbalance(), self.placement
+        await self.apply(target, *routing)
+        return plans.report(self.goal, self._load(), old, target, self.expert_bytes, before)
+
+    async def _gate_weights(self) -> dict[str, np.ndarray]:
+        """The gate weights in service (from a router: the pool may run the seeded ones)."""
+        for h in self.routers:
+            try:
+                return await self.cluster.call(h, "gate_weights", timeout=timeouts.GATE_READ_S)
+            except ActorUnreachable:
+                continue
+        raise PoolUnavailableError("no router answered; cannot read the gate weights")
+
+    # --- introspection ------------------------------------------------------------------
+
+    def describe(self) -> PoolDescription:
+        p, spec = self.placement, self.spec
+        return PoolDescription(
+            name=spec.name,
+            spec=spec.model_dump(mode="json"),
+            placement_version=p.version,
+            routing_version=self.goal.routing_version,
+            shards=p.num_shards,
+            routers=len(self.routers),
+            experts=p.num_experts,
+            live_experts=spec.experts.live,
+            replicas=p.num_replicas,
+            experts_per_shard=tuple(p.held().tolist()),
+            removed=spec.experts.removed,
+            pinned=spec.pins,
+            drained=tuple(sorted(self.goal.drained)),
+            degraded=tuple(self.degraded),
+            last_change_s=dict(self.last_change),
+            resumed_changes=self.resumed_changes,
+        )
+
+    async def stats(self, window_s: float = 60.0) -> PoolStats:
+        """Traffic over the last ``window_s`` seconds, merged over the routers."""
+        windows = await self.poll_with(self.routers, "stats", window_s)
+        serving = self.placement.held() > 0
+        return merge(
+            [w for w in windows if w is not None], serving, self.spec.num_experts, window_s
+        )
+
+    async def poll_with(self, handles: list, method: str, *args) -> list:
+        async def one(h) -> Any:
+            try:
+                return await self.cluster.call(h, method, *args, timeout=timeouts.STATUS_S)
+            except ActorUnreachable:
+                return None
+
+        return await asyncio.gather(*(one(h) for h in handles))
+
+
+def _expert_bytes(spec: PoolSpec) -> int:
+    """Bytes of one expert's weights."""
+    bank = make_bank(spec, torch.zeros(1, dtype=torch.int64), seeded=False)
+    return sum(p.numel() * p.element_size() for p in bank.parameters())

@@ -1,0 +1,119 @@
+"""The goal state of a pool: what the controller converges the actual state to, and saves
+before it acts, so that a restarted controller resumes exactly.
+
+It is one frozen value (spec, placement, routing version, drained shards, whether the pool
+holds weights other than its seeded init, and the change being applied) stored under one key
+as a pickle-free ``.npz``: a crash between two writes can never leave half of it updated.
+The operator's pins are the spec's (``spec.shards.replicas``): one source of truth.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+from dataclasses import dataclass
+
+import numpy as np
+
+from raymoe.config import PoolSpec
+from raymoe.placement import Placement, initial
+from raymoe.store import MetadataStore
+
+_ARRAYS = ("ptr", "shard", "local", "layer_offsets")
+
+
+@dataclass(frozen=True)
+class Goal:
+    spec: PoolSpec
+    placement: Placement
+    has_rows: bool = False  # the pool holds weights other than the seeded init
+    drained: frozenset[int] = frozenset()  # shards that must hold nothing
+    routing_version: int = 0  # placement version that last changed spec or gate weights
+    pending: Placement | None = None  # the placement being applied ...
+    pending_spec: PoolSpec | None = None  # ... and the spec that goes with it, if it changes
+
+    @classmethod
+    def initial(cls, spec: PoolSpec) -> Goal:
+        """A new pool's goal: contiguous blocks (whole sub-key rows for product-key pools),
+        the spec's pins, no replica for removed experts."""
+        E = spec.num_experts
+        placement = initial(
+            E,
+            spec.shards.count,
+            align=spec.routing.align(E),
+            replicas=spec.pins,
+            removed=spec.experts.removed,
+        )
+        return cls(spec, placement)
+
+    def replace(self, **changes) -> Goal:
+        return dataclasses.replace(self, **changes)
+
+    # --- the store ---------------------------------------------------------------------
+
+    @staticmethod
+    def key(pool: str) -> str:
+        return f"{pool}/goal"
+
+    def save(self, store: MetadataStore) -> None:
+        store.put(self.key(self.spec.name), self.to_bytes())
+
+    @classmethod
+    def load(cls, store: MetadataStore, pool: str) -> Goal:
+        data = store.get(cls.key(pool))
+        if data is None:
+            raise LookupError(f"no saved state for pool {pool!r}")
+        return cls.from_bytes(data)
+
+    @classmethod
+    def forget(cls, store: MetadataStore, pool: str) -> None:
+        for key in store.keys(f"{pool}/"):
+            store.delete(key)
+
+    def to_bytes(self) -> bytes:
+        meta = {
+            "spec": self.spec.model_dump(mode="json"),
+            "has_rows": self.has_rows,
+            "drained": sorted(self.drained),
+            "routing_version": self.routing_version,
+            "placement": _meta(self.placement),
+            "pending": _meta(self.pending),
+            "pending_spec": self.pending_spec.model_dump(mode="json")
+            if self.pending_spec
+            else None,
+        }
+        arrays = {f"placement.{k}": getattr(self.placement, k) for k in _ARRAYS}
+        if self.pending is not None:
+            arrays.update({f"pending.{k}": getattr(self.pending, k) for k in _ARRAYS})
+        buf = io.BytesIO()
+        np.savez(buf, meta=np.frombuffer(json.dumps(meta).encode(), np.uint8), **arrays)
+        return buf.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Goal:
+        with np.load(io.BytesIO(data), allow_pickle=False) as z:
+            meta = json.loads(z["meta"].tobytes())
+            arrays = {k: z[k].astype(np.int64) for k in z.files if k != "meta"}
+        pending_spec = meta["pending_spec"]
+        return cls(
+            spec=PoolSpec.from_dict(meta["spec"]),
+            placement=_placement(meta["placement"], arrays, "placement"),
+            has_rows=meta["has_rows"],
+            drained=frozenset(meta["drained"]),
+            routing_version=meta["routing_version"],
+            pending=_placement(meta["pending"], arrays, "pending"),
+            pending_spec=PoolSpec.from_dict(pending_spec) if pending_spec else None,
+        )
+
+
+def _meta(p: Placement | None) -> dict | None:
+    return None if p is None else {"version": p.version, "num_shards": p.num_shards}
+
+
+def _placement(meta: dict | None, arrays: dict, prefix: str) -> Placement | None:
+    if meta is None:
+        return None
+    return Placement(
+        meta["version"], meta["num_shards"], *(arrays[f"{prefix}.{k}"] for k in _ARRAYS)
+    )

@@ -1,0 +1,135 @@
+"""Make before break: the cluster work of moving a pool from one placement to the next while
+traffic flows. The controller runs the stages in order and keeps the goal:
+
+1. copy: the weights of every new replica go to their new places, a few MB per call, from a
+   replica in the old placement (or the given or seeded rows of added experts);
+2. publish: every router gets the new placement version (with the routing state that
+   changed: spec, gate rows, removed ids, correction bias), swapped atomically;
+3. drain: wait until no batch runs under an older version;
+4. free: old places are forgotten.
+
+NOTE: a place an in-flight batch reads is never written: new replicas go to places the old
+placement leaves free (``placement.realize``), and old places are freed only after 3.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+import numpy as np
+
+from raymoe._private import timeouts
+from raymoe._private.control import growth
+from raymoe._private.control.cluster import ActorUnreachable, Cluster
+from raymoe._private.control.ledger import WeightLedger
+from raymoe.config import PoolSpec
+from raymoe.placement import Placement, diff
+
+log = logging.getLogger(__name__)
+
+
+class Migrator:
+    """The stages 1, 3 and 4 (publishing is the controller's: it owns the routing state)."""
+
+    def __init__(self, cluster: Cluster, ledger: WeightLedger):
+        self.cluster = cluster
+        self.ledger = ledger
+
+    async def copy(
+        self,
+        old: Placement,
+        new: Placement,
+        spec: PoolSpec,
+        shards: list,
+        has_rows: bool,
+        new_rows: dict | None = None,
+    ) -> None:
+        """Stage 1: put every replica only ``new`` has in place. With ``has_rows`` the rows
+        come from a replica in ``old`` (or ``new_rows``, the given rows of added experts, in
+        id order from ``old.num_experts``); without, shards draw the seeded init."""
+        e, s, local = diff(old, new).added
+        if not len(e):
+            return
+        rows = await self._source_rows(old, e, spec, shards, new_rows) if has_rows else None
+        await asyncio.gather(
+            *(
+                self._place(n, shards[n], e[s == n], local[s == n], rows)
+                for n in np.unique(s).tolist()
+            )
+        )
+
+    async def _source_rows(self, old, added, spec, shards, new_rows) -> dict[str, dict]:
+        """{name: {expert: row}} of every expert in ``added``."""
+        rows: dict[str, dict] = {}
+        known = added < old.num_experts
+        src = old.primary()[0][added[known]]
+        step = self.ledger.step
+
+        async def export(n: int, ids: np.ndarray) -> None:
+            got = await self.cluster.call(
+                shards[n], "export_experts", ids, timeout=timeouts.EXPORT_S
+            )
+            for k, v in got.items():
+                rows.setdefault(k, {}).update(zip(ids.tolist(), v, strict=True))
+
+        # NOTE: source shards export at once; each one's calls queue in its copy group
+        chunks = []
+        for n in np.unique(src).tolist():
+            mine = np.unique(added[known][src == n])
+            chunks += [(n, mine[i : i + step]) for i in range(0, len(mine), step)]
+        await asyncio.gather(*(export(n, ids) for n, ids in chunks))
+        fresh = np.unique(added[~known])  # added experts: given rows, or the seeded init
+        if len(fresh):
+            given = new_rows or growth.seeded_rows(spec, fresh)
+            at = fresh - old.num_experts if new_rows else np.arange(len(fresh))
+            for k, v in given.items():
+                rows.setdefault(k, {}).update(zip(fresh.tolist(), v[at], strict=True))
+        return rows
+
+    async def _place(self, n: int, handle, ids, local, rows) -> None:
+        """Place on shard ``n`` a few MB at a time, after growing its bank once: small copies
+        interleave with the routers' sub-batches instead of stalling them. Each chunk goes
+        into the object store once: the shard reads it, and the ledger keeps it."""
+        await self.cluster.call(handle, "reserve", int(local.max()) + 1, timeout=timeouts.PLACE_S)
+        step = self.ledger.step
+        for i in range(0, len(ids), step):
+            chunk = ids[i : i + step]
+            part = None
+            if rows is not None:
+                part = self.cluster.put(
+                    {k: np.stack([v[e] for e in chunk.tolist()]) for k, v in rows.items()}
+                )
+                self.ledger.add(n, chunk, part)
+            await self.cluster.call(
+                handle, "place", local[i : i + step], chunk, part, timeout=timeouts.PLACE_S
+            )
+
+    async def drain(self, routers: list, version: int, timeout_s: float) -> None:
+        """Stage 3: wait until no router runs a batch under a version older than ``version``.
+
+        NOTE: a dead router's batches died with it (Ray retries its requests elsewhere)."""
+
+        async def one(router) -> None:
+            with contextlib.suppress(ActorUnreachable):
+                await self.cluster.call(
+                    router,
+                    "drained",
+                    version,
+                    timeout_s,
+                    timeout=timeout_s + timeouts.DRAIN_GRACE_S,
+                )
+
+        await asyncio.gather(*(one(r) for r in routers))
+
+    async def free(self, old: Placement, new: Placement, shards: list) -> None:
+        """Stage 4: every shard forgets the places only ``old`` used."""
+        _, s, local = diff(old, new).dropped
+        for n in np.unique(s).tolist():
+            if n >= len(shards):
+                continue  # a shard removed with the change
+            try:
+                await self.cluster.call(shards[n], "free", local[s == n], timeout=timeouts.FREE_S)
+            except ActorUnreachable:
+                log.warning("shard %d did not free its old places (it restarts empty)", n)

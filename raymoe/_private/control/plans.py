@@ -1,0 +1,148 @@
+"""What each runtime operation asks for, as pure functions of the goal and the load: input
+checks, the target placement (or spec), the budget policies plan within, and the report.
+No Ray, no weights: the controller applies what these return.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from raymoe._private.control.goal import Goal
+from raymoe.config import PoolSpec
+from raymoe.errors import ConfigError, DTypeError, ExpertIdError
+from raymoe.placement import Budget, Placement, diff, imbalance, realize, shard_loads
+from raymoe.reports import OpReport
+
+
+def check_expert(spec: PoolSpec, expert: int) -> None:
+    if not 0 <= expert < spec.num_experts:
+        raise ExpertIdError(f"expert {expert} is not in [0, {spec.num_experts})")
+    if expert in spec.experts.removed:
+        raise ExpertIdError(f"expert {expert} was removed from the pool")
+
+
+def active(goal: Goal) -> np.ndarray:
+    """[N] bool: the shards that are not drained."""
+    mask = np.ones(goal.placement.num_shards, bool)
+    mask[[n for n in goal.drained if n < len(mask)]] = False
+    return mask
+
+
+def pool_imbalance(goal: Goal, load: np.ndarray, placement: Placement | None = None) -> float:
+    """max / mean shard load of ``placement`` (default: the goal's) over active shards."""
+    p = placement or goal.placement
+    return imbalance(shard_loads(load, p)[active(goal)[: p.num_shards]])
+
+
+def budget(goal: Goal, num_shards: int | None = None) -> Budget:
+    """What a plan may use: the pool's shards, E + extra replicas (enough for every pin),
+    ``control.capacity`` places a shard, the pins, the drained shards, and the target
+    (``plan_margin`` of the way to ``target_imbalance``)."""
+    spec, c = goal.spec, goal.spec.control
+    E = spec.experts.live
+    pins = spec.pins
+    extra = max(
+        num_shards or goal.placement.num_shards,
+        int(c.extra_replicas * E),
+        sum(pins.values()) - len(pins),
+    )
+    zero = {e: 0 for e in spec.experts.removed}  # removed: no replica
+    target = 1.0 + c.plan_margin * (c.target_imbalance - 1.0)
+    return Budget(
+        num_shards or goal.placement.num_shards,
+        E + extra,
+        c.capacity,
+        {**zero, **pins},
+        target,
+        frozenset(goal.drained),
+    )
+
+
+def replicated(goal: Goal, load: np.ndarray, expert: int, replicas: int) -> Placement | None:
+    """The next placement with ``expert`` on exactly ``replicas`` shards (more on the least
+    loaded active shards, fewer by dropping from the most loaded); None if it already is."""
+    check_expert(goal.spec, expert)
+    on = active(goal)
+    if not 1 <= replicas <= int(on.sum()):
+        raise ConfigError(
+            f"replicas must be in [1, {int(on.sum())}] (active shards), got {replicas}", "replicas"
+        )
+    p = goal.placement
+    e, s = p.pairs()
+    mine = e == expert
+    have = s[mine].tolist()
+    if len(have) == replicas:
+        return None
+    loads = shard_loads(load, p)
+    by_load = [n for n in np.argsort(loads, kind="stable").tolist() if on[n]]
+    if len(have) < replicas:
+        add = [n for n in by_load if n not in have][: replicas - len(have)]
+        e = np.concatenate([e, np.full(len(add), expert)])
+        s = np.concatenate([s, np.asarray(add, np.int64)])
+    else:
+        drop = sorted(have, key=lambda n: -loads[n])[: len(have) - replicas]
+        keep = ~(mine & np.isin(s, drop))
+        e, s = e[keep], s[keep]
+    return realize(p, e, s)
+
+
+def removed(goal: Goal, ids) -> tuple[PoolSpec, Placement, list[int]]:
+    """(spec, placement, the ids) with experts ``ids`` removed: never routed to again, no
+    replica."""
+    a = np.asarray(ids)
+    if a.size and a.dtype.kind not in "iu":
+        raise DTypeError(f"expert ids must be integers, got {a.dtype}")
+    ids = sorted({int(e) for e in a.reshape(-1).tolist()})
+    if not ids:
+        raise ConfigError("remove_experts needs at least one expert id", "ids")
+    for e in ids:
+        check_expert(goal.spec, e)
+    spec = goal.spec.with_experts_removed(ids)  # the spec's checks: kind, experts left, ...
+    p = goal.placement
+    e, s = p.pairs()
+    keep = ~np.isin(e, ids)
+    return spec, realize(p, e[keep], s[keep]), ids
+
+
+def scale_bounds(goal: Goal, count: int, max_shards: int | None) -> None:
+    live = goal.spec.experts.live
+    top = min(max_shards or live, live)
+    if not 1 <= count <= top:
+        raise ConfigError(f"shards must be in [1, {top}], got {count}", "shards")
+
+
+def drain_bounds(goal: Goal, shard: int) -> None:
+    N = goal.placement.num_shards
+    if not 0 <= shard < N:
+        raise ConfigError(f"shard must be in [0, {N}), got {shard}", "shard")
+    if len(goal.drained | {shard}) >= N:
+        raise ConfigError("cannot drain the last active shard", "shard")
+
+
+def report(
+    goal: Goal,
+    load: np.ndarray,
+    old: Placement,
+    new: Placement,
+    bytes_per_expert: int,
+    before: float,
+    **extra,
+) -> OpReport:
+    """The report of a change from ``old`` to ``new`` (the goal holds ``new`` by now)."""
+    change = diff(old, new)
+    return OpReport(
+        version=new.version,
+        replicas_added=change.replicas_added,
+        replicas_dropped=change.replicas_dropped,
+        bytes_moved=change.replicas_added * bytes_per_expert,
+        imbalance_before=before,
+        imbalance_after=pool_imbalance(goal, load),
+        **extra,
+    )
+
+
+def unchanged(goal: Goal, load: np.ndarray, **extra) -> OpReport:
+    imb = pool_imbalance(goal, load)
+    return OpReport(
+        version=goal.placement.version, imbalance_before=imb, imbalance_after=imb, **extra
+    )

@@ -1,0 +1,106 @@
+"""The roster: a pool's shard and router actors, and how each one is brought to the goal
+(a shard loaded with its layout and weight increments; a router configured with the shards,
+the placement and the routing state, or sent a newer placement)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import numpy as np
+
+from raymoe._private import timeouts
+from raymoe._private.control.cluster import ActorUnreachable, Cluster
+from raymoe._private.control.goal import Goal
+from raymoe._private.control.ledger import WeightLedger
+
+log = logging.getLogger(__name__)
+
+
+class Roster:
+    def __init__(self, cluster: Cluster, ledger: WeightLedger):
+        self.cluster = cluster
+        self.ledger = ledger
+        self.shards: list = []
+        self.routers: list = []
+
+    def attach(self, goal: Goal) -> None:
+        """Get (or create) the named actors ``goal`` needs."""
+        self.shards = [self.cluster.shard(n) for n in range(goal.placement.num_shards)]
+        self.routers = [self.cluster.router(i) for i in range(goal.spec.shards.routers)]
+
+    async def configure_shard(self, n: int, goal: Goal) -> None:
+        """(Re)load shard ``n``: the layout of the goal's placement merged with the one being
+        applied (a restart mid-change keeps both), then every weight increment."""
+        increments = self.ledger.increments(n)
+        layout = layout_of(goal, n)
+        if goal.has_rows and not increments and (layout >= 0).any():
+            return  # NOTE: never serve seeded weights in place of lost ones (see degraded)
+        h = self.shards[n]
+        await self.cluster.call(h, "configure", layout, None, False, timeout=timeouts.CONFIGURE_S)
+        for ids, rows in increments:
+            await self.cluster.call(h, "restore", ids, rows, timeout=timeouts.CONFIGURE_S)
+        await self.cluster.call(h, "mark_ready", timeout=timeouts.STATUS_S)
+
+    async def configure_router(self, i: int, goal: Goal, gate) -> None:
+        args = (self.shards, goal.placement, gate, goal.spec, goal.routing_version)
+        await self.cluster.call(
+            self.routers[i], "configure_pool", *args, timeout=timeouts.CONFIGURE_S
+        )
+
+    async def publish(self, i: int, goal: Goal, gate=None, routing: bool = False) -> None:
+        """Send router ``i`` the goal's placement (and with ``routing``, the spec and gate
+        weights that change with it)."""
+        p = goal.placement
+        args = (p, goal.spec, gate, goal.routing_version) if routing else (p,)
+        await self.cluster.call(
+            self.routers[i], "set_placement", *args, timeout=timeouts.CONFIGURE_S
+        )
+
+    async def publish_all(self, goal: Goal, gate, routing: bool) -> None:
+        """Every router gets the goal's placement; one that misses it is retried by the
+        controller's update loop."""
+
+        async def one(i: int) -> None:
+            try:
+                await self.publish(i, goal, gate, routing)
+            except ActorUnreachable:
+                log.warning(
+                    "router %d missed placement %d; the update loop retries",
+                    i,
+                    goal.placement.version,
+                )
+
+        await asyncio.gather(*(one(i) for i in range(len(self.routers))))
+
+    async def resize(self, count: int) -> list:
+        """``count`` shards: new ones start empty; -> the handles of those removed."""
+        N = len(self.shards)
+        new = [self.cluster.shard(n) for n in range(N, count)]
+        await asyncio.gather(
+            *(
+                self.cluster.call(
+                    h, "configure", np.zeros(0, np.int64), timeout=timeouts.CONFIGURE_S
+                )
+                for h in new
+            )
+        )
+        gone = self.shards[count:]
+        self.shards = self.shards[:count] + new
+        for n in range(count, N):
+            self.ledger.forget(n)
+        return gone
+
+
+def layout_of(goal: Goal, n: int) -> np.ndarray:
+    """[P] the expert at each place of shard ``n`` (-1 free) under the goal's placement and,
+    where it leaves a place free, the placement being applied."""
+    p, pending = goal.placement, goal.pending
+    layout = p.shard_layout(n) if n < p.num_shards else np.zeros(0, np.int64)
+    if pending is not None and n < pending.num_shards:
+        new = pending.shard_layout(n)
+        if len(new) > len(layout):
+            layout = np.concatenate([layout, np.full(len(new) - len(layout), -1)])
+        free = layout[: len(new)] < 0
+        layout[: len(new)][free] = new[free]
+    return layout

@@ -1,0 +1,143 @@
+"""Dispatch and combine, for one batch under one placement version (the stages between
+route and compute, and after it).
+
+Shape letters: T tokens, S slots, N shards, t_n tokens sent to shard n.
+
+A token whose experts sit on several shards is sent to each of those shards once, carrying
+only the slots that live there, packed to the front ([t_n, S_n] with S_n the most slots any
+of its tokens has there; -1 pads); each shard returns one pre-combined partial sum per token
+it got, so traffic and work per shard are O(t_n * (d + S_n)), never O(T * S * d).
+
+Replicas: the pairs of a replicated expert are dealt round its replicas in turn (by their
+rank among that expert's pairs, continuing where the last batch stopped), so each replica
+carries an equal share: the load the placement policies plan for.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from raymoe.placement import Placement
+
+
+@dataclass(frozen=True)
+class SubBatch:
+    """What one shard computes: rows ``tokens`` [t_n] of the batch and, for each, its slots
+    on that shard packed to the front: ``local_ids``, ``expert_ids`` (global) and ``weights``
+    [t_n, S_n] (-1 / 0 = padding)."""
+
+    shard: int
+    tokens: torch.Tensor
+    local_ids: torch.Tensor
+    weights: torch.Tensor
+    expert_ids: torch.Tensor
+
+
+class DispatchTable:
+    """A placement as torch tensors (zero-copy views), and the turn of every replicated
+    expert (pairs dealt so far, per expert). Shapes as in :class:`Placement`."""
+
+    def __init__(self, placement: Placement):
+        self.version = placement.version
+        self.num_shards = placement.num_shards
+        self.num_experts = placement.num_experts
+        self.ptr, self.shard, self.local = (
+            torch.from_numpy(np.require(getattr(placement, k), np.int64, "W"))
+            for k in ("ptr", "shard", "local")
+        )
+        self.count = self.ptr[1:] - self.ptr[:-1]
+        self._turn = torch.zeros(placement.num_experts, dtype=torch.int64)
+
+    def choose(self, ids: torch.Tensor, avoid: torch.Tensor | None = None):
+        """One replica per (token, slot): ``ids`` [T, S] -> (shard [T, S], local [T, S]).
+
+        ``avoid`` ([N] bool, e.g. shards that just failed) moves pairs to another replica
+        where the expert has one; an expert whose every replica is avoided keeps its pick."""
+        valid = ids >= 0
+        safe = ids.clamp(min=0)
+        first = self.ptr[safe]
+        count = self.count[safe]
+        multi = valid & (count > 1)
+        row = first
+        if bool(multi.any()):
+            pick = torch.zeros_like(ids)
+            pick[multi] = self._deal(ids[multi], count[multi])
+            if avoid is not None:
+                pick = self._around(pick, first, count, avoid)
+            row = first + pick
+        shard = torch.where(valid, self.shard[row], -1)
+        local = torch.where(valid, self.local[row], -1)
+        return shard, local
+
+    def _deal(self, experts: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+        """[P] replica index of each pair: its rank among the pairs of its expert, after the
+        expert's turn, modulo its replicas (the turns move on by the pairs dealt)."""
+        order = torch.argsort(experts, stable=True)
+        sorted_e = experts[order]
+        start = torch.searchsorted(sorted_e, sorted_e, right=False)
+        rank = torch.empty_like(experts)
+        rank[order] = torch.arange(len(experts)) - start
+        pick = (rank + self._turn[experts]) % count
+        self._turn.index_add_(0, experts, torch.ones_like(experts))
+        return pick
+
+    def _around(self, pick, first, count, avoid) -> torch.Tensor:
+        chosen = pick
+        # NOTE: walk round each expert's replicas until one is not avoided (bounded by the
+        # largest replica count, a small number)
+        for _ in range(int(count.max()) - 1):
+            bad = avoid[self.shard[first + pick]]
+            if not bool(bad.any()):
+                break
+            pick = torch.where(bad, (pick + 1) % count.clamp(min=1), pick)
+        still = avoid[self.shard[first + pick]]
+        return torch.where(still, chosen, pick)
+
+
+def split_by_shard(
+    ids: torch.Tensor,
+    weights: torch.Tensor,
+    table: DispatchTable,
+    avoid: torch.Tensor | None = None,
+) -> list[SubBatch]:
+    """One :class:`SubBatch` per shard that has work: one sort of every token's slots by
+    shard, then a slice per shard (a loop over shards, never experts)."""
+    T, S = ids.shape
+    N = table.num_shards
+    shard, local = table.choose(ids, avoid)
+    key = torch.where(shard >= 0, shard, N)  # empty slots sort last
+    order = torch.sort(key, dim=1, stable=True).indices  # [T, S]
+    per = torch.zeros((T, N + 1), dtype=torch.int64).scatter_add_(1, key, torch.ones_like(key))
+    start = per.cumsum(1) - per  # [T, N + 1] first sorted position of each shard's slots
+    sorted_ = [a.gather(1, order) for a in (local, weights, ids)]
+    out = []
+    for n in (per[:, :N].sum(0) > 0).nonzero().squeeze(1).tolist():
+        tokens = (per[:, n] > 0).nonzero().squeeze(1)
+        count = per[tokens, n]
+        width = int(count.max())
+        j = torch.arange(width)
+        pos = (start[tokens, n].unsqueeze(1) + j).clamp(max=S - 1)  # [t_n, S_n]
+        here = j < count.unsqueeze(1)
+        loc, w, gid = (a[tokens].gather(1, pos) for a in sorted_)
+        where = (torch.where(here, loc, -1), torch.where(here, w, 0), torch.where(here, gid, -1))
+        out.append(SubBatch(n, tokens, *where))
+    return out
+
+
+def resplit(sub: SubBatch, table: DispatchTable, avoid: torch.Tensor) -> list[SubBatch]:
+    """The pairs of a failed ``sub`` split again, away from ``avoid``ed shards where possible."""
+    return [
+        SubBatch(s.shard, sub.tokens[s.tokens], s.local_ids, s.weights, s.expert_ids)
+        for s in split_by_shard(sub.expert_ids, sub.weights, table, avoid=avoid)
+    ]
+
+
+def combine(T: int, d: int, parts: list[tuple[SubBatch, torch.Tensor]], like: torch.Tensor):
+    """Scatter-add each shard's partial sums ([t_n, d]) into the batch output [T, d]."""
+    y = torch.zeros((T, d), dtype=like.dtype, device=like.device)
+    for sub, partial in parts:
+        y.index_add_(0, sub.tokens, partial)
+    return y

@@ -1,0 +1,348 @@
+"""Router: the plain asyncio class behind a router actor (``ray.remote`` is applied in actors.py).
+
+The data path of one batch, as named stages (vLLM's modular MoE kernel):
+
+1. *route*: gate the batch (token-wise gates on the whole batch; batch-coupled gates such as
+   capacity routing per request, so results never depend on who else was in the batch), or
+   take the callers' own routes;
+2. *dispatch*: split into one sub-batch per shard under one placement version
+   (:mod:`.dispatch`) and send them through a :class:`ShardCalls` transport; a sub-batch
+   whose shard died or is reloading goes to another replica of its experts where there is
+   one, else to the same shard once it is back, until the request's deadline;
+3. *combine*: scatter-add the shards' partial sums, add the shared experts; each caller
+   gets its own rows.
+
+Requests are validated in their caller's coroutine (bad input fails that caller only) and
+coalesced by a :class:`.batcher.Batcher`. Tensors cross actor boundaries as numpy arrays.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from raymoe._private import timeouts
+from raymoe._private.data.batcher import Batcher, Request
+from raymoe._private.data.dispatch import DispatchTable, SubBatch, combine, resplit, split_by_shard
+from raymoe._private.data.stats import RouterStats
+from raymoe.config import PoolSpec
+from raymoe.errors import DeadlineExceededError, PoolUnavailableError
+from raymoe.layer import MoELayer
+from raymoe.placement import Placement
+from raymoe.validation import check_hidden
+
+INLINE_TOKENS = 256  # batches smaller than this are gated and combined on the event loop
+
+
+class ShardCalls(Protocol):
+    """The transport to shards (Ray object store or gRPC)."""
+
+    async def compute(
+        self, shard: int, x: np.ndarray, local_ids: np.ndarray, weights: np.ndarray
+    ) -> np.ndarray:
+        """Shard ``shard`` computes (x [t, d], local ids [t, S], weights [t, S]) -> [t, d]."""
+        ...
+
+    def retryable(self, error: BaseException) -> bool:
+        """Whether ``error`` means the shard is down or reloading (worth another attempt)."""
+        ...
+
+
+class Router:
+    def __init__(self, spec: PoolSpec):
+        self.spec = spec
+        self.layer = MoELayer(spec, experts=False).eval()
+        self.shards: ShardCalls | None = None
+        self.table: DispatchTable | None = None
+        self.routing_version = 0  # placement version that last changed spec or gate weights
+        self._ready = asyncio.Event()
+        self.batcher = Batcher(spec.limits, self._run_batch)
+        self.traffic = RouterStats(spec.num_experts, spec.shards.count)
+        self._running = collections.Counter()  # placement version -> batches running under it
+        self._stage_s = collections.Counter()  # seconds spent per stage of the data path
+
+    # --- control plane ------------------------------------------------------------------
+
+    def configure(
+        self,
+        shards: ShardCalls,
+        placement: Placement,
+        weights: dict[str, np.ndarray] | None = None,
+        spec: PoolSpec | None = None,
+        routing_version: int = 0,
+    ) -> None:
+        """Attach shards, a placement and the gate / shared-expert weights; ready to serve."""
+        self.shards = shards
+        self.table = None  # a reconfigure may go back in versions (a fresh controller)
+        self.set_placement(placement, spec or self.spec, weights or {}, routing_version)
+        self._ready.set()
+
+    def set_placement(
+        self,
+        placement: Placement,
+        spec: PoolSpec | None = None,
+        weights: dict[str, np.ndarray] | None = None,
+        routing_version: int | None = None,
+    ) -> None:
+        """Batches dispatched from now on use ``placement``; running ones keep theirs.
+
+        Routing state that grows or shrinks with the experts (``spec``: the expert count and
+        the removed ids; ``weights``: the gate, absent = keep the current one's) changes in
+        the same step, so a batch gates and dispatches under one version of both."""
+        if self.table is not None and placement.version < self.table.version:
+            return  # an old publication arriving late
+        if spec is not None:
+            layer = MoELayer(spec, experts=False).eval()
+            own = layer.state_dict()
+            state = weights if weights else self.layer.state_dict()
+            if weights or spec.num_experts == self.spec.num_experts:
+                tensors = {k: torch.as_tensor(np.asarray(v)) for k, v in state.items() if k in own}
+                layer.load_state_dict(tensors, strict=True)
+            self.spec, self.layer = spec, layer
+            self.routing_version = placement.version if routing_version is None else routing_version
+        self.traffic.resize(self.spec.num_experts, placement.num_shards)
+        self.table = DispatchTable(placement)
+
+    def gate_weights(self) -> dict[str, np.ndarray]:
+        """The gate and shared-expert weights (what a restarted controller re-publishes)."""
+        return {k: v.detach().numpy().copy() for k, v in self.layer.state_dict().items()}
+
+    def ready(self) -> bool:
+        """Whether this router can serve (it has shards and a placement)."""
+        return self._ready.is_set()
+
+    async def drained(self, version: int, timeout_s: float) -> bool:
+        """Wait until no batch runs under a placement older than ``version`` (make before
+        break: the controller frees old places only then); False on timeout."""
+        end = time.monotonic() + timeout_s
+        while any(v < version for v, n in self._running.items() if n):
+            if time.monotonic() >= end:
+                return False
+            await asyncio.sleep(0.005)
+        return True
+
+    def take_load(self) -> np.ndarray:
+        """Pairs routed to each expert since the last call ([E] int64)."""
+        return self.traffic.take_load()
+
+    # --- data plane ---------------------------------------------------------------------
+
+    async def forward(
+        self,
+        x: np.ndarray,
+        expert_ids: np.ndarray | None = None,
+        weights: np.ndarray | None = None,
+        token_ids: np.ndarray | None = None,
+        timeout_s: float | None = None,
+    ) -> np.ndarray:
+        """``x`` [..., d] -> [..., d]; optional client routes [T, S] or token ids [T]."""
+        limits = self.spec.limits
+        timeout = min(timeout_s or limits.request_timeout_s, limits.request_timeout_s)
+        deadline = time.monotonic() + timeout
+        req = self._check(x, expert_ids, weights, token_ids, deadline)
+        if req.tokens == 0:
+            return np.zeros(req.x.shape, dtype=np.asarray(x).dtype)
+        try:
+            await asyncio.wait_for(self._ready.wait(), timeout)
+        except TimeoutError:
+            raise PoolUnavailableError("the router has no shards configured yet") from None
+        try:
+            self.batcher.submit(req)
+        except Exception:
+            self.traffic.counters["rejected"] += 1
+            raise
+        try:
+            out = await asyncio.wait_for(asyncio.shield(req.future), deadline - time.monotonic())
+        except TimeoutError:
+            self.traffic.counters["deadline_exceeded"] += 1
+            raise DeadlineExceededError(f"request not served within {timeout:.3g} s") from None
+        self.traffic.request(req.tokens, time.perf_counter() - req.started)
+        return out
+
+    def _check(self, x, expert_ids, weights, token_ids, deadline) -> Request:
+        spec = self.spec
+        xt = _tensor(x)
+        T = check_hidden(
+            xt,
+            d_model=spec.d_model,
+            dtype=spec.torch_dtype,
+            allow_nonfinite=spec.limits.allow_nonfinite,
+            max_tokens=spec.limits.max_request_tokens,
+        )
+        flat = xt.reshape(T, spec.d_model)
+        ids, w, tok = _tensor(expert_ids), _tensor(weights), _tensor(token_ids)
+        self.layer.check_route_inputs(flat, xt, token_ids=tok, expert_ids=ids, weights=w)
+        fut = asyncio.get_running_loop().create_future()
+        return Request(xt, flat, ids, w, tok, deadline, fut)
+
+    async def _run_batch(self, batch: list[Request]) -> None:
+        table, layer = self.table, self.layer  # the one version this batch runs under
+        self._running[table.version] += 1
+        try:
+            await self._run_batch_under(batch, table, layer)
+        finally:
+            self._running[table.version] -= 1
+
+    async def _run_batch_under(self, batch: list[Request], table: DispatchTable, layer) -> None:
+        batch = [r for r in batch if not r.future.done() and _still_valid(r, layer)]
+        if not batch:
+            return
+        try:
+            t0 = time.perf_counter()
+            flat, ids, w = await self._offload(_route, batch, layer)  # 1. route
+            t1 = time.perf_counter()
+            deadline = max(r.deadline for r in batch)
+            parts = await self._dispatch(flat, ids, w, table, deadline)  # 2. dispatch
+            t2 = time.perf_counter()
+            y = await self._offload(self._combine, flat, parts)  # 3. combine
+            self._stage_s.update(route=t1 - t0, dispatch=t2 - t1, combine=time.perf_counter() - t2)
+        except BaseException as e:  # every caller of the batch hears about it
+            for r in batch:
+                if not r.future.done():
+                    r.future.set_exception(e if isinstance(e, Exception) else RuntimeError(e))
+            if not isinstance(e, Exception):
+                raise
+            return
+        shard_pairs = np.zeros(table.num_shards, np.int64)
+        for sub, _ in parts:
+            shard_pairs[sub.shard] += int((sub.local_ids >= 0).sum())
+        self.traffic.batch(ids[ids >= 0].numpy(), shard_pairs, flat.shape[0])
+        start = 0
+        for r in batch:
+            out = y[start : start + r.tokens].reshape(r.x.shape)
+            start += r.tokens
+            if not r.future.done():
+                r.future.set_result(out.numpy())
+
+    async def _offload(self, fn, batch_or_flat, *args):
+        """Run ``fn`` in a worker thread for big batches (the loop keeps taking requests
+        meanwhile); inline for small ones, where the thread hand-off would cost more."""
+        first = batch_or_flat
+        tokens = first.shape[0] if isinstance(first, torch.Tensor) else sum(r.tokens for r in first)
+        if tokens < INLINE_TOKENS:
+            return fn(batch_or_flat, *args)
+        return await asyncio.to_thread(fn, batch_or_flat, *args)
+
+    async def _dispatch(self, flat, ids, w, table: DispatchTable, deadline: float):
+        """Run every sub-batch to completion (retrying failed ones); -> (sub-batch, partial)."""
+        avoid = torch.zeros(table.num_shards, dtype=torch.bool)
+        todo = split_by_shard(ids, w, table)
+        parts: list[tuple[SubBatch, torch.Tensor]] = []
+        backoff = timeouts.BACKOFF_S[0]
+        for _ in range(timeouts.MAX_ATTEMPTS):
+            results = await asyncio.gather(
+                *(self._call(s, flat) for s in todo), return_exceptions=True
+            )
+            failed = []
+            for sub, res in zip(todo, results, strict=True):
+                if not isinstance(res, BaseException):
+                    parts.append((sub, torch.from_numpy(res)))
+                elif self.shards.retryable(res):
+                    failed.append(sub)
+                    avoid[sub.shard] = True
+                else:
+                    raise res
+            if not failed:
+                return parts
+            self.traffic.counters["retries"] += len(failed)
+            if time.monotonic() + backoff >= deadline:
+                raise DeadlineExceededError("shards unavailable until the request's deadline")
+            await asyncio.sleep(backoff)
+            backoff = min(2 * backoff, timeouts.BACKOFF_S[1])
+            todo = [s for sub in failed for s in resplit(sub, table, avoid)]
+        raise PoolUnavailableError(f"shards still failing after {timeouts.MAX_ATTEMPTS} attempts")
+
+    async def _call(self, sub: SubBatch, flat: torch.Tensor) -> np.ndarray:
+        return await self.shards.compute(
+            sub.shard,
+            flat[sub.tokens].numpy(),
+            sub.local_ids.numpy(),
+            sub.weights.to(torch.float32).numpy(),
+        )
+
+    @torch.no_grad()
+    def _combine(self, flat, parts) -> torch.Tensor:
+        y = combine(flat.shape[0], self.spec.d_model, parts, flat)
+        return y + self.layer.shared_output(flat)
+
+    # --- introspection ------------------------------------------------------------------
+
+    def describe(self) -> dict:
+        t = self.table
+        return {
+            "ready": self.ready(),
+            "placement_version": t.version if t else None,
+            "routing_version": self.routing_version,
+        }
+
+    def stats(self, window_s: float = 60.0) -> dict:
+        """This router's traffic over the last ``window_s`` seconds (merged by the
+        controller), with the seconds spent per stage and the queue's length."""
+        out = self.traffic.window(window_s)
+        out["stage_s"] = dict(self._stage_s)
+        out["queued"] = len(self.batcher.queue)
+        return out
+
+
+@torch.no_grad()
+def _route(batch: list[Request], layer: MoELayer):
+    """(flat [T, d], ids [T, S], weights [T, S]) of the whole batch, in request order."""
+    flat = torch.cat([r.flat for r in batch]) if len(batch) > 1 else batch[0].flat
+    routes: list = [None] * len(batch)
+    gated = []
+    for i, r in enumerate(batch):
+        if r.expert_ids is not None:
+            routes[i] = (r.expert_ids.long(), r.weights.to(torch.float32))
+        elif layer.router.batch_coupled:
+            rt = layer.route(r.flat, r.x, token_ids=r.token_ids)
+            routes[i] = (rt.ids, rt.weights)
+        else:
+            gated.append(i)
+    if gated:
+        # token-wise gates: one gating call for all of them (batched routing matmuls)
+        xs = torch.cat([batch[i].flat for i in gated])
+        tok = None
+        if layer.router.needs_token_ids:
+            tok = torch.cat([batch[i].token_ids for i in gated])
+        rt = layer.route(xs, xs, token_ids=tok)
+        start = 0
+        for i in gated:
+            t = batch[i].tokens
+            routes[i] = (rt.ids[start : start + t], rt.weights[start : start + t])
+            start += t
+    S = max(a.shape[1] for a, _ in routes)
+    ids = torch.cat([_pad(a, S, -1) for a, _ in routes])
+    w = torch.cat([_pad(b, S, 0.0) for _, b in routes])
+    return flat, ids, w
+
+
+def _still_valid(r: Request, layer: MoELayer) -> bool:
+    """False (and the caller told why) when ``r``'s client routes name experts removed after
+    it was admitted."""
+    if r.expert_ids is None or layer.router.removed is None:
+        return True
+    try:
+        layer.check_route_inputs(r.flat, r.x, expert_ids=r.expert_ids, weights=r.weights)
+    except Exception as e:
+        r.future.set_exception(e)
+        return False
+    return True
+
+
+def _pad(a: torch.Tensor, S: int, value) -> torch.Tensor:
+    if a.shape[1] == S:
+        return a
+    return torch.nn.functional.pad(a, (0, S - a.shape[1]), value=value)
+
+
+def _tensor(a):
+    if a is None or isinstance(a, torch.Tensor):
+        return a
+    if not isinstance(a, np.ndarray):
+        return a  # let validation name the wrong type
+    return torch.from_numpy(np.ascontiguousarray(a))

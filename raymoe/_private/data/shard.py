@@ -1,0 +1,175 @@
+"""ExpertShard: the plain class behind a shard actor (``ray.remote`` is applied elsewhere).
+
+A shard owns a set of expert replicas in one expert bank, addressed by local index. Tensors
+cross its boundary as numpy arrays (zero-copy out of the Ray object store; DESIGN §5).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from raymoe.config import PoolSpec
+from raymoe.errors import ShardNotReadyError
+from raymoe.kernels import make_bank
+
+
+class ExpertShard:
+    """Shapes: t tokens, S slots, d width, L local experts.
+
+    A shard starts empty when built without ``expert_ids``: a shard actor that Ray restarts
+    re-runs only this constructor, and stays not ready (``compute`` raises
+    :class:`ShardNotReadyError`) until its controller calls :meth:`configure` again.
+    """
+
+    def __init__(
+        self,
+        spec: PoolSpec,
+        shard_id: int,
+        expert_ids: np.ndarray | None = None,
+        device: str = "cpu",
+        rows: dict[str, np.ndarray] | None = None,
+    ):
+        self.spec = spec
+        self.shard_id = shard_id
+        self.device = torch.device(device)
+        self.bank = None  # the bank in service; None while (re)loading
+        self._bank = None  # the bank being built or loaded
+        self.expert_ids = torch.zeros(0, dtype=torch.int64)
+        if expert_ids is not None:
+            self.configure(expert_ids, rows)
+
+    def configure(
+        self,
+        expert_ids: np.ndarray,
+        rows: dict[str, np.ndarray] | None = None,
+        ready: bool = True,
+    ) -> None:
+        """Build the bank for ``expert_ids`` ([L], the global id at each local index, -1 = a
+        free place) with the seeded init, then load ``rows`` (of the live ids, in local
+        order) if given. With ``ready=False`` the shard refuses work until
+        :meth:`mark_ready` (while its controller imports the rest of its weights)."""
+        self.bank = None
+        self.expert_ids = torch.as_tensor(np.asarray(expert_ids), dtype=torch.int64)  # [L]
+        bank = make_bank(self.spec, self.expert_ids.clamp(min=0), device=self.device).eval()
+        self._bank = bank
+        if rows:
+            live = self.expert_ids[self.expert_ids >= 0].numpy()
+            self.import_experts(live, rows)
+        if ready:
+            self.mark_ready()
+
+    def restore(self, global_ids: np.ndarray, rows: dict[str, np.ndarray]) -> None:
+        """Import a weight increment while (re)loading; ids that no longer live here skip."""
+        self.import_experts(global_ids, rows, missing_ok=True)
+
+    def mark_ready(self) -> None:
+        self.bank = self._bank
+
+    def place(self, local: np.ndarray, global_ids: np.ndarray, rows=None) -> None:
+        """Put experts ``global_ids`` at local indices ``local`` ([n]; the bank grows when
+        they lie beyond it), with ``rows`` (``{name: [n, ...]}``) or the seeded init.
+
+        NOTE: make before break: the places that running batches read are never touched;
+        a controller only places an expert where its current placement has no replica.
+        """
+        local = torch.as_tensor(np.asarray(local), dtype=torch.int64)
+        gid = torch.as_tensor(np.asarray(global_ids), dtype=torch.int64)
+        if not len(local):
+            return
+        size = self.size_for(local)
+        if size:
+            self._adopt(*self._grown(size))
+        tensors = self.rows_for(gid, rows)
+        self._bank.import_rows(local, tensors)
+        self.expert_ids[local] = gid
+
+    def reserve(self, places: int) -> None:
+        """Grow the bank to at least ``places`` places now (before a copy of many experts,
+        so that it grows once rather than with every chunk)."""
+        if places > len(self.expert_ids):
+            self._adopt(*self._grown(places))
+
+    def size_for(self, local: torch.Tensor) -> int | None:
+        """The size the bank must grow to before ``local`` fits (None: it fits)."""
+        size, need = len(self.expert_ids), int(local.max()) + 1
+        return max(need, size + size // 4) if need > size else None
+
+    def rows_for(self, gid: torch.Tensor, rows) -> dict[str, torch.Tensor]:
+        """``rows`` as tensors, or the seeded init of experts ``gid``."""
+        if rows is None:
+            return make_bank(self.spec, gid, device=self.device).export_rows(torch.arange(len(gid)))
+        return {k: torch.as_tensor(np.asarray(v)) for k, v in rows.items()}
+
+    def free(self, local: np.ndarray) -> None:
+        """Forget the experts at ``local`` (their places may be reused by a later ``place``)."""
+        self.expert_ids[torch.as_tensor(np.asarray(local), dtype=torch.int64)] = -1
+
+    def _grown(self, size: int):
+        """A bank of ``size`` places holding the current rows; reads the bank, changes
+        nothing (so sub-batches may run meanwhile). -> (bank, expert ids)."""
+        ids = torch.full((size,), -1, dtype=torch.int64)
+        ids[: len(self.expert_ids)] = self.expert_ids
+        # NOTE: no seeded init here: kept rows are copied, new places are filled by place()
+        bank = make_bank(self.spec, ids.clamp(min=0), device=self.device, seeded=False).eval()
+        keep = torch.arange(len(self.expert_ids))
+        bank.import_rows(keep, self._bank.export_rows(keep))
+        return bank, ids
+
+    def _adopt(self, bank, ids: torch.Tensor) -> None:
+        """Put a grown bank in service (a swap: fast)."""
+        self._bank, self.expert_ids = bank, ids
+        if self.bank is not None:
+            self.bank = bank
+
+    @property
+    def ready(self) -> bool:
+        return self.bank is not None
+
+    def status(self) -> dict:
+        live = int((self.expert_ids >= 0).sum())
+        return {
+            "shard": self.shard_id,
+            "ready": self.ready,
+            "experts": live,
+            "places": len(self.expert_ids),
+        }
+
+    @torch.no_grad()
+    def compute(self, x: np.ndarray, local_ids: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        """``x`` [t, d], ``local_ids`` [t, S] (-1 = not here), ``weights`` [t, S] -> [t, d]."""
+        if self.bank is None:
+            raise ShardNotReadyError(f"shard {self.shard_id} is loading its experts")
+        xt = torch.from_numpy(x).to(self.device)
+        ids = torch.from_numpy(local_ids).to(self.device)
+        w = torch.from_numpy(weights).to(self.device)
+        return self.bank(xt, ids, w).cpu().numpy()
+
+    def export_experts(self, global_ids: np.ndarray) -> dict[str, np.ndarray]:
+        """Weights of ``global_ids`` (which must live here) as ``{name: [n, ...]}``."""
+        local = self._local(global_ids)
+        return {k: v.cpu().numpy() for k, v in self._bank.export_rows(local).items()}
+
+    def import_experts(
+        self, global_ids: np.ndarray, rows: dict[str, np.ndarray], missing_ok: bool = False
+    ) -> None:
+        """Overwrite experts ``global_ids`` with ``rows``; ids that do not live here are an
+        error, or skipped with ``missing_ok``."""
+        tensors = {k: torch.from_numpy(np.asarray(v)) for k, v in rows.items()}
+        if missing_ok:
+            here = torch.isin(torch.as_tensor(np.asarray(global_ids)), self.expert_ids)
+            if not bool(here.any()):
+                return
+            global_ids = np.asarray(global_ids)[here.numpy()]
+            tensors = {k: v[here] for k, v in tensors.items()}
+        self._bank.import_rows(self._local(global_ids), tensors)
+
+    def _local(self, global_ids: np.ndarray) -> torch.Tensor:
+        gid = torch.as_tensor(np.asarray(global_ids), dtype=torch.int64)
+        order = torch.argsort(self.expert_ids)
+        pos = torch.searchsorted(self.expert_ids[order], gid).clamp(max=len(order) - 1)
+        local = order[pos]
+        if not bool((self.expert_ids[local] == gid).all()):
+            missing = gid[self.expert_ids[local] != gid][:5].tolist()
+            raise KeyError(f"shard {self.shard_id} does not hold experts {missing}")
+        return local

@@ -1,0 +1,119 @@
+"""Router -> shard transports (the design's "object store or gRPC"), chosen by
+``spec.shards.transport``.
+
+- ``object_store``: a Ray actor call per sub-batch; numpy arrays travel through the object
+  store (zero-copy for large ones). It is a Ray call, so it lives in ``actors.py``.
+- ``grpc`` (here): every shard serves a small internal gRPC endpoint
+  (``ExpertShardService``, raw tensor bytes, no pickle); routers look a shard's endpoint up
+  (through Ray, by a function they are given), keep one channel per shard, and look it up
+  again when a shard restarts on a new port. The endpoint is internal to the cluster network
+  and unauthenticated; the public, authenticated surface is the gateway.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Awaitable, Callable
+from concurrent import futures
+
+import grpc
+
+from raymoe._private.data.wire import from_tensor, max_message_bytes, to_tensor
+from raymoe.config import PoolSpec
+from raymoe.errors import InvalidInputError, ShardNotReadyError
+from raymoe.v1 import shard_pb2, shard_pb2_grpc
+
+TRANSPORTS = ("object_store", "grpc")
+
+
+class ShardUnreachableError(Exception):
+    """A shard's gRPC endpoint did not answer (dead, restarting, or moved to a new port)."""
+
+
+class GrpcShardCalls:
+    """:class:`raymoe._private.data.router.ShardCalls` over each shard's gRPC endpoint.
+
+    ``endpoint(n)`` looks up shard n's "host:port"; ``also_retryable`` says which other
+    errors (those of the lookup itself) mean "down or reloading"."""
+
+    RETRY_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.FAILED_PRECONDITION)
+
+    def __init__(
+        self,
+        spec: PoolSpec,
+        endpoint: Callable[[int], Awaitable[str]],
+        also_retryable: Callable[[BaseException], bool],
+    ):
+        self.max_bytes = max_message_bytes(spec)
+        self._endpoint = endpoint
+        self._also = also_retryable
+        self._stubs: dict[int, tuple[grpc.aio.Channel, shard_pb2_grpc.ExpertShardServiceStub]] = {}
+
+    async def _stub(self, shard: int):
+        if shard not in self._stubs:
+            endpoint = await self._endpoint(shard)
+            channel = grpc.aio.insecure_channel(endpoint, options=_options(self.max_bytes))
+            self._stubs[shard] = (channel, shard_pb2_grpc.ExpertShardServiceStub(channel))
+        return self._stubs[shard][1]
+
+    async def compute(self, shard, x, local_ids, weights):
+        stub = await self._stub(shard)
+        req = shard_pb2.ComputeRequest(
+            x=to_tensor(x), local_ids=to_tensor(local_ids), weights=to_tensor(weights)
+        )
+        try:
+            reply = await stub.Compute(req)
+        except grpc.aio.AioRpcError as e:
+            if e.code() not in self.RETRY_CODES:
+                raise
+            channel, _ = self._stubs.pop(shard, (None, None))
+            if channel is not None and e.code() == grpc.StatusCode.UNAVAILABLE:
+                await channel.close()  # NOTE: a restarted shard listens on a new port
+            raise ShardUnreachableError(f"shard {shard}: {e.code().name}: {e.details()}") from e
+        return from_tensor(reply.y, "y")
+
+    def retryable(self, error: BaseException) -> bool:
+        return isinstance(error, ShardUnreachableError) or self._also(error)
+
+
+class _Servicer(shard_pb2_grpc.ExpertShardServiceServicer):
+    def __init__(self, shard, lock: threading.Lock, max_bytes: int):
+        self.shard, self.lock, self.max_bytes = shard, lock, max_bytes
+
+    def Compute(self, request, context):
+        try:
+            x = from_tensor(request.x, "x", max_bytes=self.max_bytes)
+            ids = from_tensor(request.local_ids, "local_ids", max_bytes=self.max_bytes)
+            w = from_tensor(request.weights, "weights", max_bytes=self.max_bytes)
+            with self.lock:
+                y = self.shard.compute(x, ids, w)
+        except ShardNotReadyError as e:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+        except (InvalidInputError, ValueError, IndexError, RuntimeError) as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{type(e).__name__}: {e}")
+        return shard_pb2.ComputeReply(y=to_tensor(y))
+
+
+def serve_shard(shard, lock: threading.Lock, spec: PoolSpec, host: str) -> tuple[grpc.Server, str]:
+    """Start ``shard``'s gRPC endpoint on a free port of ``host``; -> (server, "host:port")."""
+    max_bytes = max_message_bytes(spec)
+    # NOTE: one worker thread: a shard computes one sub-batch at a time (its kernels already
+    # use the actor's threads); the bounded queue makes gRPC answer RESOURCE_EXHAUSTED.
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=1),
+        options=_options(max_bytes),
+        maximum_concurrent_rpcs=spec.limits.max_queued_requests,
+    )
+    shard_pb2_grpc.add_ExpertShardServiceServicer_to_server(
+        _Servicer(shard, lock, max_bytes), server
+    )
+    port = server.add_insecure_port(f"{host}:0")
+    server.start()
+    return server, f"{host}:{port}"
+
+
+def _options(max_bytes: int) -> list:
+    return [
+        ("grpc.max_send_message_length", max_bytes),
+        ("grpc.max_receive_message_length", max_bytes),
+    ]

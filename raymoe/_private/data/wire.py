@@ -1,0 +1,265 @@
+"""The one module that converts between protobuf messages and Python values.
+
+Tensors, the gateway's replies (stats, describe, operation reports) and errors (raymoe error
+classes <-> gRPC status codes) are converted here and nowhere else.
+
+Replies are the typed values of :mod:`raymoe.reports`. A ``raymoe.v1.Tensor`` is (dtype,
+shape, raw little-endian C-order bytes). Decoding checks everything a peer could get wrong
+(unknown dtype, negative or too many dimensions, a shape whose size disagrees with the byte
+length, a declared size over the limit) and raises :class:`InvalidInputError` naming the
+field; it never allocates more than the bytes it got.
+"""
+
+from __future__ import annotations
+
+import json
+
+import grpc
+import numpy as np
+
+from raymoe import errors
+from raymoe.errors import DTypeError, InvalidInputError, RequestTooLargeError, ShapeError
+from raymoe.reports import Latency, OpReport, PoolDescription, PoolStats
+from raymoe.v1 import admin_pb2, pool_pb2, tensor_pb2
+
+MAX_DIMS = 8
+MAX_DIM = 2**31 - 1  # the largest size of one dimension (numpy's limit is lower on 0 sizes)
+MAX_MESSAGE_BYTES = 2**31 - 1  # gRPC's own ceiling
+
+
+def max_message_bytes(spec) -> int:
+    """The largest message a pool carries: ``max_request_tokens`` tokens of float64 hidden
+    states with every routing slot used (an int64 id and a float64 weight each) and a token
+    id, plus room for the framing; at most gRPC's ceiling. The one size formula: the gateway
+    and the shard endpoints both bound their messages with it."""
+    per_token = spec.d_model * 8 + spec.slots * 16 + 8
+    return min(spec.limits.max_request_tokens * per_token + (1 << 20), MAX_MESSAGE_BYTES)
+
+
+_TO_NUMPY = {
+    tensor_pb2.DTYPE_FLOAT32: np.dtype("<f4"),
+    tensor_pb2.DTYPE_FLOAT64: np.dtype("<f8"),
+    tensor_pb2.DTYPE_FLOAT16: np.dtype("<f2"),
+    tensor_pb2.DTYPE_INT64: np.dtype("<i8"),
+    tensor_pb2.DTYPE_INT32: np.dtype("<i4"),
+}
+_FROM_NUMPY = {v.newbyteorder("="): k for k, v in _TO_NUMPY.items()}
+
+
+def to_tensor(a: np.ndarray) -> tensor_pb2.Tensor:
+    """numpy -> Tensor (little-endian bytes, C order)."""
+    a = np.asarray(a)
+    try:
+        dtype = _FROM_NUMPY[a.dtype.newbyteorder("=")]
+    except KeyError:
+        raise DTypeError(f"no wire dtype for {a.dtype}") from None
+    data = np.ascontiguousarray(a, dtype=_TO_NUMPY[dtype]).tobytes()
+    return tensor_pb2.Tensor(dtype=dtype, shape=a.shape, data=data)
+
+
+def from_tensor(t: tensor_pb2.Tensor, field: str, *, max_bytes: int | None = None) -> np.ndarray:
+    """Tensor -> numpy (a read-only view of the message's bytes), validated."""
+    dtype = _TO_NUMPY.get(t.dtype)
+    if dtype is None:
+        name = tensor_pb2.DType.Name(t.dtype) if t.dtype in tensor_pb2.DType.values() else t.dtype
+        raise DTypeError(f"{field}: unsupported dtype {name}")
+    shape = tuple(t.shape)
+    if len(shape) > MAX_DIMS:
+        raise ShapeError(f"{field}: {len(shape)} dimensions, at most {MAX_DIMS}")
+    if any(n < 0 for n in shape):
+        raise ShapeError(f"{field}: negative dimension in shape {list(shape)}")
+    if any(n > MAX_DIM for n in shape):  # NOTE: before any arithmetic on the shape
+        raise ShapeError(f"{field}: dimension over {MAX_DIM} in shape {list(shape)}")
+    count = 1
+    for n in shape:  # NOTE: Python ints: a huge declared shape cannot overflow
+        count *= n
+    nbytes = count * dtype.itemsize
+    if max_bytes is not None and nbytes > max_bytes:
+        raise RequestTooLargeError(f"{field}: {nbytes} bytes declared, limit {max_bytes}")
+    if nbytes != len(t.data):
+        raise InvalidInputError(
+            f"{field}: shape {list(shape)} of {dtype.name} needs {nbytes} bytes, got {len(t.data)}"
+        )
+    native = dtype.newbyteorder("=")
+    return np.frombuffer(t.data, dtype=dtype).reshape(shape).astype(native, copy=False)
+
+
+# --- errors <-> status codes -----------------------------------------------------------------
+
+Code = grpc.StatusCode
+ERROR_TYPE_KEY = "raymoe-error"  # trailing metadata: the exact raymoe error class
+
+# The most specific class wins (looked up along the MRO).
+_CODE_OF: dict[type, grpc.StatusCode] = {
+    errors.InvalidInputError: Code.INVALID_ARGUMENT,
+    errors.ConfigError: Code.INVALID_ARGUMENT,
+    errors.PoolOverloadedError: Code.RESOURCE_EXHAUSTED,
+    errors.DeadlineExceededError: Code.DEADLINE_EXCEEDED,
+    errors.PoolUnavailableError: Code.UNAVAILABLE,
+    errors.ShardNotReadyError: Code.UNAVAILABLE,
+    errors.PoolNotFoundError: Code.NOT_FOUND,
+    errors.PoolExistsError: Code.ALREADY_EXISTS,
+    errors.AuthenticationError: Code.UNAUTHENTICATED,
+    errors.PermissionDeniedError: Code.PERMISSION_DENIED,
+    errors.PoolError: Code.INTERNAL,
+    errors.RaymoeError: Code.INTERNAL,
+}
+# A status without the trailing metadata (from another server, or from gRPC itself).
+_ERROR_OF: dict[grpc.StatusCode, type] = {
+    Code.INVALID_ARGUMENT: errors.InvalidInputError,
+    Code.OUT_OF_RANGE: errors.InvalidInputError,
+    Code.RESOURCE_EXHAUSTED: errors.PoolOverloadedError,
+    Code.DEADLINE_EXCEEDED: errors.DeadlineExceededError,
+    Code.UNAVAILABLE: errors.PoolUnavailableError,
+    Code.NOT_FOUND: errors.PoolNotFoundError,
+    Code.ALREADY_EXISTS: errors.PoolExistsError,
+    Code.UNAUTHENTICATED: errors.AuthenticationError,
+    Code.PERMISSION_DENIED: errors.PermissionDeniedError,
+}
+
+
+def _error_classes() -> dict[str, type]:
+    out, todo = {}, [errors.RaymoeError]
+    while todo:
+        cls = todo.pop()
+        out[cls.__name__] = cls
+        todo.extend(cls.__subclasses__())
+    return out
+
+
+_ERRORS_BY_NAME = {n: c for n, c in _error_classes().items() if c.__module__ == errors.__name__}
+
+
+def status_of(error: errors.RaymoeError) -> tuple[grpc.StatusCode, str]:
+    """(status code, raymoe error class name) of an error the gateway answers with."""
+    for cls in type(error).__mro__:
+        if cls in _CODE_OF:
+            name = type(error).__name__
+            return _CODE_OF[cls], name if name in _ERRORS_BY_NAME else cls.__name__
+    return Code.INTERNAL, errors.RaymoeError.__name__
+
+
+def error_of(code: grpc.StatusCode, message: str, type_name: str | None) -> errors.RaymoeError:
+    """The raymoe error a client raises for a failed call."""
+    cls = _ERRORS_BY_NAME.get(type_name or "")
+    if cls is None and code == Code.RESOURCE_EXHAUSTED and "larger than max" in message:
+        cls = errors.RequestTooLargeError  # gRPC's own message size limit
+    if cls is None:
+        cls = _ERROR_OF.get(code, errors.PoolError)
+    err = cls.__new__(cls)
+    Exception.__init__(err, message or code.name)
+    if isinstance(err, errors.ConfigError):
+        err.field = None
+    return err
+
+
+# --- replies: the typed values of raymoe.reports <-> protobuf --------------------------------
+
+
+def stats_to_proto(s: PoolStats) -> pool_pb2.StatsReply:
+    lat = s.latency
+    return pool_pb2.StatsReply(
+        requests=s.requests,
+        tokens=s.tokens,
+        window_s=s.window_s,
+        tokens_per_s=s.tokens_per_s,
+        latency_p50_ms=lat.p50_ms if lat else None,
+        latency_p99_ms=lat.p99_ms if lat else None,
+        batch_tokens_mean=s.batch_tokens_mean,
+        batch_tokens_max=s.batch_tokens_max,
+        pairs_per_shard=s.pairs_per_shard,
+        imbalance=s.imbalance,
+        expert_load=to_tensor(np.asarray(s.expert_load, np.int64)),
+        counters=s.counters,
+    )
+
+
+def stats_from_proto(m: pool_pb2.StatsReply) -> PoolStats:
+    lat = Latency(m.latency_p50_ms, m.latency_p99_ms) if m.HasField("latency_p50_ms") else None
+    return PoolStats(
+        window_s=m.window_s,
+        requests=m.requests,
+        tokens=m.tokens,
+        tokens_per_s=m.tokens_per_s,
+        latency=lat,
+        batch_tokens_mean=m.batch_tokens_mean if m.HasField("batch_tokens_mean") else None,
+        batch_tokens_max=m.batch_tokens_max if m.HasField("batch_tokens_max") else None,
+        pairs_per_shard=tuple(m.pairs_per_shard),
+        imbalance=m.imbalance,
+        expert_load=from_tensor(m.expert_load, "expert_load").copy(),
+        counters=dict(m.counters),
+    )
+
+
+def describe_to_proto(d: PoolDescription) -> admin_pb2.DescribeReply:
+    return admin_pb2.DescribeReply(
+        name=d.name,
+        spec_json=json.dumps(d.spec),
+        placement_version=d.placement_version,
+        routing_version=d.routing_version,
+        shards=d.shards,
+        routers=d.routers,
+        experts=d.experts,
+        live_experts=d.live_experts,
+        replicas=d.replicas,
+        experts_per_shard=d.experts_per_shard,
+        removed=d.removed,
+        pinned=d.pinned,
+        drained=d.drained,
+        degraded=d.degraded,
+        last_change_s=d.last_change_s,
+        resumed_changes=d.resumed_changes,
+    )
+
+
+def describe_from_proto(m: admin_pb2.DescribeReply) -> PoolDescription:
+    return PoolDescription(
+        name=m.name,
+        spec=json.loads(m.spec_json),
+        placement_version=m.placement_version,
+        routing_version=m.routing_version,
+        shards=m.shards,
+        routers=m.routers,
+        experts=m.experts,
+        live_experts=m.live_experts,
+        replicas=m.replicas,
+        experts_per_shard=tuple(m.experts_per_shard),
+        removed=tuple(m.removed),
+        pinned=dict(m.pinned),
+        drained=tuple(m.drained),
+        degraded=tuple(m.degraded),
+        last_change_s=dict(m.last_change_s),
+        resumed_changes=m.resumed_changes,
+    )
+
+
+def report_to_proto(r: OpReport) -> admin_pb2.OperationReport:
+    return admin_pb2.OperationReport(
+        version=r.version,
+        replicas_added=r.replicas_added,
+        replicas_dropped=r.replicas_dropped,
+        bytes_moved=r.bytes_moved,
+        imbalance_before=r.imbalance_before,
+        imbalance_after=r.imbalance_after,
+        dry_run=r.dry_run,
+        policy=r.policy,
+        expert_ids=r.expert_ids,
+        removed=r.removed,
+        pinned=r.pinned,
+    )
+
+
+def report_from_proto(m: admin_pb2.OperationReport) -> OpReport:
+    return OpReport(
+        version=m.version,
+        replicas_added=m.replicas_added,
+        replicas_dropped=m.replicas_dropped,
+        bytes_moved=m.bytes_moved,
+        imbalance_before=m.imbalance_before,
+        imbalance_after=m.imbalance_after,
+        dry_run=m.dry_run,
+        policy=m.policy,
+        expert_ids=tuple(m.expert_ids),
+        removed=tuple(m.removed),
+        pinned=dict(m.pinned),
+    )

@@ -1,0 +1,294 @@
+"""The ``routing`` section: one model per routing kind (DESIGN §3), each declaring what it can
+do, so that nothing elsewhere asks "which kind is this?".
+
+Capabilities every kind answers:
+
+- :meth:`~_Routing.slots`: columns of the ``[T, S]`` routes it produces (an upper bound);
+- :meth:`~_Routing.check`: whether it can route ``E`` experts (raises :class:`SpecProblem`);
+- ``removable``: whether experts can be removed at runtime (its gate masks them out);
+- :meth:`~_Routing.min_live`: the live experts it needs;
+- :meth:`~_Routing.grown`: the routing section of a pool grown by ``count`` experts, or a
+  :class:`~raymoe.errors.ConfigError` saying why it cannot grow (``growable`` kinds can);
+- :meth:`~_Routing.align`: the unit placement keeps together (product-key pools: one row);
+- :meth:`~_Routing.gate_rows`: the gate rows (by neutral name, shape) new experts bring.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt
+
+from raymoe.errors import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class SpecProblem(ValueError):
+    """An impossible combination, raised inside validation with the field it concerns."""
+
+    def __init__(self, field: str, message: str):
+        self.field = field
+        super().__init__(message)
+
+
+def need(ok: bool, field: str, message: str) -> None:
+    if not ok:
+        raise SpecProblem(f"routing.{field}", message)
+
+
+class _Routing(_Section):
+    aux_loss_coef: float = Field(0.0, ge=0.0)
+    z_loss_coef: float = Field(0.0, ge=0.0)
+
+    removable: ClassVar[bool] = False
+    growable: ClassVar[bool] = False
+
+    def slots(self, num_experts: int) -> int:
+        return 1
+
+    def check(self, num_experts: int) -> None:
+        """Raise :class:`SpecProblem` unless this routing can route ``num_experts``."""
+
+    def min_live(self) -> int:
+        return 1
+
+    def align(self, num_experts: int) -> int:
+        return 1
+
+    def grown(self, num_experts: int, count: int) -> _Routing:
+        kinds = ", ".join(sorted(k for k, c in ROUTING_KINDS.items() if c.growable))
+        raise ConfigError(
+            f"{self.kind} routing cannot add experts at runtime; routing kinds that can: {kinds}",
+            "routing",
+        )
+
+    def gate_rows(self, d_model: int, num_experts: int, count: int) -> dict[str, tuple]:
+        return {"router.weight": (count, d_model)}
+
+
+class TopKRouting(_Routing):
+    """Softmax/sigmoid top-k gating (Mixtral, Qwen, OLMoE, DeepSeek-V3, Shazeer's noisy top-k).
+    Grows by any count and removes experts, except with groups (which must stay equal)."""
+
+    kind: Literal["topk"] = "topk"
+    k: PositiveInt
+    score: Literal["softmax", "sigmoid"] = "softmax"
+    renormalize: bool = False
+    scaling: float = 1.0
+    bias: bool = False
+    correction_bias: bool = False
+    noise: bool = False
+    n_groups: PositiveInt | None = None
+    topk_groups: PositiveInt | None = None
+    group_score: Literal["max", "top2_sum"] = "top2_sum"
+
+    removable: ClassVar[bool] = True
+    growable: ClassVar[bool] = True
+
+    def slots(self, num_experts: int) -> int:
+        return self.k
+
+    def min_live(self) -> int:
+        return self.k
+
+    def check(self, num_experts: int) -> None:
+        E = num_experts
+        need(self.k <= E, "k", f"k={self.k} exceeds experts.num_experts={E}")
+        need(
+            (self.n_groups is None) == (self.topk_groups is None),
+            "n_groups",
+            "n_groups and topk_groups must be given together",
+        )
+        if self.n_groups is None:
+            return
+        need(E % self.n_groups == 0, "n_groups", f"n_groups={self.n_groups} does not divide {E}")
+        need(self.topk_groups <= self.n_groups, "topk_groups", "topk_groups exceeds n_groups")
+        per_group = E // self.n_groups
+        need(
+            self.topk_groups * per_group >= self.k,
+            "topk_groups",
+            f"{self.topk_groups} groups of {per_group} experts leave fewer than k={self.k} experts",
+        )
+        need(
+            self.group_score != "top2_sum" or per_group >= 2,
+            "group_score",
+            "top2_sum needs >= 2 experts per group",
+        )
+
+    def grown(self, num_experts: int, count: int) -> TopKRouting:
+        if self.n_groups is not None:
+            raise ConfigError(
+                "topk routing with groups cannot add experts at runtime (its "
+                "groups must stay equal)",
+                "routing",
+            )
+        return self
+
+    def gate_rows(self, d_model: int, num_experts: int, count: int) -> dict[str, tuple]:
+        out = {"router.weight": (count, d_model)}
+        if self.bias:
+            out["router.bias"] = (count,)
+        if self.noise:
+            out["router.noise.weight"] = (count, d_model)
+        if self.correction_bias:
+            out["router.correction_bias"] = (count,)
+        return out
+
+
+class SwitchRouting(_Routing):
+    """Top-1 with capacity; a token over capacity is dropped and gets zero from the layer."""
+
+    kind: Literal["switch"] = "switch"
+    capacity_factor: PositiveFloat | None = None  # 1.0 when neither this nor capacity is set
+    capacity: PositiveInt | None = None
+    capacity_scope: Literal["batch", "sequence"] = "batch"
+
+    def check(self, num_experts: int) -> None:
+        need(
+            self.capacity is None or self.capacity_factor is None,
+            "capacity",
+            "give capacity or capacity_factor, not both",
+        )
+
+
+class ExpertChoiceRouting(_Routing):
+    """Each expert takes its top-c tokens, c = ceil(capacity_factor * T * k / E)."""
+
+    kind: Literal["expert_choice"] = "expert_choice"
+    k: PositiveInt = 1
+    capacity_factor: PositiveFloat = 1.0
+
+    def slots(self, num_experts: int) -> int:
+        return num_experts
+
+    def check(self, num_experts: int) -> None:
+        need(self.k <= num_experts, "k", f"k={self.k} exceeds experts.num_experts={num_experts}")
+
+
+class HashRouting(_Routing):
+    """A fixed, balanced random hash of token id to one expert (Roller et al. 2021)."""
+
+    kind: Literal["hash"] = "hash"
+    vocab_size: PositiveInt
+    seed: int = 0
+
+
+class ProductKeyRouting(_Routing):
+    """Multi-head product-key retrieval over rows x columns sub-keys (PEER, Lample 2019):
+    expert ``i * columns + j`` pairs row key ``i`` with column key ``j``. ``columns`` defaults
+    to sqrt(N) (a square grid); a pool grows by whole rows of ``columns`` experts."""
+
+    kind: Literal["product_key"] = "product_key"
+    heads: PositiveInt = 8
+    k: PositiveInt = 16
+    d_key: PositiveInt = 128
+    query_batchnorm: bool = False
+    columns: PositiveInt | None = None
+
+    removable: ClassVar[bool] = True
+    growable: ClassVar[bool] = True
+
+    def grid(self, num_experts: int) -> tuple[int, int]:
+        """(rows, columns) of the sub-key grid for ``num_experts``."""
+        cols = self.columns or math.isqrt(num_experts)
+        return num_experts // cols, cols
+
+    def slots(self, num_experts: int) -> int:
+        return self.heads * self.k
+
+    def align(self, num_experts: int) -> int:
+        return self.grid(num_experts)[1]
+
+    def check(self, num_experts: int) -> None:
+        E = num_experts
+        if self.columns is None:
+            root = math.isqrt(E)
+            need(root * root == E, "kind", f"product_key needs a square expert count, got {E}")
+        else:
+            need(
+                E % self.columns == 0,
+                "columns",
+                f"{E} experts are not whole rows of {self.columns} columns",
+            )
+        rows, cols = self.grid(E)
+        need(
+            self.k <= min(rows, cols),
+            "k",
+            f"k={self.k} exceeds the {min(rows, cols)} sub-keys of the smaller half",
+        )
+        need(self.d_key % 2 == 0, "d_key", f"d_key={self.d_key} must be even")
+
+    def grown(self, num_experts: int, count: int) -> ProductKeyRouting:
+        cols = self.grid(num_experts)[1]
+        if count % cols:
+            raise ConfigError(
+                f"a product_key pool grows by whole sub-key rows of {cols} "
+                f"experts; {count} is not a multiple of {cols}",
+                "count",
+            )
+        return self.model_copy(update={"columns": cols})
+
+    def gate_rows(self, d_model: int, num_experts: int, count: int) -> dict[str, tuple]:
+        return {"router.keys": (self.heads, count // self.align(num_experts), self.d_key // 2)}
+
+
+class HierarchicalRouting(_Routing):
+    """Two-level gating: softmax over groups, top ``k_groups``; softmax inside, top ``k``."""
+
+    kind: Literal["hierarchical"] = "hierarchical"
+    n_groups: PositiveInt
+    k_groups: PositiveInt = 1
+    k: PositiveInt = 1
+
+    def slots(self, num_experts: int) -> int:
+        return self.k_groups * self.k
+
+    def check(self, num_experts: int) -> None:
+        E = num_experts
+        need(E % self.n_groups == 0, "n_groups", f"n_groups={self.n_groups} does not divide {E}")
+        need(self.k_groups <= self.n_groups, "k_groups", "k_groups exceeds n_groups")
+        need(
+            self.k <= E // self.n_groups,
+            "k",
+            f"k={self.k} exceeds the {E // self.n_groups} experts per group",
+        )
+
+
+class DenseRouting(_Routing):
+    """Every expert, softmax-weighted (the original mixture of experts)."""
+
+    kind: Literal["dense"] = "dense"
+
+    removable: ClassVar[bool] = True
+
+    def slots(self, num_experts: int) -> int:
+        return num_experts
+
+
+ROUTING_KINDS: dict[str, type[_Routing]] = {
+    cls.model_fields["kind"].default: cls
+    for cls in (
+        TopKRouting,
+        SwitchRouting,
+        ExpertChoiceRouting,
+        HashRouting,
+        ProductKeyRouting,
+        HierarchicalRouting,
+        DenseRouting,
+    )
+}
+
+RoutingSpec = Annotated[
+    TopKRouting
+    | SwitchRouting
+    | ExpertChoiceRouting
+    | HashRouting
+    | ProductKeyRouting
+    | HierarchicalRouting
+    | DenseRouting,
+    Field(discriminator="kind"),
+]

@@ -1,0 +1,120 @@
+"""Dispatch and combine without Ray: placement + dispatch + ExpertShard + combine equals
+MoELayer for every routing kind and example config, 1/2/3/8 shards, with and without
+replicas; replicas share their expert's pairs evenly; failed shards are avoided."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from raymoe import MoELayer, PoolSpec
+from raymoe._private.data.dispatch import DispatchTable, combine, resplit, split_by_shard
+from raymoe._private.data.shard import ExpertShard
+from raymoe.placement import contiguous, with_replicas
+from tests.helpers import ROUTINGS
+
+
+def served_like(layer: MoELayer, x, placement, token_ids=None):
+    """What the pool computes: gate in the router, experts on shards, combine, shared."""
+    spec = layer.spec
+    shards = [ExpertShard(spec, n, placement.shard_experts(n)) for n in range(placement.num_shards)]
+    for sh in shards:  # the pool is loaded with the layer's weights (they are seeded alike)
+        sh.import_experts(
+            sh.expert_ids.numpy(),
+            {k: v[sh.expert_ids].numpy() for k, v in _bank_state(layer).items()},
+        )
+    routes = layer.route(x, x, token_ids=token_ids)
+    subs = split_by_shard(routes.ids, routes.weights, DispatchTable(placement))
+    parts = [
+        (
+            s,
+            torch.from_numpy(
+                shards[s.shard].compute(
+                    x[s.tokens].numpy(), s.local_ids.numpy(), s.weights.float().numpy()
+                )
+            ),
+        )
+        for s in subs
+    ]
+    return combine(x.shape[0], spec.d_model, parts, x) + layer.shared_output(x)
+
+
+def _bank_state(layer):
+    return {n: p.detach() for n, p in layer.experts.named_parameters()}
+
+
+@pytest.mark.parametrize("shards", [1, 2, 3, 8])
+@pytest.mark.parametrize("kind", sorted(ROUTINGS))
+def test_sharded_equals_layer(kind, shards):
+    spec = PoolSpec.from_dict(ROUTINGS[kind])
+    layer = MoELayer(spec).eval()
+    x = torch.randn(37, 16)
+    tok = torch.randint(0, 100, (37,)) if kind == "hash" else None
+    align = 8 if kind == "product_key" else 1
+    placement = contiguous(spec.num_experts, shards, align=align)
+    with torch.no_grad():
+        want = layer(x, token_ids=tok)
+        got = served_like(layer, x, placement, tok)
+        assert (got - want).abs().max().item() <= 1e-5
+        own = placement.primary()[0]
+        hot = {0: [(own[0] + 1) % shards], 5: [n for n in range(shards) if n != own[5]]}
+        hot = {e: s for e, s in hot.items() if shards > 1}  # one shard: no second replica
+        got_r = served_like(layer, x, with_replicas(placement, hot), tok)
+        assert (got_r - want).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("name", ["mixtral-tiny", "deepseek-tiny", "switch-tiny"])
+def test_example_configs_sharded(name):
+    spec = PoolSpec.from_yaml(Path(__file__).parents[3] / "examples" / "configs" / f"{name}.yaml")
+    layer = MoELayer(spec).eval()
+    x = torch.randn(64, spec.d_model)
+    with torch.no_grad():
+        got = served_like(layer, x, contiguous(spec.num_experts, 3))
+        assert (got - layer(x)).abs().max().item() <= 1e-5
+
+
+def test_replicas_share_their_experts_pairs_evenly():
+    """Pairs of a replicated expert are dealt round its replicas, continuing from batch to
+    batch: each replica carries its share (even one-token decode batches spread)."""
+    p = with_replicas(contiguous(6, 3), {4: [0, 1]})  # expert 4 (on 2) on all three
+    table = DispatchTable(p)
+    counts = np.zeros(3, np.int64)
+    for _ in range(30):  # decode: one token, expert 4 in slot 0
+        for sub in split_by_shard(torch.tensor([[4, 1]]), torch.ones(1, 2), table):
+            counts[sub.shard] += int((sub.expert_ids == 4).sum())
+    assert counts.tolist() == [10, 10, 10]
+    ids = torch.full((99, 1), 4)
+    sizes = {s.shard: s.tokens.numel() for s in split_by_shard(ids, torch.ones(99, 1), table)}
+    assert sorted(sizes.values()) == [33, 33, 33]
+    slot0 = torch.stack([torch.full((60,), 4), torch.arange(60) % 4], 1)  # always slot 0
+    per = np.zeros(3, np.int64)
+    for s in split_by_shard(slot0, torch.ones(60, 2), table):
+        per[s.shard] += int((s.expert_ids == 4).sum())
+    assert per.tolist() == [20, 20, 20]
+
+
+def test_failed_shards_are_avoided_where_a_replica_lives_elsewhere():
+    p = with_replicas(contiguous(6, 3), {4: [0]})  # expert 4 on shards 2 and 0; 0 on 0 only
+    table = DispatchTable(p)
+    ids = torch.tensor([[4, 0]] * 8)
+    avoid = torch.tensor([False, False, True])
+    subs = split_by_shard(ids, torch.ones(8, 2), table, avoid=avoid)
+    assert {s.shard for s in subs} == {0}  # expert 4 all on shard 0 now
+    first = split_by_shard(ids, torch.ones(8, 2), table)
+    again = [r for s in first for r in resplit(s, table, torch.tensor([True, False, False]))]
+    assert all((s.expert_ids[s.expert_ids >= 0] == 4).all() or s.shard == 0 for s in again)
+
+
+def test_shard_export_import():
+    spec = PoolSpec.from_dict(ROUTINGS["topk"])
+    sh = ExpertShard(spec, 0, np.array([3, 7, 9]))
+    rows = sh.export_experts(np.array([9]))
+    assert rows["w_gate"].shape == (1, 24, 16)
+    doubled = {k: v * 2 for k, v in rows.items()}
+    sh.import_experts(np.array([9]), doubled)
+    assert np.allclose(sh.export_experts(np.array([9]))["w_gate"], doubled["w_gate"])
+    with pytest.raises(KeyError, match="does not hold"):
+        sh.export_experts(np.array([4]))
