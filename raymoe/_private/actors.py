@@ -286,10 +286,6 @@ class ControllerActor:
         await self._ensure()
         return self.controller.routers
 
-    async def shards(self) -> list:
-        await self._ensure()
-        return self.controller.shards
-
     async def stats(self, window_s: float = 60.0) -> PoolStats:
         await self._ensure()
         return await self.controller.stats(window_s)
@@ -299,8 +295,7 @@ class ControllerActor:
         return self.controller.fleet.endpoints()
 
     async def op(self, name: str, *args, **kwargs) -> OpReport:
-        """A runtime operation of the controller (rebalance, replicate, pin, unpin,
-        drain_shard, scale_shards)."""
+        """A runtime operation of the controller (one of :data:`OPERATIONS`)."""
         await self._ensure()
         if name not in OPERATIONS:
             raise ValueError(f"unknown operation {name!r}; valid: {sorted(OPERATIONS)}")
@@ -311,10 +306,6 @@ class ControllerActor:
         if self._loop is not None:
             self._loop.cancel()
         await self.controller.shutdown()
-
-    async def ping(self) -> bool:
-        await self._ensure()
-        return True
 
 
 def start_controller(spec: PoolSpec):

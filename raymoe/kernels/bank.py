@@ -94,3 +94,9 @@ def make_bank(
     if expert_ids is None:
         expert_ids = torch.arange(spec.num_experts)
     return cls.from_spec(spec, expert_ids, device=device, seeded=seeded)
+
+
+def expert_bytes(spec: PoolSpec) -> int:
+    """Bytes of one expert's weights (what copying one replica moves)."""
+    bank = make_bank(spec, torch.zeros(1, dtype=torch.int64), seeded=False)
+    return sum(p.numel() * p.element_size() for p in bank.parameters())

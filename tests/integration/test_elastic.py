@@ -116,29 +116,26 @@ def test_bad_admin_input_is_refused_and_changes_nothing(ray_cluster):
         {**spec_dict({"kind": "topk", "k": 2}, E=8), "name": "t-admin", "shards": {"count": 2}}
     )
     pool = raymoe.serve(spec)
-    try:
+
+    def refused(error, match, op, *args):
         before = pool.describe()
-        with pytest.raises(ExpertIdError):
-            pool.replicate(8, 2)
-        with pytest.raises(ExpertIdError):
-            pool.pin(-1, 2)
-        with pytest.raises(ConfigError, match="replicas"):
-            pool.replicate(0, 0)
-        with pytest.raises(ConfigError, match="replicas"):
-            pool.replicate(0, 3)  # more than the shards
-        with pytest.raises(ConfigError, match="shards"):
-            pool.scale_shards(0)
-        with pytest.raises(ConfigError, match="shards"):
-            pool.scale_shards(9)  # more shards than experts
-        with pytest.raises(ConfigError, match="shard"):
-            pool.drain_shard(5)
+        with pytest.raises(error, match=match):
+            getattr(pool, op)(*args)
+        assert pool.describe() == before  # everything, not just the shard count
+
+    try:
+        refused(ExpertIdError, None, "replicate", 8, 2)
+        refused(ExpertIdError, None, "pin", -1, 2)
+        refused(ConfigError, "replicas", "replicate", 0, 0)
+        refused(ConfigError, "replicas", "replicate", 0, 3)  # more than the shards
+        refused(ConfigError, "shards", "scale_shards", 0)
+        refused(ConfigError, "shards", "scale_shards", 9)  # more shards than experts
+        refused(ConfigError, "shard", "drain_shard", 5)
         pool.drain_shard(1)
-        with pytest.raises(ConfigError, match="last"):
-            pool.drain_shard(0)
-        with pytest.raises(ConfigError, match="policy"):
-            pool.rebalance(policy="nope")
-        after = pool.describe()
-        assert after.shards == before.shards
+        refused(ConfigError, "last", "drain_shard", 0)
+        refused(ConfigError, "policy", "rebalance", False, "nope")
+        refused(ConfigError, "count", "add_experts", 0)
+        refused(ExpertIdError, "removed|not in", "remove_experts", [99])
         x = torch.randn(8, 16)
         assert (pool.forward(x) - MoELayer(spec)(x)).abs().max().item() <= 1e-5
     finally:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -281,9 +282,14 @@ def test_killed_actor_comes_back_and_no_request_fails(ray_cluster, role, transpo
     index = 1 if role != "controller" else 0
     victim = ray.get_actor(f"{pool.name}:{role}:{index}", namespace="raymoe")
     try:
+        pid = _pid(victim)
+        retries = pool.stats(window_s=3600).counters.get("retries", 0)
         err, failures = _traffic(pool, layer, lambda: ray.kill(victim, no_restart=False))
         assert not failures, failures[:1]
         assert err <= 1e-5
+        assert _pid(victim) != pid  # the actor really died and came back
+        if role == "shard":  # requests met the dead shard and were sent again
+            assert pool.stats(window_s=3600).counters.get("retries", 0) > retries
         x = torch.randn(16, 16)
         with torch.no_grad():
             want = layer(x)
@@ -298,13 +304,20 @@ def test_killed_actor_comes_back_and_no_request_fails(ray_cluster, role, transpo
         pool.shutdown()
 
 
+def _pid(actor) -> int:
+    return ray.get(actor.__ray_call__.remote(lambda self: __import__("os").getpid()), timeout=60)
+
+
 def test_deadline_is_a_typed_error(ray_cluster):
     pool, _ = _pool_with_weights("t-deadline", shards=2, routers=1)
     try:
         shard = ray.get_actor(f"{pool.name}:shard:0", namespace="raymoe")
         ray.kill(shard, no_restart=True)  # gone for good: its experts cannot be reached
+        t0 = time.monotonic()
         with pytest.raises(raymoe.DeadlineExceededError):
             pool.forward(torch.randn(64, 16), timeout_s=1.0)
+        assert time.monotonic() - t0 < 5.0
+        assert pool.stats(window_s=60).counters.get("retries", 0) > 0  # it did try again
     finally:
         pool.shutdown()
 

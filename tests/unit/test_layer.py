@@ -15,6 +15,7 @@ from raymoe import (
     PoolSpec,
     ShapeError,
 )
+from tests import naive
 from tests.helpers import make_layer, spec_dict
 
 TOPK = {"kind": "topk", "k": 2}
@@ -164,10 +165,21 @@ def test_bad_input_gets_a_typed_error_and_changes_nothing(name, make, err, msg):
 
 
 def test_nonfinite_allowed_when_spec_says_so():
+    """With ``limits.allow_nonfinite`` a token with an Inf is computed, not refused: it
+    gets what the naive loop gives it (NaN where the loop gives NaN), and the finite
+    tokens of the same batch are untouched by it."""
     d = spec_dict(TOPK)
     d["limits"] = {"allow_nonfinite": True}
     layer = MoELayer(d)
-    layer(torch.full((2, 16), float("inf")))  # no error
+    x = torch.randn(3, 16)
+    x[1, 4] = float("inf")
+    y, info = layer(x, return_info=True)
+    sd = {k: v.detach() for k, v in layer.state_dict().items()}
+    expert = lambda e, t: naive.ffn_expert(sd, e, t, gated=True, act="silu")  # noqa: E731
+    ref = naive.combine(expert, x, info.expert_ids, info.weights)
+    torch.testing.assert_close(y, ref, equal_nan=True, atol=1e-5, rtol=0)
+    assert not torch.isfinite(y[1]).all() and torch.isfinite(y[[0, 2]]).all()
+    torch.testing.assert_close(y[[0, 2]], layer(x[[0, 2]]), atol=1e-6, rtol=0)
 
 
 def test_hash_routing_needs_valid_token_ids():

@@ -33,7 +33,6 @@ import time
 from typing import Any
 
 import numpy as np
-import torch
 
 from raymoe._private import timeouts
 from raymoe._private.control import growth, plans
@@ -48,7 +47,7 @@ from raymoe._private.control.roster import Roster
 from raymoe._private.data.stats import merge
 from raymoe.config import PoolSpec
 from raymoe.errors import PoolUnavailableError
-from raymoe.kernels import make_bank
+from raymoe.kernels import expert_bytes
 from raymoe.placement import Placement, bias_step, get_policy, place_new
 from raymoe.reports import OpReport, PoolDescription, PoolStats
 from raymoe.store import MetadataStore
@@ -65,7 +64,7 @@ class Controller:
         self.degraded: list[str] = []
         self.last_change: dict[str, float] = {}  # seconds of each stage of the last change
         self.resumed_changes = 0
-        self.expert_bytes = _expert_bytes(spec)
+        self.expert_bytes = expert_bytes(spec)
         self.ledger = WeightLedger(cluster, self.expert_bytes)
         self.roster = Roster(cluster, self.ledger)
         self.migrator = Migrator(cluster, self.ledger)
@@ -179,13 +178,13 @@ class Controller:
                 await self.loop.step()
             await asyncio.sleep(timeouts.UPDATE_INTERVAL_S)
 
-    async def poll(self, handles: list, method: str) -> list:
-        """``method`` of every actor at once; None for each that does not answer in
+    async def poll(self, handles: list, method: str, *args) -> list:
+        """``method(*args)`` of every actor at once; None for each that does not answer in
         ``timeouts.STATUS_S`` (any other failure is logged with the method's name)."""
 
         async def one(i: int, h) -> Any:
             try:
-                return await self.cluster.call(h, method, timeout=timeouts.STATUS_S)
+                return await self.cluster.call(h, method, *args, timeout=timeouts.STATUS_S)
             except ActorUnreachable:
                 return None
             except Exception:
@@ -262,7 +261,7 @@ class Controller:
     async def update_bias(self, counts: np.ndarray) -> None:
         """One aux-loss-free step: the routers' selection bias moves towards balance."""
         async with self.ops:
-            gate = dict(await self._gate_weights())
+            gate = dict(await self.roster.gate_weights())
             live = live_mask(len(counts), self.spec.experts.removed)
             bias = np.asarray(gate["router.correction_bias"], np.float32)
             rate = self.spec.control.bias_update_rate
@@ -399,7 +398,7 @@ class Controller:
         grown = spec.with_experts_added(count)
         expert_rows, gate_rows = growth.new_weights(grown, E, count, weights or {})
         async with self.ops:
-            gate = growth.grow_gate(spec, grown, await self._gate_weights(), gate_rows)
+            gate = growth.grow_gate(spec, grown, await self.roster.gate_weights(), gate_rows)
             if expert_rows and not self.goal.has_rows:
                 for n, h in enumerate(self.shards):  # from now on the ledger keeps every row
                     await self.ledger.capture(n, h, self.placement.shard_experts(n))
@@ -423,57 +422,17 @@ class Controller:
         await self.apply(target, *routing)
         return plans.report(self.goal, self._load(), old, target, self.expert_bytes, before)
 
-    async def _gate_weights(self) -> dict[str, np.ndarray]:
-        """The gate weights in service (from a router: the pool may run the seeded ones)."""
-        for h in self.routers:
-            try:
-                return await self.cluster.call(h, "gate_weights", timeout=timeouts.GATE_READ_S)
-            except ActorUnreachable:
-                continue
-        raise PoolUnavailableError("no router answered; cannot read the gate weights")
-
     # --- introspection ------------------------------------------------------------------
 
     def describe(self) -> PoolDescription:
-        p, spec = self.placement, self.spec
-        return PoolDescription(
-            name=spec.name,
-            spec=spec.model_dump(mode="json"),
-            placement_version=p.version,
-            routing_version=self.goal.routing_version,
-            shards=p.num_shards,
-            routers=len(self.routers),
-            experts=p.num_experts,
-            live_experts=spec.experts.live,
-            replicas=p.num_replicas,
-            experts_per_shard=tuple(p.held().tolist()),
-            removed=spec.experts.removed,
-            pinned=spec.pins,
-            drained=tuple(sorted(self.goal.drained)),
-            degraded=tuple(self.degraded),
-            last_change_s=dict(self.last_change),
-            resumed_changes=self.resumed_changes,
+        return plans.description(
+            self.goal, len(self.routers), self.degraded, self.last_change, self.resumed_changes
         )
 
     async def stats(self, window_s: float = 60.0) -> PoolStats:
         """Traffic over the last ``window_s`` seconds, merged over the routers."""
-        windows = await self.poll_with(self.routers, "stats", window_s)
+        windows = await self.poll(self.routers, "stats", window_s)
         serving = self.placement.held() > 0
         return merge(
             [w for w in windows if w is not None], serving, self.spec.num_experts, window_s
         )
-
-    async def poll_with(self, handles: list, method: str, *args) -> list:
-        async def one(h) -> Any:
-            try:
-                return await self.cluster.call(h, method, *args, timeout=timeouts.STATUS_S)
-            except ActorUnreachable:
-                return None
-
-        return await asyncio.gather(*(one(h) for h in handles))
-
-
-def _expert_bytes(spec: PoolSpec) -> int:
-    """Bytes of one expert's weights."""
-    bank = make_bank(spec, torch.zeros(1, dtype=torch.int64), seeded=False)
-    return sum(p.numel() * p.element_size() for p in bank.parameters())

@@ -11,7 +11,7 @@ from raymoe._private.control.goal import Goal
 from raymoe.config import PoolSpec
 from raymoe.errors import ConfigError, DTypeError, ExpertIdError
 from raymoe.placement import Budget, Placement, diff, imbalance, realize, shard_loads
-from raymoe.reports import OpReport
+from raymoe.reports import OpReport, PoolDescription
 
 
 def check_expert(spec: PoolSpec, expert: int) -> None:
@@ -145,4 +145,29 @@ def unchanged(goal: Goal, load: np.ndarray, **extra) -> OpReport:
     imb = pool_imbalance(goal, load)
     return OpReport(
         version=goal.placement.version, imbalance_before=imb, imbalance_after=imb, **extra
+    )
+
+
+def description(
+    goal: Goal, routers: int, degraded: list[str], last_change: dict, resumed_changes: int
+) -> PoolDescription:
+    """The pool as :meth:`PoolHandle.describe` reports it."""
+    p, spec = goal.placement, goal.spec
+    return PoolDescription(
+        name=spec.name,
+        spec=spec.model_dump(mode="json"),
+        placement_version=p.version,
+        routing_version=goal.routing_version,
+        shards=p.num_shards,
+        routers=routers,
+        experts=p.num_experts,
+        live_experts=spec.experts.live,
+        replicas=p.num_replicas,
+        experts_per_shard=tuple(p.held().tolist()),
+        removed=spec.experts.removed,
+        pinned=spec.pins,
+        drained=tuple(sorted(goal.drained)),
+        degraded=tuple(degraded),
+        last_change_s=dict(last_change),
+        resumed_changes=resumed_changes,
     )

@@ -13,6 +13,7 @@ from raymoe._private import timeouts
 from raymoe._private.control.cluster import ActorUnreachable, Cluster
 from raymoe._private.control.goal import Goal
 from raymoe._private.control.ledger import WeightLedger
+from raymoe.errors import PoolUnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,16 @@ class Roster:
                 )
 
         await asyncio.gather(*(one(i) for i in range(len(self.routers))))
+
+    async def gate_weights(self) -> dict[str, np.ndarray]:
+        """The gate weights in service, from the first router that answers (the pool may
+        run the seeded ones: the controller does not keep them)."""
+        for h in self.routers:
+            try:
+                return await self.cluster.call(h, "gate_weights", timeout=timeouts.GATE_READ_S)
+            except ActorUnreachable:
+                continue
+        raise PoolUnavailableError("no router answered; cannot read the gate weights")
 
     async def resize(self, count: int) -> list:
         """``count`` shards: new ones start empty; -> the handles of those removed."""

@@ -1,0 +1,52 @@
+"""What the gateway integration tests share: a pool spec with its gateway on a free loopback
+port, the tokens, the reference answer, and raw gRPC channels."""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+
+import grpc
+import torch
+
+from raymoe import PoolSpec
+from tests.helpers import spec_dict
+
+D, E, MAX_TOKENS = 16, 8, 256
+DATA, ADMIN = secrets.token_urlsafe(16), secrets.token_urlsafe(16)
+
+
+def gateway_spec(name: str, tokens: Path, **gateway) -> PoolSpec:
+    s = spec_dict({"kind": "topk", "k": 2}, E=E, d=D)
+    s.update(
+        name=name,
+        shards={"count": 2},
+        limits={"max_request_tokens": MAX_TOKENS, "max_batch_tokens": MAX_TOKENS},
+        gateway={
+            "enabled": True,
+            "host": "127.0.0.1",
+            "port": 0,
+            "data_token_file": str(tokens / "data"),
+            "admin_token_file": str(tokens / "admin"),
+            **gateway,
+        },
+    )
+    return PoolSpec.from_dict(s)
+
+
+def want(layer, x, **routes):
+    with torch.no_grad():
+        return layer(torch.as_tensor(x), **{k: torch.as_tensor(v) for k, v in routes.items()})
+
+
+_CHANNELS: dict = {}
+
+
+def channel(endpoint):
+    if endpoint not in _CHANNELS:
+        _CHANNELS[endpoint] = grpc.insecure_channel(endpoint)
+    return _CHANNELS[endpoint]
+
+
+def bearer(token):
+    return (("authorization", f"Bearer {token}"),) if token is not None else ()
