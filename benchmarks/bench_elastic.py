@@ -123,7 +123,7 @@ class Traffic:
 
 def model_imbalance(pool) -> float:
     """The controller's estimate (planner model of its load window), for comparison."""
-    return pool.rebalance(dry_run=True)["imbalance_before"]
+    return _get(pool.rebalance(dry_run=True), "imbalance_before")
 
 
 def measured_imbalance(pool, window_s: float = MEASURE_S) -> float:
@@ -139,7 +139,7 @@ def measured_imbalance(pool, window_s: float = MEASURE_S) -> float:
 
 
 def _pool_stats(pool):
-    s = pool.stats()
+    s = pool.stats(window_s=3600)  # everything since the pool started (< 1 h ago)
     return s if isinstance(s, dict) else s.to_dict()
 
 
@@ -150,6 +150,138 @@ def _pool_describe(pool):
 
 def _get(report, key):
     return report.get(key) if isinstance(report, dict) else getattr(report, key, None)
+
+
+class Session:
+    """One pool under traffic: the steady-state latency, then operations, each measured."""
+
+    def __init__(self, pool, traffic: Traffic):
+        self.pool, self.traffic = pool, traffic
+        self.rows: list[dict] = []
+        self.timeline: list[tuple] = []
+        self.t_start = time.perf_counter()
+        self.p50 = self.p99 = 0.0
+
+    def steady(self, seconds: float) -> None:
+        time.sleep(seconds)
+        t0 = time.perf_counter()
+        time.sleep(seconds)
+        lat = self.traffic.window(t0, time.perf_counter())
+        self.p50, self.p99 = np.percentile(lat, 50), np.percentile(lat, 99)
+        print(
+            f"steady state: p50 {self.p50 * 1e3:.1f} ms, p99 {self.p99 * 1e3:.1f} ms "
+            f"({len(lat)} requests)"
+        )
+
+    def mark(self, label: str) -> float:
+        imb, model = measured_imbalance(self.pool), model_imbalance(self.pool)
+        self.timeline.append((round(time.perf_counter() - self.t_start, 1), label, round(imb, 3)))
+        print(
+            f"  t={self.timeline[-1][0]:>6.1f}s  imbalance {imb:.3f} measured, {model:.3f} "
+            f"model  ({label})",
+            flush=True,
+        )
+        return imb
+
+    def op(self, name: str, fn, settle: float = 2.0):
+        traffic = self.traffic
+        failed = len(traffic.failures)
+        before = measured_imbalance(self.pool)
+        t0 = time.perf_counter()
+        report = fn()
+        t1 = time.perf_counter()
+        time.sleep(settle)
+        lat = traffic.window(t0, t1)
+        row = {
+            "operation": name,
+            "seconds": t1 - t0,
+            "requests": len(lat),
+            "failed": len(traffic.failures) - failed,
+            "stalled": int((lat > 10 * self.p50).sum()),
+            "p99_ms": float(np.percentile(lat, 99) * 1e3) if len(lat) else None,
+            "p99_vs_steady": float(np.percentile(lat, 99) / self.p99) if len(lat) else None,
+            "imbalance_before": before,
+            "replicas_added": _get(report, "replicas_added"),
+            "bytes_moved": _get(report, "bytes_moved"),
+            "stages_s": _pool_describe(self.pool).get("last_change_s"),
+        }
+        row["imbalance_after"] = self.mark(f"after {name}")
+        self.rows.append(row)
+        return report
+
+
+def operations(session: Session, pool, traffic: Traffic, args) -> None:
+    session.mark("Zipf load, contiguous placement")
+    session.op("rebalance", pool.rebalance)
+    session.op("replicate hottest x3", lambda: pool.replicate(int(traffic.order[0]), 3))
+    traffic.set_hot(np.random.default_rng(7).permutation(args.experts))
+    # NOTE: the load window (half-life 2 s) follows the shift: after 5 half-lives the
+    # old hot set is 3% of it. A rebalance planned after 3 (12% old) lands at ~1.08
+    # once the window has moved on; the control loop's next rebalance corrects that.
+    time.sleep(max(args.steady_s, 5 * HALF_LIFE_S))
+    session.mark("hot set shifted")
+    session.op("rebalance after shift", pool.rebalance)
+    session.op("scale up", lambda: pool.scale_shards(args.shards + 2))
+    session.op("scale down", lambda: pool.scale_shards(args.shards))
+    # NOTE: client routes name old ids only, so the layer stays the reference
+    session.op("add 8 experts", lambda: pool.add_experts(8))
+    gone = traffic.order[-4:]  # four cold experts: clients stop asking for them first
+    traffic.set_hot(traffic.order[:-4])
+    time.sleep(0.5)
+    session.op("remove 4 experts", lambda: pool.remove_experts(gone))
+    session.op("rebalance at the end", pool.rebalance)
+
+
+def report(session: Session, traffic: Traffic, out: Path | None) -> None:
+    rows, errs = session.rows, traffic.errors
+    print()
+    print(
+        f"{'operation':<24}{'s':>6}{'reqs':>6}{'failed':>7}{'stalled':>8}{'p99 ms':>8}"
+        f"{'p99/steady':>11}{'imb before':>11}{'imb after':>10}  (measured)"
+        "  copy/publish/drain/free ms"
+    )
+    for r in rows:
+        p99r = f"{r['p99_vs_steady']:.2f}" if r["p99_vs_steady"] else "-"
+        p99m = f"{r['p99_ms']:.1f}" if r["p99_ms"] else "-"
+        stages = "/".join(f"{v * 1e3:.0f}" for v in (r["stages_s"] or {}).values())
+        print(
+            f"{r['operation']:<24}{r['seconds']:>6.2f}{r['requests']:>6}{r['failed']:>7}"
+            f"{r['stalled']:>8}{p99m:>8}{p99r:>11}{r['imbalance_before']:>11.3f}"
+            f"{r['imbalance_after']:>10.3f}  {stages}"
+        )
+    reb = [r for r in rows if r["operation"].startswith("rebalance")]
+    worst = max(r["p99_vs_steady"] or 0 for r in reb)
+    final = max(r["imbalance_after"] for r in reb)
+    print(
+        f"\nrequests: {len(traffic.log)}, failed: {len(traffic.failures)}, checked: "
+        f"{len(errs)}, max abs error vs MoELayer: {max(errs):.2e}"
+    )
+    print(f"target 0 failed requests: {'met' if not traffic.failures else 'MISSED'}")
+    print(f"target outputs == MoELayer (<= 1e-5): {'met' if max(errs) <= 1e-5 else 'MISSED'}")
+    print(
+        f"target measured imbalance <= 1.05 after rebalancing: worst {final:.3f}, "
+        f"{'met' if final <= 1.05 else f'MISSED by {final - 1.05:.3f}'}"
+    )
+    print(
+        f"target p99 during a rebalance <= 2x steady: worst {worst:.2f}x, "
+        f"{'met' if worst <= 2 else f'MISSED by {worst - 2:.2f}x'}"
+    )
+    if traffic.failures:
+        print("first failure:", traffic.failures[0])
+    if out:
+        out.write_text(
+            json.dumps(
+                {
+                    "steady_p50_ms": session.p50 * 1e3,
+                    "steady_p99_ms": session.p99 * 1e3,
+                    "operations": rows,
+                    "timeline": session.timeline,
+                    "failed": len(traffic.failures),
+                    "max_abs_error": max(errs),
+                },
+                indent=1,
+            )
+        )
 
 
 def main() -> None:
@@ -170,127 +302,12 @@ def main() -> None:
         f"{args.clients} clients x {args.tokens} tokens, Zipf({ZIPF_S}) client routes"
     )
     pool = raymoe.serve(s, weights=layer.state_dict())
-    rows = []
-    timeline = []
-    t_start = time.perf_counter()
-
-    def mark(label: str) -> float:
-        imb, model = measured_imbalance(pool), model_imbalance(pool)
-        timeline.append((round(time.perf_counter() - t_start, 1), label, round(imb, 3)))
-        print(
-            f"  t={timeline[-1][0]:>6.1f}s  imbalance {imb:.3f} measured, {model:.3f} model"
-            f"  ({label})",
-            flush=True,
-        )
-        return imb
-
     try:
         with Traffic(pool, layer, args.experts, args.clients, args.tokens) as traffic:
-            time.sleep(args.steady_s)
-            t0 = time.perf_counter()
-            time.sleep(args.steady_s)
-            steady = traffic.window(t0, time.perf_counter())
-            p50, p99 = np.percentile(steady, 50), np.percentile(steady, 99)
-            print(
-                f"steady state: p50 {p50 * 1e3:.1f} ms, p99 {p99 * 1e3:.1f} ms "
-                f"({len(steady)} requests)"
-            )
-            mark("Zipf load, contiguous placement")
-
-            def op(name: str, fn, settle: float = 2.0) -> dict:
-                failed = len(traffic.failures)
-                before = measured_imbalance(pool)
-                t0 = time.perf_counter()
-                report = fn()
-                t1 = time.perf_counter()
-                time.sleep(settle)
-                lat = traffic.window(t0, t1)
-                row = {
-                    "operation": name,
-                    "seconds": t1 - t0,
-                    "requests": len(lat),
-                    "failed": len(traffic.failures) - failed,
-                    "stalled": int((lat > 10 * p50).sum()),
-                    "p99_ms": float(np.percentile(lat, 99) * 1e3) if len(lat) else None,
-                    "p99_vs_steady": float(np.percentile(lat, 99) / p99) if len(lat) else None,
-                    "imbalance_before": before,
-                    "replicas_added": _get(report, "replicas_added"),
-                    "bytes_moved": _get(report, "bytes_moved"),
-                    "stages_s": _pool_describe(pool).get("last_change_s"),
-                }
-                row["imbalance_after"] = mark(f"after {name}")
-                rows.append(row)
-                return report
-
-            op("rebalance", pool.rebalance)
-            op("replicate hottest x3", lambda: pool.replicate(int(traffic.order[0]), 3))
-            traffic.set_hot(np.random.default_rng(7).permutation(args.experts))
-            # NOTE: the load window (half-life 2 s) follows the shift: after 5 half-lives the
-            # old hot set is 3% of it. A rebalance planned after 3 (12% old) lands at ~1.08
-            # once the window has moved on; the control loop's next rebalance corrects that.
-            time.sleep(max(args.steady_s, 5 * HALF_LIFE_S))
-            mark("hot set shifted")
-            op("rebalance after shift", pool.rebalance)
-            op("scale up", lambda: pool.scale_shards(args.shards + 2))
-            op("scale down", lambda: pool.scale_shards(args.shards))
-            # NOTE: client routes name old ids only, so the layer stays the reference
-            op("add 8 experts", lambda: pool.add_experts(8))
-            gone = traffic.order[-4:]  # four cold experts: clients stop asking for them first
-            traffic.set_hot(traffic.order[:-4])
-            time.sleep(0.5)
-            op("remove 4 experts", lambda: pool.remove_experts(gone))
-            op("rebalance at the end", pool.rebalance)
-        errs = traffic.errors
-        print()
-        head = (
-            f"{'operation':<24}{'s':>6}{'reqs':>6}{'failed':>7}{'stalled':>8}"
-            f"{'p99 ms':>8}{'p99/steady':>11}{'imb before':>11}{'imb after':>10}"
-            "  (measured)"
-            "  copy/publish/drain/free ms"
-        )
-        print(head)
-        for r in rows:
-            p99r = f"{r['p99_vs_steady']:.2f}" if r["p99_vs_steady"] else "-"
-            p99m = f"{r['p99_ms']:.1f}" if r["p99_ms"] else "-"
-            stages = "/".join(f"{v * 1e3:.0f}" for v in (r["stages_s"] or {}).values())
-            print(
-                f"{r['operation']:<24}{r['seconds']:>6.2f}{r['requests']:>6}{r['failed']:>7}"
-                f"{r['stalled']:>8}{p99m:>8}{p99r:>11}{r['imbalance_before']:>11.3f}"
-                f"{r['imbalance_after']:>10.3f}  {stages}"
-            )
-        reb = [r for r in rows if r["operation"].startswith("rebalance")]
-        worst = max(r["p99_vs_steady"] or 0 for r in reb)
-        final = max(r["imbalance_after"] for r in reb)
-        print(
-            f"\nrequests: {len(traffic.log)}, failed: {len(traffic.failures)}, checked: "
-            f"{len(errs)}, max abs error vs MoELayer: {max(errs):.2e}"
-        )
-        print(f"target 0 failed requests: {'met' if not traffic.failures else 'MISSED'}")
-        print(f"target outputs == MoELayer (<= 1e-5): {'met' if max(errs) <= 1e-5 else 'MISSED'}")
-        print(
-            f"target measured imbalance <= 1.05 after rebalancing: worst {final:.3f}, "
-            f"{'met' if final <= 1.05 else f'MISSED by {final - 1.05:.3f}'}"
-        )
-        print(
-            f"target p99 during a rebalance <= 2x steady: worst {worst:.2f}x, "
-            f"{'met' if worst <= 2 else f'MISSED by {worst - 2:.2f}x'}"
-        )
-        if traffic.failures:
-            print("first failure:", traffic.failures[0])
-        if args.out:
-            args.out.write_text(
-                json.dumps(
-                    {
-                        "steady_p50_ms": p50 * 1e3,
-                        "steady_p99_ms": p99 * 1e3,
-                        "operations": rows,
-                        "timeline": timeline,
-                        "failed": len(traffic.failures),
-                        "max_abs_error": max(errs),
-                    },
-                    indent=1,
-                )
-            )
+            session = Session(pool, traffic)
+            session.steady(args.steady_s)
+            operations(session, pool, traffic, args)
+        report(session, traffic, args.out)
     finally:
         pool.shutdown()
 

@@ -121,8 +121,8 @@ def _candidates(load, current, budget, aim, max_moves, old_key, counts):
     limits = [slack.target * mean] + ([np.inf] if not big and np.isfinite(max_moves) else [])
     for counts, limit in itertools.product(variants, limits):
         e, s = repaired(load, current, slack, counts, limit, movable=MOVABLE if big else None)
-        if big and loads_of(load, e, s, budget.num_shards).max() <= aim:
-            yield e, s  # already at the aim: nothing for a search to do
+        if big and loads_of(load, e, s, budget.num_shards).max() <= aim * (1 + REPAIR):
+            yield e, s  # NOTE: within the repair's slack of the aim: no search worth its time
             continue
         yield _searched(
             load, e, s, budget, aim, STEPS if not big else BIG_STEPS, max_moves, big, old_key
