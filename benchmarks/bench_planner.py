@@ -67,10 +67,10 @@ def small(n: int) -> dict:
     return {k: {"worst": worst[k], "mean": float(np.mean(mean[k]))} for k in NAMES}
 
 
-def zipf(E: int, s: float, N: int, reps: int) -> dict:
-    load = zipf_load(E, s, np.random.default_rng(E))
-    budget = Budget(N, max_replicas=int(E * 1.1))
-    row = {"case": f"zipf E={E} s={s} N={N}", "reference": lower_bound(load, budget)}
+def planned(case: str, load, N: int, budget: Budget, reps: int) -> dict:
+    """Each policy planning ``load`` from the contiguous placement a pool starts with."""
+    E = len(load)
+    row = {"case": case, "reference": lower_bound(load, budget)}
     for name in NAMES:
         plan, sec = timed(lambda n=name: POLICIES[n](load, contiguous(E, N), budget), reps)
         row[name] = {
@@ -80,6 +80,11 @@ def zipf(E: int, s: float, N: int, reps: int) -> dict:
             "before": plan.imbalance_before,
         }
     return row
+
+
+def zipf(E: int, s: float, N: int, reps: int) -> dict:
+    load = zipf_load(E, s, np.random.default_rng(E))
+    return planned(f"zipf E={E} s={s} N={N}", load, N, Budget(N, int(E * 1.1)), reps)
 
 
 def drifted(E: int, s: float, N: int, kind: str, sigma: float) -> dict:
@@ -115,16 +120,7 @@ def million(reps: int) -> dict:
     E, N = 1 << 20, 64
     load = zipf_load(E, 1.2, np.random.default_rng(0))
     budget = Budget(N, max_replicas=E + max(N, int(0.01 * E)))
-    row = {"case": "1M experts, 64 shards", "reference": lower_bound(load, budget)}
-    for name in NAMES:
-        plan, sec = timed(lambda n=name: POLICIES[n](load, contiguous(E, N), budget), reps)
-        row[name] = {
-            "imbalance": plan.imbalance_after,
-            "moved": plan.replicas_added,
-            "seconds": sec,
-            "before": plan.imbalance_before,
-        }
-    return row
+    return planned("1M experts, 64 shards", load, N, budget, reps)
 
 
 def served_dry_run() -> float:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import threading
 
 import torch
 
@@ -67,3 +68,25 @@ ROUTINGS = {
     ),
     "hierarchical": spec_dict({"kind": "hierarchical", "n_groups": 4, "k_groups": 2, "k": 2}, E=16),
 }
+
+
+class ClientThreads:
+    """``clients`` threads running ``self._run(i)`` until :attr:`stop` is set; a context
+    manager that starts them and always stops and joins them."""
+
+    def __init__(self, clients: int):
+        self.stop = threading.Event()
+        self.threads = [threading.Thread(target=self._run, args=(i,)) for i in range(clients)]
+
+    def _run(self, i: int) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=120)

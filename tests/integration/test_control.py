@@ -18,12 +18,12 @@ from raymoe import MoELayer, PoolSpec
 from raymoe._private import actors
 from raymoe._private.control.goal import Goal
 from raymoe.store import EmbeddedStore
-from tests.helpers import spec_dict
+from tests.helpers import ClientThreads, spec_dict
 
 pytestmark = pytest.mark.integration
 
 
-class Routed:
+class Routed(ClientThreads):
     """Client threads sending requests with their own routes: ``hot`` experts get most of
     the pairs (so the load is exactly the one asked for); every answer is checked."""
 
@@ -32,8 +32,7 @@ class Routed:
         self.hot, self.E, self.tokens = np.asarray(hot), E, tokens
         self.errors: list[float] = []
         self.failures: list[BaseException] = []
-        self.stop = threading.Event()
-        self.threads = [threading.Thread(target=self._run, args=(i,)) for i in range(clients)]
+        super().__init__(clients)
 
     def _run(self, i: int) -> None:
         rng = np.random.default_rng(i)
@@ -55,16 +54,6 @@ class Routed:
                 self.errors.append((y - ref).abs().max().item())
             except BaseException as e:  # the tests assert there are none
                 self.failures.append(e)
-
-    def __enter__(self):
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        for t in self.threads:
-            t.join(timeout=120)
 
     def check(self) -> None:
         assert not self.failures, self.failures[:1]

@@ -4,19 +4,18 @@ equals MoELayer, and the pool's layout changes as asked (checked through describ
 from __future__ import annotations
 
 import contextlib
-import threading
 
 import pytest
 import torch
 
 import raymoe
 from raymoe import ConfigError, ExpertIdError, MoELayer, PoolSpec
-from tests.helpers import spec_dict
+from tests.helpers import ClientThreads, spec_dict
 
 pytestmark = pytest.mark.integration
 
 
-class Traffic:
+class Traffic(ClientThreads):
     """``clients`` threads sending requests until stopped; records errors and failures.
 
     While an operation that changes the layer's function runs (experts added or removed),
@@ -33,8 +32,7 @@ class Traffic:
         self.epoch = 0
         self.errors: list[float] = []
         self.failures: list[BaseException] = []
-        self.stop = threading.Event()
-        self.threads = [threading.Thread(target=self._run, args=(i,)) for i in range(clients)]
+        super().__init__(clients)
 
     def _outputs(self, layer):
         with torch.no_grad():
@@ -56,16 +54,6 @@ class Traffic:
                 self.errors.append(min((y - w).abs().max().item() for w in ok))
             except BaseException as err:  # the test asserts there are none
                 self.failures.append(err)
-
-    def __enter__(self):
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        for t in self.threads:
-            t.join(timeout=120)
 
 
 @pytest.mark.parametrize("transport", ["object_store", "grpc"])

@@ -289,20 +289,8 @@ class Controller:
                 plans.budget(self.goal),
                 bytes_per_expert=self.expert_bytes,
             )
-            changed = plan.replicas_added or plan.replicas_dropped
-            report = OpReport(
-                version=plan.placement.version
-                if changed and not dry_run
-                else self.placement.version,
-                replicas_added=plan.replicas_added,
-                replicas_dropped=plan.replicas_dropped,
-                bytes_moved=plan.bytes_moved,
-                imbalance_before=plan.imbalance_before,
-                imbalance_after=plan.imbalance_after,
-                dry_run=dry_run,
-                policy=name,
-            )
-            if changed and not dry_run:
+            report = plans.planned(plan, self.placement, dry_run, name)
+            if report.changed and not dry_run:
                 await self.apply(plan.placement)
             return report
 

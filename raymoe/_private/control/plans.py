@@ -10,7 +10,7 @@ import numpy as np
 from raymoe._private.control.goal import Goal
 from raymoe.config import PoolSpec
 from raymoe.errors import ConfigError, DTypeError, ExpertIdError
-from raymoe.placement import Budget, Placement, diff, imbalance, realize, shard_loads
+from raymoe.placement import Budget, Placement, Plan, diff, imbalance, realize, shard_loads
 from raymoe.reports import OpReport, PoolDescription
 
 
@@ -138,6 +138,22 @@ def report(
         imbalance_before=before,
         imbalance_after=pool_imbalance(goal, load),
         **extra,
+    )
+
+
+def planned(plan: Plan, current: Placement, dry_run: bool, policy: str) -> OpReport:
+    """The report of a policy's plan (the version it would publish, or the current one
+    when it changes nothing or is a dry run)."""
+    changed = plan.replicas_added or plan.replicas_dropped
+    return OpReport(
+        version=plan.placement.version if changed and not dry_run else current.version,
+        replicas_added=plan.replicas_added,
+        replicas_dropped=plan.replicas_dropped,
+        bytes_moved=plan.bytes_moved,
+        imbalance_before=plan.imbalance_before,
+        imbalance_after=plan.imbalance_after,
+        dry_run=dry_run,
+        policy=policy,
     )
 
 

@@ -12,7 +12,9 @@ field; it never allocates more than the bytes it got.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from collections.abc import Mapping
 
 import grpc
 import numpy as np
@@ -192,74 +194,44 @@ def stats_from_proto(m: pool_pb2.StatsReply) -> PoolStats:
 
 
 def describe_to_proto(d: PoolDescription) -> admin_pb2.DescribeReply:
-    return admin_pb2.DescribeReply(
-        name=d.name,
-        spec_json=json.dumps(d.spec),
-        placement_version=d.placement_version,
-        routing_version=d.routing_version,
-        shards=d.shards,
-        routers=d.routers,
-        experts=d.experts,
-        live_experts=d.live_experts,
-        replicas=d.replicas,
-        experts_per_shard=d.experts_per_shard,
-        removed=d.removed,
-        pinned=d.pinned,
-        drained=d.drained,
-        degraded=d.degraded,
-        last_change_s=d.last_change_s,
-        resumed_changes=d.resumed_changes,
-    )
+    return _to_proto(d, admin_pb2.DescribeReply, spec=("spec_json", json.dumps))
 
 
 def describe_from_proto(m: admin_pb2.DescribeReply) -> PoolDescription:
-    return PoolDescription(
-        name=m.name,
-        spec=json.loads(m.spec_json),
-        placement_version=m.placement_version,
-        routing_version=m.routing_version,
-        shards=m.shards,
-        routers=m.routers,
-        experts=m.experts,
-        live_experts=m.live_experts,
-        replicas=m.replicas,
-        experts_per_shard=tuple(m.experts_per_shard),
-        removed=tuple(m.removed),
-        pinned=dict(m.pinned),
-        drained=tuple(m.drained),
-        degraded=tuple(m.degraded),
-        last_change_s=dict(m.last_change_s),
-        resumed_changes=m.resumed_changes,
-    )
+    return _from_proto(m, PoolDescription, spec=lambda m: json.loads(m.spec_json))
 
 
 def report_to_proto(r: OpReport) -> admin_pb2.OperationReport:
-    return admin_pb2.OperationReport(
-        version=r.version,
-        replicas_added=r.replicas_added,
-        replicas_dropped=r.replicas_dropped,
-        bytes_moved=r.bytes_moved,
-        imbalance_before=r.imbalance_before,
-        imbalance_after=r.imbalance_after,
-        dry_run=r.dry_run,
-        policy=r.policy,
-        expert_ids=r.expert_ids,
-        removed=r.removed,
-        pinned=r.pinned,
-    )
+    return _to_proto(r, admin_pb2.OperationReport)
 
 
 def report_from_proto(m: admin_pb2.OperationReport) -> OpReport:
-    return OpReport(
-        version=m.version,
-        replicas_added=m.replicas_added,
-        replicas_dropped=m.replicas_dropped,
-        bytes_moved=m.bytes_moved,
-        imbalance_before=m.imbalance_before,
-        imbalance_after=m.imbalance_after,
-        dry_run=m.dry_run,
-        policy=m.policy,
-        expert_ids=tuple(m.expert_ids),
-        removed=tuple(m.removed),
-        pinned=dict(m.pinned),
-    )
+    return _from_proto(m, OpReport)
+
+
+def _to_proto(value, message_cls, **special):
+    """A message from a report dataclass whose fields have the message's names (``special``:
+    field -> (message field, conversion))."""
+    fields = {}
+    for f in dataclasses.fields(value):
+        name, convert = special.get(f.name, (f.name, None))
+        v = getattr(value, f.name)
+        fields[name] = convert(v) if convert else v
+    return message_cls(**fields)
+
+
+def _from_proto(message, cls, **special):
+    """The report dataclass ``cls`` from a message with its fields' names (repeated fields
+    become tuples, maps dicts; ``special``: field -> function of the message)."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.name in special:
+            out[f.name] = special[f.name](message)
+            continue
+        v = getattr(message, f.name)
+        if isinstance(v, Mapping):
+            v = dict(v)
+        elif not isinstance(v, str | bytes | int | float | bool):
+            v = tuple(v)
+        out[f.name] = v
+    return cls(**out)
