@@ -177,7 +177,7 @@ BAD_FORWARD = {
 def test_bad_forward_requests(served, case):
     _, endpoint, layer = served
     request, code, kind, match = BAD_FORWARD[case]
-    stub = pool_pb2_grpc.PoolServiceStub(grpc.insecurechannel(endpoint))
+    stub = pool_pb2_grpc.PoolServiceStub(grpc.insecure_channel(endpoint))
     with pytest.raises(grpc.RpcError) as info:
         stub.Forward(request, metadata=bearer(DATA), timeout=10)
     e = info.value
@@ -192,7 +192,7 @@ def test_oversize_message_is_refused_by_size(served):
     big = np.ones((64 * MAX_TOKENS, D), np.float64)  # 2 MB: beyond the message limit
     with raymoe.Client(endpoint, token=DATA) as c, pytest.raises(raymoe.RequestTooLargeError):
         c.forward(big)
-    stub = pool_pb2_grpc.PoolServiceStub(grpc.insecurechannel(endpoint))
+    stub = pool_pb2_grpc.PoolServiceStub(grpc.insecure_channel(endpoint))
     with pytest.raises(grpc.RpcError) as info:
         stub.Forward(_fwd(x=_t(big)), metadata=bearer(DATA), timeout=10)
     assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -263,7 +263,7 @@ def test_bad_admin_requests_change_nothing(served, case):
     pool, endpoint, _ = served
     method, request, token, code = BAD_ADMIN[case]
     before = pool.describe()
-    stub = admin_pb2_grpc.AdminServiceStub(grpc.insecurechannel(endpoint))
+    stub = admin_pb2_grpc.AdminServiceStub(grpc.insecure_channel(endpoint))
     md = (("authorization", f"Basic {ADMIN}"),) if case == "basic auth" else bearer(token)
     with pytest.raises(grpc.RpcError) as info:
         getattr(stub, method)(request, metadata=md, timeout=30)
