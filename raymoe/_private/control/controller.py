@@ -45,10 +45,11 @@ from raymoe._private.control.loop import ControlLoop, live_mask
 from raymoe._private.control.migration import Migrator
 from raymoe._private.control.roster import Roster
 from raymoe._private.data.stats import merge
+from raymoe._private.metrics import Metrics, NullMetrics, top_experts
 from raymoe.config import PoolSpec
 from raymoe.errors import PoolUnavailableError
 from raymoe.kernels import expert_bytes
-from raymoe.placement import Placement, bias_step, get_policy, place_new
+from raymoe.placement import Change, Placement, bias_step, diff, get_policy, place_new
 from raymoe.reports import OpReport, PoolDescription, PoolStats
 from raymoe.store import MetadataStore
 
@@ -56,8 +57,15 @@ log = logging.getLogger(__name__)
 
 
 class Controller:
-    def __init__(self, spec: PoolSpec, cluster: Cluster, store: MetadataStore):
+    def __init__(
+        self,
+        spec: PoolSpec,
+        cluster: Cluster,
+        store: MetadataStore,
+        metrics: Metrics | None = None,
+    ):
         self.goal = Goal.initial(spec)
+        self.metrics = metrics or NullMetrics()
         self.cluster = cluster
         self.store = store
         self.gate = None  # object ref of the gate / shared-expert weights
@@ -73,6 +81,7 @@ class Controller:
         self.loop = ControlLoop(self)
         self.ops = asyncio.Lock()  # one runtime operation at a time
         self._busy: dict[tuple[str, int], asyncio.Task] = {}
+        self._hot_experts: set[str] = set()  # the expert tags of the load gauge
 
     @property
     def spec(self) -> PoolSpec:
@@ -136,6 +145,7 @@ class Controller:
             async with self.ops:
                 await self.apply(pending, spec=pending_spec)
             self.resumed_changes += 1
+        self.metrics.inc("raymoe_recoveries_total", role="controller")
         await self.fleet.ensure()  # the running ones, found again by name
         await self.update()
 
@@ -153,15 +163,19 @@ class Controller:
         try:
             shard_status = await self.poll(self.shards, "status")
             for n, st in enumerate(shard_status):  # 1. shards hold their experts
-                if st is not None and not st["ready"]:
+                if st is not None and not st["ready"] and self._idle(("shard", n)):
                     self._spawn(("shard", n), self.roster.configure_shard(n, self.goal))
+                    self.metrics.inc("raymoe_recoveries_total", role="shard")
             router_status = await self.poll(self.routers, "describe")
             for i, st in enumerate(router_status):  # 2. routers configured
                 if st is None:
                     continue
                 if not st["ready"] or st.get("routing_version") != self.goal.routing_version:
-                    configure = self.roster.configure_router(i, self.goal, self.gate)
-                    self._spawn(("router", i), configure)
+                    if not st["ready"] and self._idle(("router", i)):
+                        self.metrics.inc("raymoe_recoveries_total", role="router")
+                    self._spawn(
+                        ("router", i), self.roster.configure_router(i, self.goal, self.gate)
+                    )
                 elif st["placement_version"] != self.placement.version:  # 3. current version
                     self._spawn(("router", i), self.roster.publish(i, self.goal))
             if self.fleet.due():  # 4. gateways
@@ -193,8 +207,13 @@ class Controller:
 
         return await asyncio.gather(*(one(i, h) for i, h in enumerate(handles)))
 
+    def _idle(self, key: tuple[str, int]) -> bool:
+        """Whether no task of ``key`` runs."""
+        return key not in self._busy or self._busy[key].done()
+
     def _spawn(self, key: tuple[str, int], coro) -> None:
-        if key in self._busy and not self._busy[key].done():
+        """Run ``coro`` unless the task of ``key`` still runs."""
+        if not self._idle(key):
             coro.close()
             return
         self._busy[key] = asyncio.get_running_loop().create_task(coro)
@@ -207,18 +226,21 @@ class Controller:
         spec: PoolSpec | None = None,
         gate: dict | None = None,
         new_rows: dict | None = None,
-    ) -> None:
+        op: str = "change",
+    ) -> Change:
         """Move to ``target`` without pausing or failing requests (the stages of
         :class:`~.migration.Migrator`). With ``spec`` (and ``gate``, when the gate weights
         change) the routing state moves with it: experts added (``new_rows``: their weights
-        by name, in id order) or removed. Callers hold ``self.ops``."""
+        by name, in id order) or removed; ``op`` names the operation (metrics). Callers hold
+        ``self.ops``. -> what it copied and freed."""
         old = self.placement
+        change = diff(old, target)
         t = [time.perf_counter()]
         self.goal = self.goal.replace(pending=target, pending_spec=spec)
         self.goal.save(self.store)  # NOTE: saved before any weight moves
         try:  # 1. copy
             await self.migrator.copy(
-                old, target, spec or self.spec, self.shards, self.goal.has_rows, new_rows
+                old, change, spec or self.spec, self.shards, self.goal.has_rows, new_rows
             )
         except Exception as e:
             self.goal = self.goal.replace(pending=None, pending_spec=None)
@@ -235,13 +257,14 @@ class Controller:
         drain_s = self.spec.control.drain_timeout_s
         await self.migrator.drain(self.routers, target.version, drain_s)  # 3.
         t.append(time.perf_counter())
-        await self.migrator.free(old, target, self.shards)  # 4.
+        await self.migrator.free(change, self.shards)  # 4.
         self.goal = self.goal.replace(pending=None, pending_spec=None)
         self.goal.save(self.store)
         for n in range(min(old.num_shards, target.num_shards)):
             if self.goal.has_rows:
                 await self.ledger.compact(n, self.shards[n], target.shard_experts(n))
         t.append(time.perf_counter())
+        self._record_change(op, change)
         self.last_change = dict(
             zip(("copy", "publish", "drain", "free"), np.diff(t).tolist(), strict=True)
         )
@@ -250,6 +273,13 @@ class Controller:
             target.version,
             ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in self.last_change.items()),
         )
+        return change
+
+    def _record_change(self, op: str, change: Change) -> None:
+        m = self.metrics
+        m.inc("raymoe_changes_total", op=op)
+        m.inc("raymoe_replicas_moved_total", change.replicas_added)
+        m.inc("raymoe_bytes_moved_total", change.replicas_added * self.expert_bytes)
 
     # --- the control loop ---------------------------------------------------------------
 
@@ -267,7 +297,22 @@ class Controller:
             rate = self.spec.control.bias_update_rate
             gate["router.correction_bias"] = bias_step(bias, counts, rate, live).astype(np.float32)
             # the same layout, next version: routers swap gate and placement together
-            await self.apply(self.placement.bump(), spec=self.spec, gate=gate)
+            await self.apply(self.placement.bump(), spec=self.spec, gate=gate, op="bias")
+
+    def record_state(self) -> None:
+        """The layout and load gauges (each control step)."""
+        m, p = self.metrics, self.placement
+        m.set("raymoe_placement_version", p.version)
+        m.set("raymoe_shards", p.num_shards)
+        m.set("raymoe_replicas", p.num_replicas)
+        m.set("raymoe_imbalance", self.imbalance())
+        m.set("raymoe_degraded", len(self.degraded))
+        hot = dict(top_experts(self.load.per_second()))
+        for expert in self._hot_experts - hot.keys():  # no longer hot: no stale value
+            m.set("raymoe_expert_load", 0.0, expert=expert)
+        for expert, value in hot.items():
+            m.set("raymoe_expert_load", value, expert=expert)
+        self._hot_experts = set(hot)
 
     def imbalance(self) -> float:
         return plans.pool_imbalance(self.goal, self._load())
@@ -277,7 +322,9 @@ class Controller:
 
     # --- runtime operations: each idempotent, each returns an OpReport -------------------
 
-    async def rebalance(self, dry_run: bool = False, policy_name: str | None = None) -> OpReport:
+    async def rebalance(
+        self, dry_run: bool = False, policy_name: str | None = None, trigger: str = "manual"
+    ) -> OpReport:
         """Plan with the spec's policy (or ``policy_name``) over the load window; apply."""
         name = policy_name or self.spec.control.policy
         policy = get_policy(name)
@@ -291,7 +338,8 @@ class Controller:
             )
             report = plans.planned(plan, self.placement, dry_run, name)
             if report.changed and not dry_run:
-                await self.apply(plan.placement)
+                await self.apply(plan.placement, op="rebalance")
+                self.metrics.inc("raymoe_rebalances_total", trigger=trigger)
             return report
 
     async def replicate(self, expert: int, replicas: int) -> OpReport:
@@ -301,7 +349,7 @@ class Controller:
             target = plans.replicated(self.goal, self._load(), expert, replicas)
             if target is None:
                 return plans.unchanged(self.goal, self._load())
-            return await self._apply_report(target)
+            return await self._apply_report(target, op="replicate")
 
     async def pin(self, expert: int, replicas: int) -> OpReport:
         """An operator's replica target for ``expert`` that every later plan keeps."""
@@ -353,7 +401,7 @@ class Controller:
         )
         if not (plan.replicas_added or plan.replicas_dropped or force):
             return plans.unchanged(self.goal, self._load())
-        return await self._apply_report(plan.placement)
+        return await self._apply_report(plan.placement, op="replan")
 
     async def _resize(self, count: int) -> None:
         """The shard count becomes ``count`` (new shards start empty; removed ones hold
@@ -394,7 +442,7 @@ class Controller:
             target = place_new(
                 self.placement, count, spec.routing.align(E), plans.active(self.goal)
             )
-            report = await self._apply_report(target, grown, gate, expert_rows)
+            report = await self._apply_report(target, grown, gate, expert_rows, op="add_experts")
             return dataclasses.replace(report, expert_ids=tuple(range(E, E + count)))
 
     async def remove_experts(self, ids) -> OpReport:
@@ -402,13 +450,13 @@ class Controller:
         places are freed once no batch runs under an older one. Ids are never reused."""
         spec, target, ids = plans.removed(self.goal, ids)
         async with self.ops:
-            report = await self._apply_report(target, spec)
+            report = await self._apply_report(target, spec, op="remove_experts")
             return dataclasses.replace(report, removed=tuple(ids))
 
-    async def _apply_report(self, target: Placement, *routing) -> OpReport:
-        before, old = self.imbalance(), self.placement
-        await self.apply(target, *routing)
-        return plans.report(self.goal, self._load(), old, target, self.expert_bytes, before)
+    async def _apply_report(self, target: Placement, *routing, op: str) -> OpReport:
+        before = self.imbalance()
+        change = await self.apply(target, *routing, op=op)
+        return plans.report(self.goal, self._load(), change, target, self.expert_bytes, before)
 
     # --- introspection ------------------------------------------------------------------
 

@@ -4,6 +4,7 @@ injectable."""
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 
@@ -38,6 +39,11 @@ class LoadWindow:
         self.load = self.load * decay + fresh
         self.rate = decay * self.rate + (1 - decay) * fresh.sum() / max(slots, 1) / dt
         return fresh
+
+    def per_second(self) -> np.ndarray:
+        """[E] pairs per second: the decayed sum over its mean age (a steady rate r fills
+        the window to r * half_life / ln 2)."""
+        return self.load * math.log(2) / self.half_life_s
 
     def resize(self, num_experts: int, removed) -> None:
         """Experts were added (zero load) or removed (their load forgotten)."""

@@ -32,6 +32,7 @@ class ControlLoop:
         ctl = self.ctl
         try:
             counts = await ctl.collect_load()
+            ctl.record_state()
             c = ctl.spec.control
             if c.bias_update_rate > 0 and counts.sum() > 0:
                 await ctl.update_bias(counts)
@@ -41,7 +42,7 @@ class ControlLoop:
             if c.auto_rebalance and due and not ctl.ops.locked():
                 self._last_rebalance = time.monotonic()
                 if ctl.imbalance() > c.target_imbalance:
-                    await ctl.rebalance()
+                    await ctl.rebalance(trigger="auto")
         except Exception:
             log.exception("control step failed; retrying on the next pass")
 

@@ -25,7 +25,7 @@ from raymoe._private.control import growth
 from raymoe._private.control.cluster import ActorUnreachable, Cluster
 from raymoe._private.control.ledger import WeightLedger
 from raymoe.config import PoolSpec
-from raymoe.placement import Placement, diff
+from raymoe.placement import Change, Placement
 
 log = logging.getLogger(__name__)
 
@@ -40,16 +40,16 @@ class Migrator:
     async def copy(
         self,
         old: Placement,
-        new: Placement,
+        change: Change,
         spec: PoolSpec,
         shards: list,
         has_rows: bool,
         new_rows: dict | None = None,
     ) -> None:
-        """Stage 1: put every replica only ``new`` has in place. With ``has_rows`` the rows
+        """Stage 1: put every replica ``change`` adds in place. With ``has_rows`` the rows
         come from a replica in ``old`` (or ``new_rows``, the given rows of added experts, in
         id order from ``old.num_experts``); without, shards draw the seeded init."""
-        e, s, local = diff(old, new).added
+        e, s, local = change.added
         if not len(e):
             return
         rows = await self._source_rows(old, e, spec, shards, new_rows) if has_rows else None
@@ -123,9 +123,9 @@ class Migrator:
 
         await asyncio.gather(*(one(r) for r in routers))
 
-    async def free(self, old: Placement, new: Placement, shards: list) -> None:
-        """Stage 4: every shard forgets the places only ``old`` used."""
-        _, s, local = diff(old, new).dropped
+    async def free(self, change: Change, shards: list) -> None:
+        """Stage 4: every shard forgets the places ``change`` drops."""
+        _, s, local = change.dropped
         for n in np.unique(s).tolist():
             if n >= len(shards):
                 continue  # a shard removed with the change

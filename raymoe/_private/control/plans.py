@@ -10,7 +10,7 @@ import numpy as np
 from raymoe._private.control.goal import Goal
 from raymoe.config import PoolSpec
 from raymoe.errors import ConfigError, DTypeError, ExpertIdError
-from raymoe.placement import Budget, Placement, Plan, diff, imbalance, realize, shard_loads
+from raymoe.placement import Budget, Change, Placement, Plan, imbalance, realize, shard_loads
 from raymoe.reports import OpReport, PoolDescription
 
 
@@ -122,14 +122,13 @@ def drain_bounds(goal: Goal, shard: int) -> None:
 def report(
     goal: Goal,
     load: np.ndarray,
-    old: Placement,
+    change: Change,
     new: Placement,
     bytes_per_expert: int,
     before: float,
     **extra,
 ) -> OpReport:
-    """The report of a change from ``old`` to ``new`` (the goal holds ``new`` by now)."""
-    change = diff(old, new)
+    """The report of ``change``, which made ``new`` (the goal holds it by now)."""
     return OpReport(
         version=new.version,
         replicas_added=change.replicas_added,

@@ -30,6 +30,7 @@ from raymoe._private import timeouts
 from raymoe._private.data.batcher import Batcher, Request
 from raymoe._private.data.dispatch import DispatchTable, SubBatch, combine, resplit, split_by_shard
 from raymoe._private.data.stats import RouterStats
+from raymoe._private.metrics import Metrics, NullMetrics
 from raymoe.config import PoolSpec
 from raymoe.errors import DeadlineExceededError, PoolUnavailableError
 from raymoe.layer import MoELayer
@@ -54,8 +55,10 @@ class ShardCalls(Protocol):
 
 
 class Router:
-    def __init__(self, spec: PoolSpec):
+    def __init__(self, spec: PoolSpec, metrics: Metrics | None = None, index: int = 0):
         self.spec = spec
+        self.metrics = metrics or NullMetrics()
+        self.index = index
         self.layer = MoELayer(spec, experts=False).eval()
         self.shards: ShardCalls | None = None
         self.table: DispatchTable | None = None
@@ -141,6 +144,13 @@ class Router:
         timeout_s: float | None = None,
     ) -> np.ndarray:
         """``x`` [..., d] -> [..., d]; optional client routes [T, S] or token ids [T]."""
+        try:
+            return await self._forward(x, expert_ids, weights, token_ids, timeout_s)
+        except Exception as e:
+            self.metrics.inc("raymoe_request_errors_total", error=type(e).__name__)
+            raise
+
+    async def _forward(self, x, expert_ids, weights, token_ids, timeout_s) -> np.ndarray:
         limits = self.spec.limits
         timeout = min(timeout_s or limits.request_timeout_s, limits.request_timeout_s)
         deadline = time.monotonic() + timeout
@@ -156,12 +166,17 @@ class Router:
         except Exception:
             self.traffic.counters["rejected"] += 1
             raise
+        self.metrics.set("raymoe_queue_depth", len(self.batcher.queue), router=str(self.index))
         try:
             out = await asyncio.wait_for(asyncio.shield(req.future), deadline - time.monotonic())
         except TimeoutError:
             self.traffic.counters["deadline_exceeded"] += 1
             raise DeadlineExceededError(f"request not served within {timeout:.3g} s") from None
-        self.traffic.request(req.tokens, time.perf_counter() - req.started)
+        latency = time.perf_counter() - req.started
+        self.traffic.request(req.tokens, latency)
+        self.metrics.inc("raymoe_requests_total")
+        self.metrics.inc("raymoe_tokens_total", req.tokens)
+        self.metrics.observe("raymoe_request_latency_seconds", latency)
         return out
 
     def _check(self, x, expert_ids, weights, token_ids, deadline) -> Request:
@@ -200,7 +215,8 @@ class Router:
             parts = await self._dispatch(flat, ids, w, table, deadline)  # 2. dispatch
             t2 = time.perf_counter()
             y = await self._offload(self._combine, flat, parts)  # 3. combine
-            self._stage_s.update(route=t1 - t0, dispatch=t2 - t1, combine=time.perf_counter() - t2)
+            stages = {"route": t1 - t0, "dispatch": t2 - t1, "combine": time.perf_counter() - t2}
+            self._stage_s.update(stages)
         except BaseException as e:  # every caller of the batch hears about it
             for r in batch:
                 if not r.future.done():
@@ -212,12 +228,22 @@ class Router:
         for sub, _ in parts:
             shard_pairs[sub.shard] += int((sub.local_ids >= 0).sum())
         self.traffic.batch(ids[ids >= 0].numpy(), shard_pairs, flat.shape[0])
+        self._record_batch(stages, shard_pairs, flat.shape[0])
         start = 0
         for r in batch:
             out = y[start : start + r.tokens].reshape(r.x.shape)
             start += r.tokens
             if not r.future.done():
                 r.future.set_result(out.numpy())
+
+    def _record_batch(self, stages: dict, shard_pairs: np.ndarray, tokens: int) -> None:
+        m = self.metrics
+        for stage, seconds in stages.items():
+            m.observe("raymoe_stage_seconds", seconds, stage=stage)
+        m.observe("raymoe_batch_tokens", tokens)
+        for n in np.flatnonzero(shard_pairs).tolist():
+            m.inc("raymoe_shard_pairs_total", int(shard_pairs[n]), shard=str(n))
+        m.set("raymoe_queue_depth", len(self.batcher.queue), router=str(self.index))
 
     async def _offload(self, fn, batch_or_flat, *args):
         """Run ``fn`` in a worker thread for big batches (the loop keeps taking requests
@@ -250,6 +276,7 @@ class Router:
             if not failed:
                 return parts
             self.traffic.counters["retries"] += len(failed)
+            self.metrics.inc("raymoe_retries_total", len(failed))
             if time.monotonic() + backoff >= deadline:
                 raise DeadlineExceededError("shards unavailable until the request's deadline")
             await asyncio.sleep(backoff)

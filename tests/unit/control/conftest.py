@@ -16,5 +16,9 @@ def shared_loop():
     pending = asyncio.all_tasks(fakes.LOOP)
     for task in pending:
         task.cancel()
-    fakes.LOOP.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+
+    async def cancelled():
+        await asyncio.gather(*pending, return_exceptions=True)
+
+    fakes.LOOP.run_until_complete(cancelled())
     fakes.LOOP.close()

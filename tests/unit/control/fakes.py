@@ -93,7 +93,7 @@ class FakeGateway:
         return f"{self.node or 'any'}:50051"
 
 
-def setup(store=None, E=8, shards=2, routers=2, **gateway):
+def setup(store=None, E=8, shards=2, routers=2, metrics=None, **gateway):
     """(controller, cluster, reference layer, its weights): a topk pool whose weights are
     unlike its seeded init."""
     spec = PoolSpec.from_dict(
@@ -109,7 +109,7 @@ def setup(store=None, E=8, shards=2, routers=2, **gateway):
             p.mul_(1.5)  # unlike the seeded init
     weights = {k: v.numpy() for k, v in layer.state_dict().items()}
     cluster = FakeCluster(spec)
-    return Controller(spec, cluster, store or MemoryStore()), cluster, layer, weights
+    return Controller(spec, cluster, store or MemoryStore(), metrics), cluster, layer, weights
 
 
 LOOP = asyncio.new_event_loop()  # one loop: the routers' queues and events live on it

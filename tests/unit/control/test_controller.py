@@ -4,6 +4,7 @@ recover, shutdown."""
 from __future__ import annotations
 
 import logging
+import math
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ import torch
 
 from raymoe._private.control.controller import Controller
 from raymoe._private.control.goal import Goal
+from raymoe._private.metrics import RecordingMetrics
 from raymoe.placement import contiguous, with_replicas
 from raymoe.store import EmbeddedStore
 from tests.unit.control.fakes import close, run, served, settle, setup
@@ -100,3 +102,30 @@ def test_describe_is_typed_and_complete():
     assert d.experts_per_shard == (4, 4) and d.to_dict()["spec"]["d_model"] == 16
     y = served(ctl, torch.randn(5, 16))
     assert all(isinstance(a, np.ndarray) for a in y)
+
+
+def test_metrics_follow_changes_load_and_recovery():
+    metrics = RecordingMetrics()
+    ctl, cluster, _, weights = setup(E=16, shards=4, metrics=metrics)
+    run(ctl.start(contiguous(16, 4), weights))
+    ctl.load.load = np.ones(16)
+    ctl.load.load[:4] = 40  # a hot set on shard 0
+    ctl.record_state()
+    assert metrics.values[("raymoe_imbalance", ())] == ctl.imbalance() > 2
+    hot = {dict(t)["expert"]: v for (n, t), v in metrics.values.items() if "expert_load" in n}
+    assert set(hot) == {str(e) for e in range(16)} | {"other"} and hot["other"] == 0
+    assert hot["0"] == pytest.approx(40 * math.log(2) / ctl.spec.control.load_half_life_s)
+    report = run(ctl.rebalance(trigger="auto"))
+    assert metrics.total("raymoe_rebalances_total", trigger="auto") == 1
+    assert metrics.total("raymoe_changes_total", op="rebalance") == 1
+    assert metrics.total("raymoe_replicas_moved_total") == report.replicas_added > 0
+    assert metrics.total("raymoe_bytes_moved_total") == report.bytes_moved > 0
+    ctl.record_state()
+    assert metrics.values[("raymoe_placement_version", ())] == 2
+    assert metrics.values[("raymoe_replicas", ())] == ctl.placement.num_replicas
+    ctl.roster.shards[1] = cluster.restart("shard", 1)
+    settle(ctl)
+    settle(ctl)  # seen ready again: one recovery, not one per pass
+    assert metrics.total("raymoe_recoveries_total", role="shard") == 1
+    run(ctl.rebalance(dry_run=True))
+    assert metrics.total("raymoe_changes_total") == 1  # a dry run changes and counts nothing

@@ -33,7 +33,7 @@ def test_copy_puts_the_rows_of_the_source_replica_at_free_places_only():
     old, new = ctl.placement, _moved(ctl)
     before = [sh.expert_ids.clone() for sh in ctl.shards]
     migrator = Migrator(cluster, WeightLedger(cluster, ctl.expert_bytes))
-    run(migrator.copy(old, new, ctl.spec, ctl.shards, has_rows=True))
+    run(migrator.copy(old, diff(old, new), ctl.spec, ctl.shards, has_rows=True))
     added = diff(old, new).added
     for e, n, local in zip(*added, strict=True):
         sh = ctl.shards[int(n)]
@@ -68,8 +68,9 @@ def test_free_forgets_only_the_old_places():
     ctl, _, _, weights = setup()
     run(ctl.start(contiguous(8, 2), weights))
     old, new = ctl.placement, _moved(ctl)
-    run(ctl.migrator.copy(old, new, ctl.spec, ctl.shards, has_rows=True))
-    run(ctl.migrator.free(old, new, ctl.shards))
+    change = diff(old, new)
+    run(ctl.migrator.copy(old, change, ctl.spec, ctl.shards, has_rows=True))
+    run(ctl.migrator.free(change, ctl.shards))
     _, shard, local = diff(old, new).dropped
     for n, loc in zip(shard.tolist(), local.tolist(), strict=True):
         assert ctl.shards[n].expert_ids[loc] == -1

@@ -11,6 +11,7 @@ import torch
 from raymoe import MoELayer, PoolSpec
 from raymoe._private.data.router import Router
 from raymoe._private.data.shard import ExpertShard
+from raymoe._private.metrics import RecordingMetrics
 from raymoe.errors import (
     DeadlineExceededError,
     PoolOverloadedError,
@@ -51,7 +52,7 @@ class LocalShards:
         return isinstance(error, ShardDown | ShardNotReadyError)
 
 
-def make(routing, *, E=8, shards=2, replicas=None, limits=None, delay_s=0.0, **kw):
+def make(routing, *, E=8, shards=2, replicas=None, limits=None, delay_s=0.0, metrics=None, **kw):
     data = {**spec_dict(routing, E=E, **kw), "shards": {"count": shards}}
     if limits:
         data["limits"] = limits
@@ -62,7 +63,7 @@ def make(routing, *, E=8, shards=2, replicas=None, limits=None, delay_s=0.0, **k
             p.add_(torch.randn_like(p) * 0.05)
     placement = initial(E, shards, replicas=replicas)
     transport = LocalShards(spec, layer, placement, delay_s)
-    router = Router(spec)
+    router = Router(spec, metrics)
     router.configure(
         transport,
         placement,
@@ -195,3 +196,27 @@ def test_placement_versions_only_move_forward():
     router.set_placement(contiguous(8, 2, version=5))
     router.set_placement(contiguous(8, 2, version=3))
     assert router.table.version == 5
+
+
+def test_metrics_count_what_the_stats_count():
+    metrics = RecordingMetrics()
+    router, _, transport = make(
+        {"kind": "topk", "k": 2}, replicas={e: 2 for e in range(8)}, metrics=metrics
+    )
+    transport.down[1] = 1  # one retry
+    run(router.forward(np.ones((5, 16), np.float32)))
+    run(router.forward(np.ones((3, 16), np.float32)))
+    with pytest.raises(ShapeError):
+        run(router.forward(np.ones((3, 15), np.float32)))
+    st = router.stats()
+    assert metrics.total("raymoe_requests_total") == st["requests"] == 2
+    assert metrics.total("raymoe_tokens_total") == st["tokens"] == 8
+    assert metrics.total("raymoe_request_errors_total", error="ShapeError") == 1
+    assert metrics.total("raymoe_retries_total") == st["counters"]["retries"] == 1
+    pairs = [metrics.total("raymoe_shard_pairs_total", shard=str(n)) for n in range(2)]
+    assert pairs == list(st["shard_pairs"]) and sum(pairs) == 8 * 2
+    assert len(metrics.observed[("raymoe_request_latency_seconds", ())]) == 2
+    assert sorted(metrics.observed[("raymoe_batch_tokens", ())]) == [3, 5]
+    stages = {dict(t)["stage"] for n, t in metrics.observed if n == "raymoe_stage_seconds"}
+    assert stages == {"route", "dispatch", "combine"}
+    assert metrics.values[("raymoe_queue_depth", (("router", "0"),))] == 0
