@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import copy
+import socket
 import threading
 
 import torch
 
 from raymoe import MoELayer, PoolSpec
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on (now)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def spec_dict(

@@ -36,6 +36,7 @@ from raymoe._private.data.gateway import Gateway, GatewayThread
 from raymoe._private.data.router import Router
 from raymoe._private.data.shard import ExpertShard
 from raymoe._private.data.transport import GrpcShardCalls, serve_shard
+from raymoe._private.metrics import RayMetrics
 from raymoe.config import PoolSpec
 from raymoe.errors import PoolUnavailableError, RaymoeError, ShardNotReadyError
 from raymoe.reports import OpReport, PoolDescription, PoolStats
@@ -149,9 +150,9 @@ class ShardActor(ExpertShard):
 class RouterActor(Router):
     """An asyncio actor: thousands of concurrent forward calls wait in its bounded queue."""
 
-    def __init__(self, spec: PoolSpec):
+    def __init__(self, spec: PoolSpec, index: int):
         torch.set_num_threads(spec.shards.router_threads)
-        super().__init__(spec)
+        super().__init__(spec, RayMetrics(spec.name), index)
 
     def configure_pool(
         self, shard_handles: list, placement, weights=None, spec=None, routing_version: int = 0
@@ -223,7 +224,7 @@ class RayCluster:
             num_cpus=0,
             max_concurrency=4 * self.spec.limits.max_queued_requests,
         )
-        return ray.remote(RouterActor).options(**opts).remote(self.spec)
+        return ray.remote(RouterActor).options(**opts).remote(self.spec, index)
 
     def gateway(self, key: str, node: str | None):
         opts = self._opts("gateway", key, num_cpus=0)
@@ -254,7 +255,8 @@ class ControllerActor:
     """The controller as a detached asyncio actor; resumes from the store after a restart."""
 
     def __init__(self, spec: PoolSpec, store_root: str):
-        self.controller = Controller(spec, RayCluster(spec), EmbeddedStore(store_root))
+        store, metrics = EmbeddedStore(store_root), RayMetrics(spec.name)
+        self.controller = Controller(spec, RayCluster(spec), store, metrics)
         self._loop: asyncio.Task | None = None
         with warnings.catch_warnings():  # Ray's own property trips its deprecation warning
             warnings.simplefilter("ignore")
@@ -429,7 +431,8 @@ class GatewayActor:
 
     def __init__(self, spec: PoolSpec):
         logging.basicConfig(level=logging.INFO)
-        self._thread = GatewayThread(Gateway(spec, RayPoolBackend(spec.name)))
+        gateway = Gateway(spec, RayPoolBackend(spec.name), metrics=RayMetrics(spec.name))
+        self._thread = GatewayThread(gateway)
 
     def endpoint(self) -> str:
         return self._thread.endpoint

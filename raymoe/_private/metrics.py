@@ -1,7 +1,7 @@
 """The pool's metrics: one catalog (name, kind, help, tags, buckets), and the small interface
 the routers, the controller and the gateway record through.
 
-On Ray the recorder is ``actors.RayMetrics`` (``ray.util.metrics``: Ray's metrics agent
+In actors the recorder is :class:`RayMetrics` (``ray.util.metrics``: Ray's metrics agent
 serves them in Prometheus format on every node, where KubeRay's PodMonitor and the Grafana
 dashboard in ``deploy/grafana`` find them, prefixed ``ray_``). Plain classes get
 :class:`NullMetrics`; unit tests get :class:`RecordingMetrics`.
@@ -121,6 +121,44 @@ class RecordingMetrics:
         """Sum of ``name`` over the series whose tags include ``tags``."""
         want = set(tags.items())
         return sum(v for (n, t), v in self.totals.items() if n == name and want <= set(t))
+
+
+class RayMetrics:
+    """Records through ``ray.util.metrics`` (inside a Ray worker), every series tagged with
+    the pool's name. The Ray metric objects are made on first use."""
+
+    def __init__(self, pool: str):
+        self.pool = pool
+        self._made: dict = {}
+
+    def _get(self, name: str):
+        m = self._made.get(name)
+        if m is None:
+            from ray.util import metrics as ray_metrics  # NOTE: only where Ray runs
+
+            spec = CATALOG[name]
+            keys = ("pool", *spec.tags)
+            if spec.kind == "histogram":
+                m = ray_metrics.Histogram(name, spec.help, list(spec.buckets), tag_keys=keys)
+            else:
+                kind = ray_metrics.Counter if spec.kind == "counter" else ray_metrics.Gauge
+                m = kind(name, spec.help, tag_keys=keys)
+            m.set_default_tags({"pool": self.pool})
+            self._made[name] = m
+        return m
+
+    def inc(self, name, value=1.0, **tags):
+        if value:  # NOTE: Ray refuses an increment of 0
+            _check(name, tags)
+            self._get(name).inc(float(value), tags=tags or None)
+
+    def set(self, name, value, **tags):
+        _check(name, tags)
+        self._get(name).set(float(value), tags=tags or None)
+
+    def observe(self, name, value, **tags):
+        _check(name, tags)
+        self._get(name).observe(float(value), tags=tags or None)
 
 
 def _check(name: str, tags: dict) -> None:

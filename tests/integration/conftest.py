@@ -7,12 +7,26 @@ import ray
 
 import raymoe
 from raymoe import MoELayer
+from tests.helpers import free_port
 from tests.integration.gateway_common import ADMIN, DATA, gateway_spec
 
 
 @pytest.fixture(scope="session")
-def ray_cluster():
-    ray.init(num_cpus=4, namespace="raymoe", include_dashboard=False, log_to_driver=False)
+def metrics_port():
+    """The port of the session's Prometheus endpoint (Ray's metrics agent)."""
+    return free_port()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(metrics_port):
+    ray.init(
+        num_cpus=4,
+        namespace="raymoe",
+        include_dashboard=False,
+        log_to_driver=False,
+        _metrics_export_port=metrics_port,
+        _system_config={"metrics_report_interval_ms": 500},  # scraped values settle fast
+    )
     yield
     ray.shutdown()
 

@@ -20,7 +20,7 @@ from raymoe._private.actors import RayPoolBackend
 from raymoe._private.data.gateway import Gateway, GatewayThread
 from raymoe.cli import main
 from raymoe.config import GatewaySpec
-from tests.helpers import spec_dict
+from tests.helpers import free_port, spec_dict
 from tests.integration.gateway_common import (
     ADMIN,
     DATA,
@@ -225,12 +225,9 @@ def test_experts_add_with_weights_from_an_npz(cli_pool, capsys, tmp_path):
 
 def test_raymoe_serve_with_a_gateway_serves_until_its_duration(ray_cluster, tmp_path, capsys,
                                                                monkeypatch):  # fmt: skip
-    import socket
     import threading
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     monkeypatch.setenv("RAYMOE_DATA_TOKEN", DATA)
     cfg = tmp_path / "pool.yaml"
     cfg.write_text(PoolSpec.from_dict(spec_dict({"kind": "topk", "k": 2}, E=4, d=D)).to_yaml())

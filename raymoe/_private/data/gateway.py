@@ -19,6 +19,8 @@ actors.py). Replies are the typed values of :mod:`raymoe.reports`, converted in 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import inspect
 import logging
 import threading
 from collections.abc import AsyncIterator, Awaitable
@@ -35,6 +37,7 @@ from grpc_reflection.v1alpha import reflection
 from raymoe._private import timeouts
 from raymoe._private.data import wire
 from raymoe._private.data.auth import Tokens, _AuthInterceptor
+from raymoe._private.metrics import Metrics, NullMetrics
 from raymoe.config import GatewaySpec, PoolSpec
 from raymoe.errors import InvalidInputError, PoolOverloadedError, RaymoeError
 from raymoe.reports import OpReport, PoolDescription, PoolStats
@@ -175,8 +178,10 @@ class Gateway:
         backend: PoolBackend,
         tokens: Tokens | None = None,
         config: GatewaySpec | None = None,
+        metrics: Metrics | None = None,
     ):
         self.spec = spec
+        self.metrics = metrics or NullMetrics()
         self.config = config or spec.gateway
         self.backend = backend
         self.tokens = tokens if tokens is not None else Tokens.load(self.config)
@@ -239,7 +244,7 @@ class Gateway:
             ("grpc.so_reuseport", 0),
         ]
         server = grpc.aio.server(
-            interceptors=[_AuthInterceptor(self.tokens)],
+            interceptors=[_CallCounter(self.metrics), _AuthInterceptor(self.tokens)],
             options=options,
             maximum_concurrent_rpcs=4 * c.max_inflight,
         )
@@ -290,6 +295,62 @@ class Gateway:
         if self._server is not None:
             await self._health.enter_graceful_shutdown()
             await self._server.stop(grace_s)
+
+
+class _CallCounter(grpc.aio.ServerInterceptor):
+    """Counts every call by method and final status code (refused ones included: it runs
+    before the token check)."""
+
+    def __init__(self, metrics: Metrics):
+        self.metrics = metrics
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None:  # an unknown method: gRPC answers UNIMPLEMENTED
+            return None
+        method = details.method.rsplit("/", 1)[-1]
+        kw = {
+            "request_deserializer": handler.request_deserializer,
+            "response_serializer": handler.response_serializer,
+        }
+        if handler.unary_unary is not None:
+            fn = handler.unary_unary
+
+            async def unary(request, context):
+                with self._counting(method, context):
+                    return await fn(request, context)
+
+            return grpc.unary_unary_rpc_method_handler(unary, **kw)
+        if handler.unary_stream is not None or handler.stream_stream is not None:
+            fn = handler.unary_stream or handler.stream_stream
+
+            async def stream(request, context):
+                with self._counting(method, context):
+                    out = fn(request, context)
+                    if inspect.isawaitable(out):  # a handler that writes with context.write
+                        await out
+                    else:
+                        async for reply in out:
+                            yield reply
+
+            make = grpc.unary_stream_rpc_method_handler
+            if handler.stream_stream is not None:
+                make = grpc.stream_stream_rpc_method_handler
+            return make(stream, **kw)
+        return handler
+
+    @contextlib.contextmanager
+    def _counting(self, method: str, context):
+        code = None
+        try:
+            yield
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        finally:
+            code = code or context.code() or grpc.StatusCode.OK
+            name = code.name if isinstance(code, grpc.StatusCode) else str(code)
+            self.metrics.inc("raymoe_gateway_calls_total", method=method, code=name)
 
 
 class _Malformed:

@@ -4,7 +4,6 @@ stream order, error mapping, health, reflection, and the SDK's retries (no Ray).
 from __future__ import annotations
 
 import asyncio
-import socket
 import threading
 import time
 
@@ -20,6 +19,7 @@ import raymoe
 from raymoe import client as client_module
 from raymoe._private.data import wire
 from raymoe._private.data.gateway import ADMIN_SERVICE_DESC, Gateway, GatewayThread, Tokens
+from raymoe._private.metrics import RecordingMetrics
 from raymoe.config import GatewaySpec, PoolSpec
 from raymoe.errors import (
     AuthenticationError,
@@ -30,7 +30,7 @@ from raymoe.errors import (
 )
 from raymoe.reports import Latency, OpReport, PoolDescription, PoolStats
 from raymoe.v1 import admin_pb2, admin_pb2_grpc, pool_pb2, pool_pb2_grpc
-from tests.helpers import spec_dict
+from tests.helpers import free_port, spec_dict
 
 SPEC = PoolSpec.from_dict(spec_dict({"kind": "topk", "k": 2}, E=8, d=4))
 TOKENS = Tokens(data=b"data-secret-1", admin=b"admin-secret-2")
@@ -308,9 +308,7 @@ def test_admin_stub_reports_round_trip(gateway):
 
 
 def test_client_retries_while_the_gateway_is_unavailable(pool, monkeypatch):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     with raymoe.Client(f"127.0.0.1:{port}", token="x", retries=1, timeout_s=5) as c, \
             pytest.raises(PoolUnavailableError):  # fmt: skip
         c.stats()
@@ -349,3 +347,31 @@ def test_malformed_protobuf_is_invalid_argument(gateway, method):
         call(b"\xff\xff\xff\xff", metadata=_md(TOKENS.admin))
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "malformed" in info.value.details()
+
+
+def test_every_call_is_counted_by_method_and_status(pool):
+    metrics = RecordingMetrics()
+    cfg = GatewaySpec(enabled=True, host="127.0.0.1", port=0)
+    with GatewayThread(Gateway(SPEC, pool, TOKENS, config=cfg, metrics=metrics)) as g:
+        channel = grpc.insecure_channel(g.endpoint)
+        stub = pool_pb2_grpc.PoolServiceStub(channel)
+        req = pool_pb2.ForwardRequest(x=wire.to_tensor(_x()))
+        stub.Forward(req, metadata=_md(TOKENS.data))
+        with pytest.raises(grpc.RpcError):
+            stub.Forward(req, metadata=_md("wrong"))
+        bad = pool_pb2.ForwardRequest(x=wire.to_tensor(np.zeros((2, 5), np.float32)))
+        with pytest.raises(grpc.RpcError):
+            stub.Forward(bad, metadata=_md(TOKENS.data))
+        assert len(list(stub.ForwardStream(iter([req, req]), metadata=_md(TOKENS.data)))) == 2
+        watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest())
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        watch.cancel()
+        _until(lambda: metrics.total("raymoe_gateway_calls_total", method="Watch") == 1)
+    calls = {tuple(v for _, v in t): n for (_, t), n in metrics.totals.items()}
+    assert calls == {
+        ("OK", "Forward"): 1,
+        ("UNAUTHENTICATED", "Forward"): 1,
+        ("INVALID_ARGUMENT", "Forward"): 1,
+        ("OK", "ForwardStream"): 1,
+        ("CANCELLED", "Watch"): 1,
+    }
