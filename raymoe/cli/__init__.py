@@ -7,10 +7,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from raymoe.cli import _common, demo, experts, rebalance, serve, shards, status, top
+from raymoe.cli import _common, demo, experts, rebalance, serve, shards, status, submit, top
 from raymoe.errors import RaymoeError
 
-LOCAL = {"demo": demo, "serve": serve}  # start pools here
+LOCAL = {"demo": demo, "serve": serve, "submit": submit}  # start pools
 REMOTE = {
     "status": status,
     "top": top,

@@ -1,8 +1,13 @@
-"""Deploy a pool from a config and keep serving, with a live status line (Ctrl-C stops)."""
+"""Deploy a pool from a config and keep serving, with a status line (Ctrl-C or SIGTERM stops
+and tears the pool down)."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
+import sys
+import threading
 import time
 
 
@@ -36,24 +41,46 @@ def run(args: argparse.Namespace) -> int:
     for endpoint in pool.gateways():
         print(f"gRPC gateway on {endpoint}: raymoe status --target {endpoint}", flush=True)
     t0 = time.monotonic()
+    live = sys.stdout.isatty()  # one line rewritten in a terminal; a line each in a log
+    start, end = ("\r", "") if live else ("", "\n")
     try:
-        while args.duration is None or time.monotonic() - t0 < args.duration:
-            time.sleep(max(0.0, min(args.interval, _left(args, t0))))
-            s = pool.stats(window_s=max(args.interval, 1.0))
-            p50, p99 = (s.latency.p50_ms, s.latency.p99_ms) if s.latency else (0.0, 0.0)
-            print(
-                f"\r[{pool.name}] up {time.monotonic() - t0:6.0f}s  requests {s.requests:>7}"
-                f"  tokens/s {s.tokens_per_s:10,.0f}  p50 {p50:7.1f} ms  p99 {p99:7.1f} ms"
-                f"  shard imbalance {s.imbalance:.2f} ",
-                end="",
-                flush=True,
-            )
+        with _sigterm_interrupts():
+            while args.duration is None or time.monotonic() - t0 < args.duration:
+                time.sleep(max(0.0, min(args.interval, _left(args, t0))))
+                s = pool.stats(window_s=max(args.interval, 1.0))
+                p50, p99 = (s.latency.p50_ms, s.latency.p99_ms) if s.latency else (0.0, 0.0)
+                print(
+                    f"{start}[{pool.name}] up {time.monotonic() - t0:6.0f}s"
+                    f"  requests {s.requests:>7}  tokens/s {s.tokens_per_s:10,.0f}"
+                    f"  p50 {p50:7.1f} ms  p99 {p99:7.1f} ms  shard imbalance {s.imbalance:.2f} ",
+                    end=end,
+                    flush=True,
+                )
     except KeyboardInterrupt:
         pass
     finally:
-        print("\nshutting down", flush=True)
+        print("\nshutting down" if live else "shutting down", flush=True)
         pool.shutdown()
+        print(f"pool {pool.name!r} shut down", flush=True)
     return 0
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts():
+    """SIGTERM (``ray job stop``, a pod's termination) stops serving like Ctrl-C does. Only
+    the main thread can take signals; elsewhere nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def with_gateway(spec, address: str):
