@@ -20,6 +20,16 @@ def add_parser(p: argparse.ArgumentParser) -> None:
         help="serve the gRPC gateway there (tokens: $RAYMOE_DATA_TOKEN, "
         "$RAYMOE_ADMIN_TOKEN or the spec's gateway section)",
     )
+    p.add_argument(
+        "--attach",
+        action="store_true",
+        help="serve the running pool of that name if there is one (a restarted driver)",
+    )
+    p.add_argument(
+        "--keep",
+        action="store_true",
+        help="leave the pool running when this command ends (its lifetime is the cluster's)",
+    )
     p.add_argument("--interval", type=float, default=2.0, help="seconds between status lines")
     p.add_argument("--duration", type=float, help="stop after this many seconds (default: never)")
     p.set_defaults(run=run)
@@ -31,11 +41,17 @@ def run(args: argparse.Namespace) -> int:
     spec = raymoe.PoolSpec.from_yaml(args.config)
     if args.gateway:
         spec = with_gateway(spec, args.gateway)
-    pool = raymoe.serve(spec, name=args.name)
+    try:
+        pool = raymoe.serve(spec, name=args.name)
+    except raymoe.PoolExistsError:
+        if not args.attach:
+            raise
+        pool = raymoe.connect(args.name or spec.name)
+        print(f"attached to the running pool {pool.name!r}", flush=True)
     d = pool.describe()
     print(
-        f"serving pool {pool.name!r}: {spec.num_experts:,} experts on {d.shards} shards, "
-        f"{spec.shards.routers} router(s); connect with raymoe.connect({pool.name!r})",
+        f"serving pool {pool.name!r}: {d.experts:,} experts on {d.shards} shards, "
+        f"{d.routers} router(s); connect with raymoe.connect({pool.name!r})",
         flush=True,
     )
     for endpoint in pool.gateways():
@@ -59,9 +75,14 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         pass
     finally:
-        print("\nshutting down" if live else "shutting down", flush=True)
-        pool.shutdown()
-        print(f"pool {pool.name!r} shut down", flush=True)
+        if live:
+            print()  # end the status line
+        if args.keep:
+            print(f"leaving pool {pool.name!r} running", flush=True)
+        else:
+            print("shutting down", flush=True)
+            pool.shutdown()
+            print(f"pool {pool.name!r} shut down", flush=True)
     return 0
 
 

@@ -335,3 +335,23 @@ def test_cli_serve_runs_for_a_bounded_time(ray_cluster, capsys, tmp_path):
     assert "serving pool 't-cli'" in out and "shard imbalance" in out
     with pytest.raises(raymoe.PoolNotFoundError):
         raymoe.connect("t-cli")  # shut down on exit
+
+
+def test_cli_serve_keep_then_attach(ray_cluster, capsys, tmp_path):
+    """A driver that restarts (a Kubernetes sidecar) attaches to the pool it left running."""
+    from raymoe.cli import main
+
+    cfg = tmp_path / "pool.yaml"
+    cfg.write_text(PoolSpec.from_dict(spec_dict({"kind": "topk", "k": 2}, E=4)).to_yaml())
+    argv = ["serve", "-c", str(cfg), "--name", "t-keep", "--interval", "0.2", "--duration", "0.3"]
+    assert main([*argv, "--keep"]) == 0
+    pool = raymoe.connect("t-keep")  # still serving
+    before = pool.describe()
+    assert main(argv) == 1  # a second deploy of that name is refused...
+    assert "already runs" in capsys.readouterr().err
+    assert main([*argv, "--attach"]) == 0  # ...unless it attaches, then shuts down on exit
+    out = capsys.readouterr().out
+    assert "attached to the running pool 't-keep'" in out and "pool 't-keep' shut down" in out
+    assert before.placement_version == 1
+    with pytest.raises(raymoe.PoolNotFoundError):
+        raymoe.connect("t-keep")
