@@ -39,6 +39,7 @@ MAX_WAIT_S = 3600.0
 SERVING = re.compile(r"serving pool '([^']+)'")
 GATEWAY = re.compile(r"gRPC gateway on (\S+): raymoe")
 LOG_TAIL = 4000
+NO_AGENT = "No available agent"  # the job server's 500 while its agent starts
 
 
 @dataclass(frozen=True)
@@ -95,9 +96,10 @@ def submit(
     client, address = _client(address)
     with tempfile.TemporaryDirectory(prefix="raymoe-job-") as d:
         Path(d, SPEC_FILE).write_text(spec.to_yaml())
-        job_id = _call(
+        job_id = _submit_job(
+            client,
             address,
-            client.submit_job,
+            wait_s,
             entrypoint=entrypoint(name, gateway),
             runtime_env=runtime_env(d, pip),
             metadata={"raymoe_pool": name},
@@ -121,6 +123,23 @@ def stop(job_id: str, *, address: str | None = None, wait_s: float = 60.0) -> st
             raise PoolError(f"job {job_id} still {status} after {wait_s:g} s")
         time.sleep(0.5)
     return str(status)
+
+
+def _submit_job(client, address: str, wait_s: float, **job) -> str:
+    """Submit, retrying (within ``wait_s``) while the head has no job agent yet: a head that
+    has just started answers before its agent registers, and says to try again later."""
+    end = time.monotonic() + wait_s
+    delay = 0.5
+    while True:
+        try:
+            return _call(address, client.submit_job, **job)
+        except RuntimeError as e:  # the job server's HTTP errors
+            if NO_AGENT not in str(e):
+                raise PoolError(f"the Ray job server at {address} refused the job: {e}") from e
+            if time.monotonic() + delay > end:
+                raise PoolUnavailableError(f"the Ray job server at {address}: {e}") from e
+        time.sleep(delay)
+        delay = min(2 * delay, 5.0)
 
 
 def _wait_serving(client, address, job_id, name, expect_gateway, wait_s) -> tuple[str, ...]:

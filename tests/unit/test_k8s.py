@@ -166,6 +166,9 @@ def test_manifests_agree_with_the_pool_spec(variant):
     mounted = {m["mountPath"] for m in driver["volumeMounts"]}
     assert str(Path(config).parent) in mounted and Path(config).name == "pool.yaml"
     assert {"--attach", "--keep"} <= set(driver["command"])
+    env = {e["name"]: e.get("value") for e in driver["env"]}
+    head_ports = {p["name"]: p["containerPort"] for p in head_container(cluster)["ports"]}
+    assert env["RAY_ADDRESS"] == f"ray://127.0.0.1:{head_ports['client']}"  # Ray Client
     for probe in ("startupProbe", "livenessProbe"):
         assert driver[probe]["grpc"]["port"] == g.port
     gpus = [
@@ -181,6 +184,10 @@ def test_manifests_agree_with_the_pool_spec(variant):
         float(p["containers"][0]["resources"]["limits"]["cpu"]) for p in pod_specs(cluster)
     )
     assert biggest >= spec.shards.num_cpus  # a shard fits on a node
+
+
+def head_container(cluster: dict) -> dict:
+    return cluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
 
 
 def one_container(cluster: dict, name: str) -> dict:
