@@ -40,6 +40,7 @@ ZIPF_S = 1.2
 HALF_LIFE_S = 2.0  # of the controller's load window
 CHECK_EVERY = 4
 MEASURE_S = 2.0  # traffic window over which per-shard pairs are counted
+SAMPLE_S = 0.5  # the timeline's resolution
 
 
 def spec(E: int, shards: int) -> PoolSpec:
@@ -152,6 +153,21 @@ def _get(report, key):
     return report.get(key) if isinstance(report, dict) else getattr(report, key, None)
 
 
+class Sampler(threading.Thread):
+    """The pool's own imbalance (``stats(1 s)``: max / mean pairs per serving shard over the
+    last 1-2 s) every ``SAMPLE_S``, for the timeline plot."""
+
+    def __init__(self, pool):
+        super().__init__(daemon=True)
+        self.pool, self.samples, self.stop = pool, [], threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.wait(SAMPLE_S):
+            s = self.pool.stats(window_s=1.0)
+            if s.tokens:
+                self.samples.append((time.perf_counter(), s.imbalance))
+
+
 class Session:
     """One pool under traffic: the steady-state latency, then operations, each measured."""
 
@@ -159,6 +175,7 @@ class Session:
         self.pool, self.traffic = pool, traffic
         self.rows: list[dict] = []
         self.timeline: list[tuple] = []
+        self.spans: list[tuple[str, float, float]] = []  # (operation, start, end)
         self.t_start = time.perf_counter()
         self.p50 = self.p99 = 0.0
 
@@ -190,6 +207,7 @@ class Session:
         t0 = time.perf_counter()
         report = fn()
         t1 = time.perf_counter()
+        self.spans.append((name, t0, t1))
         time.sleep(settle)
         lat = traffic.window(t0, t1)
         row = {
@@ -284,6 +302,31 @@ def report(session: Session, traffic: Traffic, out: Path | None) -> None:
         )
 
 
+def plot_timeline(session: Session, sampler: Sampler, path: Path) -> None:
+    """Imbalance and p99 (requests in flight in the last second) over time, operations
+    shaded: the PNG in the README."""
+    from raymoe import plot
+
+    t = np.array([at for at, _ in sampler.samples])
+    imbalance = np.array([imb for _, imb in sampler.samples])
+    p99 = np.array([_p99_ms(session.traffic.window(at - 1.0, at)) for at in t])
+    start = session.t_start
+    spans = [plot.Span(name, t0 - start, t1 - start) for name, t0, t1 in session.spans]
+    fig = plot.timeline_figure(
+        t - session.t_start,
+        imbalance,
+        p99,
+        spans,
+        steady_p99_ms=session.p99 * 1e3,
+        title="raymoe pool under Zipf(1.2) traffic: imbalance and p99 through live operations",
+    )
+    print(f"timeline: {plot.save(fig, path)}")
+
+
+def _p99_ms(latencies: np.ndarray) -> float:
+    return float(np.percentile(latencies, 99) * 1e3) if len(latencies) else float("nan")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--experts", type=int, default=64)
@@ -291,7 +334,8 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=4)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--steady-s", type=float, default=6.0)
-    ap.add_argument("--out", type=Path)
+    ap.add_argument("--out", type=Path, help="the results as JSON")
+    ap.add_argument("--plot", type=Path, help="a PNG of imbalance and p99 over time (matplotlib)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     ray.init(namespace="raymoe", include_dashboard=False, log_to_driver=False)
@@ -303,11 +347,17 @@ def main() -> None:
     )
     pool = raymoe.serve(s, weights=layer.state_dict())
     try:
+        sampler = Sampler(pool)
         with Traffic(pool, layer, args.experts, args.clients, args.tokens) as traffic:
             session = Session(pool, traffic)
+            sampler.start()
             session.steady(args.steady_s)
             operations(session, pool, traffic, args)
+            sampler.stop.set()
+            sampler.join()
         report(session, traffic, args.out)
+        if args.plot:
+            plot_timeline(session, sampler, args.plot)
     finally:
         pool.shutdown()
 

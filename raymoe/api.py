@@ -54,11 +54,12 @@ class PoolHandle:
         """Spec, shards, routers, placement and routing versions, experts per shard, pins."""
         return _get(self._controller.describe.remote())
 
-    def stats(self, window_s: float = 60.0) -> PoolStats:
+    def stats(self, window_s: float = 60.0, load_bins: int = 0) -> PoolStats:
         """Traffic over the last ``window_s`` seconds, ending now: tokens/s, latency p50/p99,
         batch sizes, (token, expert) pairs per shard and their imbalance (max/mean over the
-        shards holding experts), pairs per expert (numpy)."""
-        return _get(self._controller.stats.remote(window_s))
+        shards holding experts), pairs per expert (numpy); with ``load_bins``, the load map
+        (shard x bins of experts, :class:`~raymoe.reports.PoolStats`)."""
+        return _get(self._controller.stats.remote(window_s, load_bins))
 
     # --- runtime operations: idempotent; each returns an OpReport (placement version,
     # replicas added and dropped, bytes moved, imbalance before and after). Traffic keeps

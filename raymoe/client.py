@@ -31,6 +31,7 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from raymoe._private.data import wire
+from raymoe._private.data.stats import check_load_bins
 from raymoe.errors import RaymoeError
 from raymoe.v1 import admin_pb2, admin_pb2_grpc, pool_pb2, pool_pb2_grpc
 
@@ -100,9 +101,12 @@ class _Base:
         req = _request(x, expert_ids, weights, token_ids)
         return self._unary(self._pool.Forward, req, lambda r: _output(r, x), timeout_s)
 
-    def stats(self, window_s: float = 60.0):
-        """Throughput, latency p50/p99, per-shard pairs, imbalance, per-expert load."""
-        req = pool_pb2.StatsRequest(window_s=window_s)
+    def stats(self, window_s: float = 60.0, load_bins: int = 0):
+        """Throughput, latency p50/p99, per-shard pairs, imbalance, per-expert load; with
+        ``load_bins``, the load map (shard x bins of experts)."""
+        if load_bins:
+            check_load_bins(load_bins)
+        req = pool_pb2.StatsRequest(window_s=window_s, load_bins=load_bins)
         return self._unary(self._pool.Stats, req, wire.stats_from_proto, None)
 
     def describe(self):

@@ -73,6 +73,11 @@ class PoolStats(_Report):
     imbalance:       max / mean of ``pairs_per_shard`` over the shards holding experts
     expert_load:     [E] pairs routed to each expert in the window
     counters:        totals since the routers started (batches, retries, rejected, ...)
+    load_map:        [N, B] the window's pairs per (shard, bin of experts), when asked for
+                     (``load_bins``); bin ``b`` holds the experts ``e`` with ``e * B // E ==
+                     b`` (``B = min(load_bins, E)``). Attributed by the current placement: a
+                     replicated expert's pairs split evenly over its replicas, as the routers
+                     deal them in turn
     """
 
     window_s: float
@@ -86,6 +91,7 @@ class PoolStats(_Report):
     imbalance: float
     expert_load: np.ndarray
     counters: dict[str, int] = field(default_factory=dict)
+    load_map: np.ndarray | None = None
 
 
 @dataclass(frozen=True)

@@ -288,9 +288,9 @@ class ControllerActor:
         await self._ensure()
         return self.controller.routers
 
-    async def stats(self, window_s: float = 60.0) -> PoolStats:
+    async def stats(self, window_s: float = 60.0, load_bins: int = 0) -> PoolStats:
         await self._ensure()
-        return await self.controller.stats(window_s)
+        return await self.controller.stats(window_s, load_bins)
 
     async def gateways(self) -> list[str]:
         await self._ensure()
@@ -408,8 +408,8 @@ class RayPoolBackend:
             timeout_s=timeout_s,
         )
 
-    async def stats(self, window_s: float) -> PoolStats:
-        return await self._call(lambda: self._controller, "stats", window_s)
+    async def stats(self, window_s: float, load_bins: int = 0) -> PoolStats:
+        return await self._call(lambda: self._controller, "stats", window_s, load_bins)
 
     async def describe(self) -> PoolDescription:
         return await self._call(lambda: self._controller, "describe")

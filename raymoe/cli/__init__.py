@@ -7,7 +7,18 @@ from __future__ import annotations
 import argparse
 import sys
 
-from raymoe.cli import _common, demo, experts, rebalance, serve, shards, status, submit, top
+from raymoe.cli import (
+    _common,
+    demo,
+    experts,
+    plot,
+    rebalance,
+    serve,
+    shards,
+    status,
+    submit,
+    top,
+)
 from raymoe.errors import RaymoeError
 
 LOCAL = {"demo": demo, "serve": serve, "submit": submit}  # start pools
@@ -17,6 +28,7 @@ REMOTE = {
     "experts": experts,
     "shards": shards,
     "rebalance": rebalance,
+    "plot": plot,
 }
 
 EPILOG = """exit codes: 0 done; 1 the pool could not do it; 2 bad usage or input the pool

@@ -42,13 +42,15 @@ class ForwardReply(_message.Message):
     def __init__(self, request_id: _Optional[int] = ..., y: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
 
 class StatsRequest(_message.Message):
-    __slots__ = ("window_s",)
+    __slots__ = ("window_s", "load_bins")
     WINDOW_S_FIELD_NUMBER: _ClassVar[int]
+    LOAD_BINS_FIELD_NUMBER: _ClassVar[int]
     window_s: float
-    def __init__(self, window_s: _Optional[float] = ...) -> None: ...
+    load_bins: int
+    def __init__(self, window_s: _Optional[float] = ..., load_bins: _Optional[int] = ...) -> None: ...
 
 class StatsReply(_message.Message):
-    __slots__ = ("requests", "tokens_per_s", "latency_p50_ms", "latency_p99_ms", "batch_tokens_mean", "batch_tokens_max", "pairs_per_shard", "imbalance", "expert_load", "counters", "window_s", "tokens")
+    __slots__ = ("requests", "tokens_per_s", "latency_p50_ms", "latency_p99_ms", "batch_tokens_mean", "batch_tokens_max", "pairs_per_shard", "imbalance", "expert_load", "counters", "window_s", "tokens", "load_map")
     class CountersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -68,6 +70,7 @@ class StatsReply(_message.Message):
     COUNTERS_FIELD_NUMBER: _ClassVar[int]
     WINDOW_S_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
+    LOAD_MAP_FIELD_NUMBER: _ClassVar[int]
     requests: int
     tokens_per_s: float
     latency_p50_ms: float
@@ -80,4 +83,5 @@ class StatsReply(_message.Message):
     counters: _containers.ScalarMap[str, int]
     window_s: float
     tokens: int
-    def __init__(self, requests: _Optional[int] = ..., tokens_per_s: _Optional[float] = ..., latency_p50_ms: _Optional[float] = ..., latency_p99_ms: _Optional[float] = ..., batch_tokens_mean: _Optional[float] = ..., batch_tokens_max: _Optional[int] = ..., pairs_per_shard: _Optional[_Iterable[int]] = ..., imbalance: _Optional[float] = ..., expert_load: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., counters: _Optional[_Mapping[str, int]] = ..., window_s: _Optional[float] = ..., tokens: _Optional[int] = ...) -> None: ...
+    load_map: _tensor_pb2.Tensor
+    def __init__(self, requests: _Optional[int] = ..., tokens_per_s: _Optional[float] = ..., latency_p50_ms: _Optional[float] = ..., latency_p99_ms: _Optional[float] = ..., batch_tokens_mean: _Optional[float] = ..., batch_tokens_max: _Optional[int] = ..., pairs_per_shard: _Optional[_Iterable[int]] = ..., imbalance: _Optional[float] = ..., expert_load: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., counters: _Optional[_Mapping[str, int]] = ..., window_s: _Optional[float] = ..., tokens: _Optional[int] = ..., load_map: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...

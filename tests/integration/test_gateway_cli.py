@@ -96,6 +96,30 @@ def test_cli_exit_codes(cli_pool, tokens, capsys):
     assert _cli(capsys, "status", *target, "--token-file", "/nonexistent")[0] == 2
 
 
+def test_cli_plot_load_draws_the_pools_real_load(cli_pool, tokens, capsys, tmp_path):
+    pool, conn = cli_pool
+    data = ["--target", conn[1], "--token-file", str(tokens / "data")]  # a data token suffices
+    pool.replicate(5, 2)  # expert 5: on both shards, its pairs dealt in turn
+    x = torch.randn(64, D)
+    ids = torch.tensor([[5, 1]] * 48 + [[6, 2]] * 16)
+    pool.forward(x, expert_ids=ids, weights=torch.full((64, 2), 0.5))
+    stats = raymoe.Client(conn[1], token=DATA).stats(60, load_bins=E)
+    assert stats.load_map.shape == (2, E)
+    assert np.allclose(stats.load_map.sum(axis=0), stats.expert_load)
+    assert stats.load_map[0, 5] == stats.load_map[1, 5] == 24  # 48 pairs over 2 replicas
+    # attributed by the placement, the map's shards carry what the routers sent them
+    assert np.allclose(stats.load_map.sum(axis=1), stats.pairs_per_shard)
+
+    out = tmp_path / "load.png"
+    argv = ["plot", "load", *data, "--out", str(out), "--samples", "2", "--interval", "0.2"]
+    rc, printed, err = _cli(capsys, *argv, "-o", "json")
+    assert rc == 0, err
+    assert json.loads(printed) == {"out": str(out), "shards": 2, "bins": E, "samples": 2}
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+    assert _cli(capsys, "plot", "load", *data, "--out", str(tmp_path / "no/dir.png"))[0] == 2
+    assert _cli(capsys, "plot", "load", *data, "--out", str(out), "--bins", "0")[0] == 2
+
+
 # --- TLS -----------------------------------------------------------------------------------
 
 

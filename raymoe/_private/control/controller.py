@@ -44,7 +44,7 @@ from raymoe._private.control.load import LoadWindow
 from raymoe._private.control.loop import ControlLoop, live_mask
 from raymoe._private.control.migration import Migrator
 from raymoe._private.control.roster import Roster
-from raymoe._private.data.stats import merge
+from raymoe._private.data.stats import check_load_bins, load_map, merge
 from raymoe._private.metrics import Metrics, NullMetrics, top_experts
 from raymoe.config import PoolSpec
 from raymoe.errors import PoolUnavailableError
@@ -465,10 +465,21 @@ class Controller:
             self.goal, len(self.routers), self.degraded, self.last_change, self.resumed_changes
         )
 
-    async def stats(self, window_s: float = 60.0) -> PoolStats:
-        """Traffic over the last ``window_s`` seconds, merged over the routers."""
+    async def stats(self, window_s: float = 60.0, load_bins: int = 0) -> PoolStats:
+        """Traffic over the last ``window_s`` seconds, merged over the routers; with
+        ``load_bins``, its load map (shard x bins of experts) too."""
+        placement = self.placement
+        if load_bins:
+            check_load_bins(load_bins)  # before any poll
         windows = await self.poll(self.routers, "stats", window_s)
-        serving = self.placement.held() > 0
-        return merge(
-            [w for w in windows if w is not None], serving, self.spec.num_experts, window_s
+        stats = merge(
+            [w for w in windows if w is not None],
+            placement.held() > 0,
+            self.spec.num_experts,
+            window_s,
+        )
+        if not load_bins:
+            return stats
+        return dataclasses.replace(
+            stats, load_map=load_map(stats.expert_load, placement, load_bins)
         )

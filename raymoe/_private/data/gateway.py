@@ -37,6 +37,7 @@ from grpc_reflection.v1alpha import reflection
 from raymoe._private import timeouts
 from raymoe._private.data import wire
 from raymoe._private.data.auth import Tokens, _AuthInterceptor
+from raymoe._private.data.stats import check_load_bins
 from raymoe._private.metrics import Metrics, NullMetrics
 from raymoe.config import GatewaySpec, PoolSpec
 from raymoe.errors import InvalidInputError, PoolOverloadedError, RaymoeError
@@ -55,7 +56,7 @@ class PoolBackend(Protocol):
     """What the gateway needs from a pool (its routers and controller)."""
 
     async def forward(self, x, expert_ids, weights, token_ids, timeout_s) -> np.ndarray: ...
-    async def stats(self, window_s: float) -> PoolStats: ...
+    async def stats(self, window_s: float, load_bins: int = 0) -> PoolStats: ...
     async def describe(self) -> PoolDescription: ...
     async def op(self, name: str, *args) -> OpReport: ...
     async def ready(self) -> bool: ...
@@ -126,7 +127,8 @@ class _PoolServicer(pool_pb2_grpc.PoolServiceServicer):
                     item[1].cancel()
 
     async def Stats(self, request, context):
-        return wire.stats_to_proto(await _answer(context, self.gw.stats(request.window_s)))
+        stats = self.gw.stats(request.window_s, request.load_bins)
+        return wire.stats_to_proto(await _answer(context, stats))
 
 
 class _AdminServicer(admin_pb2_grpc.AdminServiceServicer):
@@ -222,13 +224,15 @@ class Gateway:
             return None
         return wire.from_tensor(getattr(req, field), field, max_bytes=self.max_bytes)
 
-    async def stats(self, window_s: float) -> PoolStats:
+    async def stats(self, window_s: float, load_bins: int = 0) -> PoolStats:
         window = window_s or 60.0
         if not 0 < window <= MAX_STATS_WINDOW_S:  # NaN fails too
             raise InvalidInputError(
                 f"window_s must be in (0, {MAX_STATS_WINDOW_S:g}], got {window_s}"
             )
-        return await self.backend.stats(window)
+        if load_bins:
+            check_load_bins(load_bins)
+        return await self.backend.stats(window, load_bins)
 
     async def decode_weights(self, weights) -> dict[str, np.ndarray]:
         return {k: wire.from_tensor(t, k, max_bytes=self.max_bytes) for k, t in weights.items()}

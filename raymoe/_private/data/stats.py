@@ -19,12 +19,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from raymoe.errors import InvalidInputError
+from raymoe.placement import Placement
 from raymoe.reports import Latency, PoolStats
 
 BUCKET_S = 1.0
 HORIZON_S = 3600.0  # the longest window a router can answer
 MAX_ENTRIES = 1 << 22  # sparse per-expert entries kept in all buckets of one router
 MAX_REQUESTS = 4096  # recent requests kept for latency percentiles
+MAX_LOAD_BINS = 4096  # columns of a load map (its rows: the shards)
 
 
 @dataclass
@@ -190,3 +193,24 @@ def merge(windows: list[dict], serving: np.ndarray, num_experts: int, window_s: 
         expert_load=experts,
         counters={k: int(v) for k, v in counters.items()},
     )
+
+
+def check_load_bins(bins: int) -> None:
+    if not 0 < bins <= MAX_LOAD_BINS:
+        raise InvalidInputError(f"load_bins must be in [1, {MAX_LOAD_BINS}], got {bins}")
+
+
+def load_map(expert_load: np.ndarray, placement: Placement, bins: int) -> np.ndarray:
+    """Pure: [N, B] pairs per (shard, bin of consecutive experts), ``B = min(bins, E)``; an
+    expert's pairs split evenly over its replicas (the routers deal them in turn)."""
+    check_load_bins(bins)
+    E = placement.num_experts
+    B = max(min(bins, E), 1)
+    load = np.zeros(E, np.float64)
+    n = min(E, len(expert_load))
+    load[:n] = expert_load[:n]
+    expert, shard = placement.pairs()
+    out = np.zeros((placement.num_shards, B), np.float64)
+    share = load[expert] / placement.replicas()[expert]
+    np.add.at(out, (shard, expert * B // max(E, 1)), share)
+    return out

@@ -173,6 +173,7 @@ def stats_to_proto(s: PoolStats) -> pool_pb2.StatsReply:
         imbalance=s.imbalance,
         expert_load=to_tensor(np.asarray(s.expert_load, np.int64)),
         counters=s.counters,
+        load_map=None if s.load_map is None else to_tensor(np.asarray(s.load_map, np.float64)),
     )
 
 
@@ -190,6 +191,7 @@ def stats_from_proto(m: pool_pb2.StatsReply) -> PoolStats:
         imbalance=m.imbalance,
         expert_load=from_tensor(m.expert_load, "expert_load").copy(),
         counters=dict(m.counters),
+        load_map=from_tensor(m.load_map, "load_map").copy() if m.HasField("load_map") else None,
     )
 
 

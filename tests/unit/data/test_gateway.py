@@ -17,6 +17,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 import raymoe
 from raymoe import client as client_module
+from raymoe._private.data import stats as S
 from raymoe._private.data import wire
 from raymoe._private.data.gateway import ADMIN_SERVICE_DESC, Gateway, GatewayThread, Tokens
 from raymoe._private.metrics import RecordingMetrics
@@ -53,7 +54,7 @@ class FakePool:
             raise raymoe.ShapeError(f"x must have shape [..., 4], got {list(x.shape)}")
         return x * 2
 
-    async def stats(self, window_s):
+    async def stats(self, window_s, load_bins=0):
         return PoolStats(
             window_s=window_s,
             requests=3,
@@ -66,6 +67,7 @@ class FakePool:
             imbalance=7 / 6,
             expert_load=np.arange(8),
             counters={"rejected": 1},
+            load_map=np.full((2, min(load_bins, 8)), 0.5) if load_bins else None,
         )
 
     async def describe(self):
@@ -126,7 +128,11 @@ def test_client_round_trip_keeps_the_tensor_kind(gateway):
         s = c.stats(window_s=30)
         assert s.requests == 3 and s.imbalance == pytest.approx(7 / 6) and s.window_s == 30
         assert s.latency == Latency(1.0, 2.0) and s.pairs_per_shard == (5, 7)
-        assert np.array_equal(s.expert_load, np.arange(8))
+        assert np.array_equal(s.expert_load, np.arange(8)) and s.load_map is None
+        assert np.array_equal(c.stats(load_bins=4).load_map, np.full((2, 4), 0.5))
+        for bad in (-1, S.MAX_LOAD_BINS + 1):
+            with pytest.raises(raymoe.InvalidInputError, match="load_bins"):
+                c.stats(load_bins=bad)
 
 
 @pytest.mark.parametrize(
@@ -227,6 +233,15 @@ def test_deadline_reaches_the_pool_and_ends_the_call(gateway, pool):
             c.forward(_x(), timeout_s=0.3)
         assert time.monotonic() - t0 < 2.0
     _until(lambda: gateway.gateway._inflight == 0)  # the gateway let go of it too
+
+
+def test_the_gateway_bounds_the_load_map(gateway):
+    stub = pool_pb2_grpc.PoolServiceStub(grpc.insecure_channel(gateway.endpoint))
+    big = pool_pb2.StatsRequest(load_bins=S.MAX_LOAD_BINS + 1)
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Stats(big, metadata=_md(TOKENS.data))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "load_bins" in info.value.details()
 
 
 def test_unexpected_errors_are_internal_without_detail(gateway, pool):

@@ -92,3 +92,29 @@ def test_merge_sums_routers_and_measures_imbalance_over_serving_shards():
     assert st.requests == 8 and st.counters == {"batches": 2} and st.tokens_per_s == 8.0
     assert st.pairs_per_shard == (12, 4, 0) and st.imbalance == pytest.approx(1.5)
     assert st.latency.p50_ms == pytest.approx(3.0) and st.batch_tokens_max == 8
+
+
+def test_load_map_splits_each_expert_over_its_replicas_like_a_naive_loop():
+    from raymoe.placement import contiguous, with_replicas
+
+    p = with_replicas(contiguous(10, 3), {0: [1, 2], 7: [0, 1]})
+    load = np.arange(10, dtype=np.int64) * 6
+    for bins in (1, 3, 4, 10, 64):
+        B = min(bins, 10)
+        naive = np.zeros((3, B))
+        for e in range(10):
+            holders = [s for s in range(3) if e in p.shard_experts(s)]
+            for s in holders:
+                naive[s, e * B // 10] += load[e] / len(holders)
+        got = S.load_map(load, p, bins)
+        assert got.shape == (3, B) and np.allclose(got, naive)
+        assert got.sum() == pytest.approx(load.sum())  # every pair lands once
+
+
+@pytest.mark.parametrize("bins", [0, -3, S.MAX_LOAD_BINS + 1])
+def test_load_map_bins_are_bounded(bins):
+    from raymoe.errors import InvalidInputError
+    from raymoe.placement import contiguous
+
+    with pytest.raises(InvalidInputError, match="load_bins"):
+        S.load_map(np.zeros(4), contiguous(4, 2), bins)
