@@ -40,6 +40,7 @@ SERVING = re.compile(r"serving pool '([^']+)'")
 GATEWAY = re.compile(r"gRPC gateway on (\S+): raymoe")
 LOG_TAIL = 4000
 NO_AGENT = "No available agent"  # the job server's 500 while its agent starts
+NO_AGENT_WAIT_S = 60.0  # an agent that has not come up by then is not starting
 
 
 @dataclass(frozen=True)
@@ -126,9 +127,10 @@ def stop(job_id: str, *, address: str | None = None, wait_s: float = 60.0) -> st
 
 
 def _submit_job(client, address: str, wait_s: float, **job) -> str:
-    """Submit, retrying (within ``wait_s``) while the head has no job agent yet: a head that
-    has just started answers before its agent registers, and says to try again later."""
-    end = time.monotonic() + wait_s
+    """Submit, retrying (within ``wait_s``, at most ``NO_AGENT_WAIT_S``) while the head has no
+    job agent yet: a head that has just started answers before its agent registers, and says
+    to try again later."""
+    end = time.monotonic() + min(wait_s, NO_AGENT_WAIT_S)
     delay = 0.5
     while True:
         try:
@@ -137,7 +139,12 @@ def _submit_job(client, address: str, wait_s: float, **job) -> str:
             if NO_AGENT not in str(e):
                 raise PoolError(f"the Ray job server at {address} refused the job: {e}") from e
             if time.monotonic() + delay > end:
-                raise PoolUnavailableError(f"the Ray job server at {address}: {e}") from e
+                raise PoolUnavailableError(
+                    f"the Ray job server at {address} has no job agent: the head's dashboard "
+                    "agent did not start (see dashboard_agent.log on the head; e.g. its port, "
+                    "52365 unless --dashboard-agent-listen-port, is taken by another Ray "
+                    "cluster on that machine)"
+                ) from e
         time.sleep(delay)
         delay = min(2 * delay, 5.0)
 

@@ -65,6 +65,15 @@ def head():
         str(free_port()),
         "--ray-client-server-port",
         str(free_port()),
+        # NOTE: the job agent's HTTP port is fixed (52365) by default; the session's cluster
+        # holds it, and a second agent that can't bind it never registers ("No available
+        # agent to submit job")
+        "--dashboard-agent-listen-port",
+        str(free_port()),
+        "--dashboard-agent-grpc-port",
+        str(free_port()),
+        "--runtime-env-agent-port",
+        str(free_port()),
     ]
     # NOTE: no drain on SIGTERM (Ray waits up to 30 s by default): tear down at once
     env = _env(RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0")

@@ -44,7 +44,7 @@ def test_submit_gives_up_within_the_wait(monkeypatch):
     clock = iter(range(0, 10_000, 5))
     monkeypatch.setattr(jobs.time, "monotonic", lambda: next(clock))
     server = FlakyJobServer(fails=10**6)
-    with pytest.raises(PoolUnavailableError, match="No available agent"):
+    with pytest.raises(PoolUnavailableError, match="no job agent"):
         jobs._submit_job(server, "http://h:8265", 30.0, entrypoint="x")
     assert server.calls < 10
 
