@@ -113,6 +113,66 @@ def deepseek_v3(block: Any, config: Any) -> tuple[dict, State]:
     return spec, sd
 
 
+def gpt_oss(block: Any, config: Any) -> tuple[dict, State]:
+    """GPT-OSS: router with a bias, top-k of the logits then softmax over the k (= softmax
+    then renormalise); experts with biases and a clamped SwiGLU over interleaved gate/up
+    columns, stored (in, out): ``gate_up_proj`` [E, d, 2H], ``down_proj`` [E, H, d]."""
+    router, experts = block.router, block.experts
+    gate_up = experts.gate_up_proj.detach()
+    gate_up_bias = experts.gate_up_proj_bias.detach()
+    sd = {
+        "router.weight": router.weight.detach().clone(),
+        "router.bias": router.bias.detach().clone(),
+        "experts.w_gate": gate_up[:, :, 0::2].transpose(1, 2).contiguous(),
+        "experts.w_up": gate_up[:, :, 1::2].transpose(1, 2).contiguous(),
+        "experts.b_gate": gate_up_bias[:, 0::2].clone(),
+        "experts.b_up": gate_up_bias[:, 1::2].clone(),
+        "experts.w_down": experts.down_proj.detach().transpose(1, 2).contiguous(),
+        "experts.b_down": experts.down_proj_bias.detach().clone(),
+    }
+    E, H = sd["experts.w_gate"].shape[:2]
+    spec = {
+        "d_model": config.hidden_size,
+        "experts": {
+            "kind": "ffn",
+            "num_experts": E,
+            "hidden": H,
+            "gated": True,
+            "bias": True,
+            "clamped_swiglu": {"alpha": config.swiglu_alpha, "limit": config.swiglu_limit},
+        },
+        "routing": {
+            "kind": "topk",
+            "k": config.num_experts_per_tok,
+            "score": "softmax",
+            "renormalize": True,
+            "bias": True,
+        },
+    }
+    return spec, sd
+
+
+def llama4_text(block: Any, config: Any) -> tuple[dict, State]:
+    """Llama 4: sigmoid of the top-k logits scales each expert's *input*; a shared expert.
+    Experts stored (in, out) with gate and up concatenated: ``gate_up_proj`` [E, d, 2H]."""
+    gate_up = block.experts.gate_up_proj.detach()
+    H = gate_up.shape[2] // 2
+    sd = {
+        "router.weight": block.router.weight.detach().clone(),
+        "experts.w_gate": gate_up[:, :, :H].transpose(1, 2).contiguous(),
+        "experts.w_up": gate_up[:, :, H:].transpose(1, 2).contiguous(),
+        "experts.w_down": block.experts.down_proj.detach().transpose(1, 2).contiguous(),
+    }
+    _mlp("shared", block.shared_expert, sd)
+    spec = {
+        "d_model": config.hidden_size,
+        "experts": {**_ffn(config, sd["experts.w_gate"].shape[0], H), "weight_input": True},
+        "routing": {"kind": "topk", "k": config.num_experts_per_tok, "score": "sigmoid"},
+        "shared": {"hidden": sd["shared.w_gate"].shape[0]},
+    }
+    return spec, sd
+
+
 def switch_transformers(block: Any, config: Any) -> tuple[dict, State]:
     """Switch: per-sequence fixed capacity; the layer's input must be [B, L, d]."""
     E = config.num_experts
@@ -147,6 +207,8 @@ CONVERTERS: dict[str, Callable[[Any, Any], tuple[dict, State]]] = {
     "qwen3_moe": olmoe,  # same block as OLMoE: softmax top-k, optional renormalisation
     "deepseek_v3": deepseek_v3,
     "switch_transformers": switch_transformers,
+    "gpt_oss": gpt_oss,
+    "llama4_text": llama4_text,
 }
 
 

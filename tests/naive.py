@@ -22,8 +22,11 @@ def topk_list(values: list[float], k: int) -> list[int]:
     return sorted(range(len(values)), key=lambda i: (-values[i], i))[:k]
 
 
-def ffn_expert(sd: dict, e: int, x: torch.Tensor, gated: bool, act: str) -> torch.Tensor:
-    """One expert on one token, from a neutral-name state dict."""
+def ffn_expert(
+    sd: dict, e: int, x: torch.Tensor, gated: bool, act: str, clamp: dict | None = None
+) -> torch.Tensor:
+    """One expert on one token, from a neutral-name state dict; ``clamp``: GPT-OSS's
+    clamped SwiGLU ({"alpha", "limit"}), written out element by element."""
 
     def lin(name: str) -> torch.Tensor:
         b = sd.get(f"experts.b_{name}")
@@ -32,7 +35,16 @@ def ffn_expert(sd: dict, e: int, x: torch.Tensor, gated: bool, act: str) -> torc
     a = ACT[act]
     if gated:
         h_in = {"gate": x, "up": x}
-        h = a(lin("gate")) * lin("up")
+        if clamp:  # per element, autograd kept
+            alpha, limit = clamp["alpha"], clamp["limit"]
+            cells = []
+            for g, u in zip(lin("gate"), lin("up"), strict=True):
+                g = g if g < limit else g * 0 + limit
+                u = u if -limit <= u <= limit else u * 0 + math.copysign(limit, u.item())
+                cells.append((u + 1) * g / (1 + torch.exp(-alpha * g)))
+            h = torch.stack(cells)
+        else:
+            h = a(lin("gate")) * lin("up")
         h_in["down"] = h
         return lin("down")
     h_in = {"in": x}
@@ -44,13 +56,18 @@ def peer_expert(sd: dict, e: int, x: torch.Tensor, act: str) -> torch.Tensor:
     return sd["experts.v"][e] * ACT[act](sd["experts.u"][e] @ x)
 
 
-def combine(expert_fn, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """y[t] = sum over valid slots of w[t, s] * expert(ids[t, s], x[t])."""
+def combine(
+    expert_fn, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, weight_input: bool = False
+) -> torch.Tensor:
+    """y[t] = sum over valid slots of w[t, s] * expert(ids[t, s], x[t]), or with
+    ``weight_input`` of expert(ids[t, s], w[t, s] * x[t])."""
     y = torch.zeros_like(x)
     for t in range(x.shape[0]):
         for s in range(ids.shape[1]):
             e = int(ids[t, s])
-            if e >= 0:
+            if e >= 0 and weight_input:
+                y[t] += expert_fn(e, w[t, s] * x[t])
+            elif e >= 0:
                 y[t] += w[t, s] * expert_fn(e, x[t])
     return y
 

@@ -21,6 +21,7 @@ from raymoe.config.routing import (
 )
 from raymoe.config.sections import (
     Activation,
+    ClampedSwiGLU,
     ControlSpec,
     ExpertSpec,
     FFNExperts,
@@ -36,6 +37,7 @@ __all__ = [
     "MAX_ADD",
     "ROUTING_KINDS",
     "Activation",
+    "ClampedSwiGLU",
     "ControlSpec",
     "DenseRouting",
     "ExpertChoiceRouting",

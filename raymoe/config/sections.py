@@ -33,14 +33,35 @@ class _Experts(_Section):
         return self.num_experts - len(self.removed)
 
 
+class ClampedSwiGLU(_Section):
+    """GPT-OSS's gated nonlinearity, in place of ``act(gate) * up``:
+    ``(clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g)`` with ``g = min(gate, limit)``."""
+
+    alpha: PositiveFloat = 1.702
+    limit: PositiveFloat = 7.0
+
+
 class FFNExperts(_Experts):
-    """FFN experts: gated ``down(act(gate x) * up x)`` or plain ``out(act(in x))``."""
+    """FFN experts: gated ``down(act(gate x) * up x)`` or plain ``out(act(in x))``.
+
+    clamped_swiglu: GPT-OSS experts (gated only; ``activation`` is then unused)
+    weight_input:   the routing weight scales the expert's input, ``E(w x)``, instead of its
+                    output, ``w E(x)`` (Llama 4)
+    """
 
     kind: Literal["ffn"] = "ffn"
     hidden: PositiveInt
     gated: bool = True
     activation: Activation = "silu"
     bias: bool = False
+    clamped_swiglu: ClampedSwiGLU | None = None
+    weight_input: bool = False
+
+    @pydantic.model_validator(mode="after")
+    def _clamped_is_gated(self) -> FFNExperts:
+        if self.clamped_swiglu is not None and not self.gated:
+            raise ValueError("clamped_swiglu needs gated: true")
+        return self
 
 
 class PeerExperts(_Experts):

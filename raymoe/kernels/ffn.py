@@ -5,8 +5,12 @@ bank, d model width, H expert hidden width.
 
 Gated (SwiGLU/GeGLU):
     E_i(x) = W_down_i (act(W_gate_i x + b_gate_i) * (W_up_i x + b_up_i)) + b_down_i
+    (GPT-OSS's clamped SwiGLU replaces ``act(g) * u``: see :func:`clamped_swiglu`)
 Plain:
     E_i(x) = W_out_i act(W_in_i x + b_in_i) + b_out_i
+
+The routing weight ``w`` scales the output, ``w E_i(x)``, or with ``weight_input`` the input,
+``E_i(w x)`` (Llama 4).
 """
 
 from __future__ import annotations
@@ -21,6 +25,12 @@ from raymoe.config import FFNExperts, PoolSpec
 from raymoe.kernels.activations import activation
 from raymoe.kernels.bank import ExpertBank, register_bank
 from raymoe.kernels.grouping import Grouped, group_by_expert
+
+
+def clamped_swiglu(gate: torch.Tensor, up: torch.Tensor, alpha: float, limit: float):
+    """GPT-OSS: ``(clamp(up, ±limit) + 1) * g * sigmoid(alpha g)``, ``g = min(gate, limit)``."""
+    g = gate.clamp(max=limit)
+    return (up.clamp(-limit, limit) + 1) * (g * torch.sigmoid(alpha * g))
 
 
 def grouped_linear(
@@ -69,14 +79,19 @@ class FFNBank(ExpertBank):
         gated: bool = True,
         act: str = "silu",
         bias: bool = False,
+        clamp: tuple[float, float] | None = None,
+        weight_input: bool = False,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
     ):
+        """``clamp``: (alpha, limit) of GPT-OSS's clamped SwiGLU (gated only)."""
         super().__init__(num_experts, d_model)
         self.hidden = hidden
         self.gated = gated
         self.act_name = act
         self.act = activation(act)
+        self.clamp = clamp
+        self.weight_input = weight_input
         E, H, d = num_experts, hidden, d_model
         names_in = ("w_gate", "w_up") if gated else ("w_in",)
         name_out = "w_down" if gated else "w_out"
@@ -109,6 +124,8 @@ class FFNBank(ExpertBank):
             gated=ex.gated,
             act=ex.activation,
             bias=ex.bias,
+            clamp=(ex.clamped_swiglu.alpha, ex.clamped_swiglu.limit) if ex.clamped_swiglu else None,
+            weight_input=ex.weight_input,
             dtype=spec.torch_dtype,
             device=device,
         )
@@ -123,13 +140,18 @@ class FFNBank(ExpertBank):
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         g = group_by_expert(ids, weights, self.num_experts)
+        w = g.weight.to(x.dtype).unsqueeze(1)  # [P, 1]
         xs = x[g.token]  # [P, d]
+        if self.weight_input:
+            xs = xs * w
         if self.gated:
-            h = self.act(grouped_linear(xs, self.w_gate, getattr(self, "b_gate", None), g))
-            h = h * grouped_linear(xs, self.w_up, getattr(self, "b_up", None), g)
+            gate = grouped_linear(xs, self.w_gate, getattr(self, "b_gate", None), g)
+            up = grouped_linear(xs, self.w_up, getattr(self, "b_up", None), g)
+            h = self.act(gate) * up if self.clamp is None else clamped_swiglu(gate, up, *self.clamp)
             ys = grouped_linear(h, self.w_down, getattr(self, "b_down", None), g)
         else:
             h = self.act(grouped_linear(xs, self.w_in, getattr(self, "b_in", None), g))
             ys = grouped_linear(h, self.w_out, getattr(self, "b_out", None), g)
-        ys = ys * g.weight.to(ys.dtype).unsqueeze(1)
+        if not self.weight_input:
+            ys = ys * w
         return torch.zeros_like(x).index_add_(0, g.token, ys)

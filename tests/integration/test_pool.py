@@ -48,6 +48,19 @@ ROUTINGS = {
         {"kind": "product_key", "heads": 2, "k": 3, "d_key": 8}, E=64, kind="peer"
     ),
     "hierarchical": spec_dict({"kind": "hierarchical", "n_groups": 4, "k_groups": 2, "k": 2}, E=16),
+    # GPT-OSS (a limit this low clamps) and Llama 4 (the weight scales the expert's input)
+    "gpt_oss": spec_dict(
+        {"kind": "topk", "k": 2, "renormalize": True, "bias": True},
+        E=8,
+        bias=True,
+        clamped_swiglu={"limit": 0.3},
+    ),
+    "llama4": spec_dict(
+        {"kind": "topk", "k": 1, "score": "sigmoid"},
+        E=8,
+        weight_input=True,
+        shared={"hidden": 8},
+    ),
 }
 CONFIGS = Path(__file__).parents[2] / "examples" / "configs"
 
@@ -65,6 +78,8 @@ MATRIX = [
     ("hash", 8, 1, False),
     ("product_key", 2, 3, True),
     ("hierarchical", 1, 3, False),
+    ("gpt_oss", 2, 1, True),
+    ("llama4", 3, 1, True),
     ("mixtral-tiny", 2, 1, True),
     ("deepseek-tiny", 3, 3, True),
     ("switch-tiny", 2, 1, False),

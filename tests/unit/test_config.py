@@ -69,6 +69,18 @@ BAD = [
         "silu",
     ),
     (
+        "clamped plain FFN",
+        {**spec_dict({"kind": "topk", "k": 1}, gated=False, clamped_swiglu={"limit": 7.0})},
+        "experts",
+        "needs gated",
+    ),
+    (
+        "clamp limit",
+        {**spec_dict({"kind": "topk", "k": 1}, clamped_swiglu={"limit": 0})},
+        "experts.clamped_swiglu.limit",
+        "greater than 0",
+    ),
+    (
         "hierarchical k",
         _bad({"kind": "hierarchical", "n_groups": 4, "k": 3}),
         "routing",

@@ -10,6 +10,8 @@ import pytest
 import torch
 from transformers import (
     DeepseekV3Config,
+    GptOssConfig,
+    Llama4TextConfig,
     MixtralConfig,
     OlmoeConfig,
     Qwen2MoeConfig,
@@ -17,6 +19,8 @@ from transformers import (
     SwitchTransformersConfig,
 )
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
+from transformers.models.gpt_oss.modeling_gpt_oss import GptOssMLP
+from transformers.models.llama4.modeling_llama4 import Llama4TextMoe
 from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 from transformers.models.olmoe.modeling_olmoe import OlmoeSparseMoeBlock
 from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeSparseMoeBlock
@@ -104,6 +108,29 @@ MODELS = {
         ),
         DeepseekV3MoE,
     ),
+    # a limit this low clamps many gate and up values, so the clamp is exercised
+    "gpt_oss": lambda: (
+        GptOssConfig(
+            hidden_size=D,
+            intermediate_size=H,
+            num_local_experts=E,
+            num_experts_per_tok=3,
+            swiglu_limit=0.5,
+        ),
+        GptOssMLP,
+    ),
+    "llama4_text": lambda: (
+        Llama4TextConfig(
+            hidden_size=D, intermediate_size=H, num_local_experts=E, num_experts_per_tok=1
+        ),
+        Llama4TextMoe,
+    ),
+    "llama4_text-top2": lambda: (
+        Llama4TextConfig(
+            hidden_size=D, intermediate_size=H, num_local_experts=E, num_experts_per_tok=2
+        ),
+        Llama4TextMoe,
+    ),
 }
 
 
@@ -120,6 +147,8 @@ def test_token_choice_blocks_match(name, tokens):
     with torch.no_grad():
         want = block(x.clone())
         got = layer(x)
+    if isinstance(want, tuple):  # GPT-OSS and Llama 4 return (hidden, router scores)
+        want = want[0].reshape(got.shape)
     assert got.shape == want.shape
     assert (got - want).abs().max().item() <= 1e-5
 

@@ -29,10 +29,18 @@ FFN_CASES = [
     {"gated": True, "activation": "gelu", "bias": True},
     {"gated": False, "activation": "relu"},
     {"gated": False, "activation": "gelu_tanh", "bias": True},
+    # GPT-OSS: a limit this low clamps many gate and up values (both sides)
+    {"gated": True, "activation": "silu", "bias": True, "clamped_swiglu": {"limit": 0.3}},
+    {"gated": True, "activation": "silu", "weight_input": True},  # Llama 4
 ]
 
 
-@pytest.mark.parametrize("ex", FFN_CASES, ids=lambda e: f"{e['gated']}-{e['activation']}")
+def _case_id(ex: dict) -> str:
+    extra = [k for k in ("clamped_swiglu", "weight_input") if k in ex]
+    return "-".join([str(ex["gated"]), ex["activation"], *extra])
+
+
+@pytest.mark.parametrize("ex", FFN_CASES, ids=_case_id)
 def test_ffn_bank_forward_backward_match_loops(ex):
     _spec, bank = _bank(**ex)
     with torch.no_grad():  # biases start at random too, but make sure they are non-zero
@@ -45,8 +53,13 @@ def test_ffn_bank_forward_backward_match_loops(ex):
     sd = {f"experts.{n}": p for n, p in bank.named_parameters()}
     ref_params = {k: v.detach().clone().requires_grad_() for k, v in sd.items()}
     x2 = x.detach().clone().requires_grad_()
+    clamp = ex.get("clamped_swiglu") and {"alpha": 1.702, **ex["clamped_swiglu"]}
     ref = naive.combine(
-        lambda e, xt: naive.ffn_expert(ref_params, e, xt, ex["gated"], ex["activation"]), x2, ids, w
+        lambda e, xt: naive.ffn_expert(ref_params, e, xt, ex["gated"], ex["activation"], clamp),
+        x2,
+        ids,
+        w,
+        weight_input=ex.get("weight_input", False),
     )
     assert (y - ref).abs().max() <= 1e-5
     g = torch.randn_like(y)
