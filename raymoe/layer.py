@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from raymoe.config import PoolSpec, load_spec
-from raymoe.errors import ShapeError
+from raymoe.errors import InvalidInputError, ShapeError
 from raymoe.kernels import make_bank
 from raymoe.kernels.activations import activation
 from raymoe.routing import LoadStats, Routes, make_gate, tokens_per_expert
@@ -30,6 +30,8 @@ class MoEInfo:
 
     expert_ids: [T, S] int64 (-1 = empty slot); weights: [T, S];
     aux_loss: the sum of ``aux_losses`` (0 when no coefficient is set); load: per-expert counts.
+    Soft routing routes slots, not tokens: its ids and weights are [B * slots, 1], one row
+    per slot (its expert, weight 1).
     """
 
     expert_ids: torch.Tensor
@@ -121,8 +123,12 @@ class MoELayer(nn.Module):
             allow_nonfinite=spec.limits.allow_nonfinite,
         )
         flat = x.view(T, spec.d_model)
-        routes = self.route(flat, x, token_ids=token_ids, expert_ids=expert_ids, weights=weights)
-        y = self.experts(flat, routes.ids, routes.weights) if T else torch.zeros_like(flat)
+        kw = {"token_ids": token_ids, "expert_ids": expert_ids, "weights": weights}
+        if self.router.mixes:
+            y, routes = self._mixed(flat, x, **kw)
+        else:
+            routes = self.route(flat, x, **kw)
+            y = self.experts(flat, routes.ids, routes.weights) if T else torch.zeros_like(flat)
         y = y + self.shared_output(flat)
         out = y.view(x.shape)
         if not return_info:
@@ -130,9 +136,23 @@ class MoELayer(nn.Module):
         load = LoadStats(tokens_per_expert(routes.ids, spec.num_experts), routes.dropped)
         return out, MoEInfo(routes.ids, routes.weights, routes.aux_losses, load)
 
+    def _mixed(self, flat, x, **kw) -> tuple[torch.Tensor, Routes]:
+        """Soft routing: the experts compute the slots, mixes of each sequence's tokens."""
+        self.check_route_inputs(flat, x, **kw)
+        if flat.shape[0] == 0:
+            empty = torch.zeros((0, 1), device=flat.device)
+            return torch.zeros_like(flat), Routes(empty.long(), empty)
+        mix = self.router.mix(x)
+        y = self.experts(mix.x, mix.routes.ids, mix.routes.weights)
+        return self.router.unmix(y, mix), mix.routes
+
     def check_route_inputs(self, flat, x, *, token_ids=None, expert_ids=None, weights=None):
         """Raise the typed error :meth:`route` would raise for these inputs, gating nothing."""
         T = flat.shape[0]
+        if self.router.mixes and (expert_ids is not None or weights is not None):
+            raise InvalidInputError(
+                f"{self.spec.routing.kind} routing mixes tokens into slots: no client routes"
+            )
         if expert_ids is not None or weights is not None:
             check_routes(
                 expert_ids,
@@ -148,7 +168,8 @@ class MoELayer(nn.Module):
             check_token_ids(token_ids, tokens=T, vocab_size=gate.vocab_size, device=self.device)
         if gate.needs_sequences and x.dim() != 3:
             raise ShapeError(
-                f"per-sequence capacity needs x of shape [B, L, d], got {list(x.shape)}"
+                f"{self.spec.routing.kind} routing works per sequence: x must be [B, L, d], "
+                f"got {list(x.shape)}"
             )
 
     def route(self, flat, x, *, token_ids=None, expert_ids=None, weights=None) -> Routes:

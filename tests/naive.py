@@ -189,3 +189,22 @@ def shared_expert(sd, x, act="silu"):
     if "shared_gate.weight" in sd:
         out = out * torch.sigmoid(x @ sd["shared_gate.weight"].T)
     return out
+
+
+def soft_moe(sd: dict, x: torch.Tensor, expert_fn, per_expert: int) -> torch.Tensor:
+    """Soft MoE, one sequence and one slot at a time: ``x`` [B, L, d] -> [B, L, d]."""
+    phi = sd["router.weight"]  # [n, d]
+    n = phi.shape[0]
+    out = torch.zeros_like(x)
+    for b in range(x.shape[0]):
+        seq = x[b]
+        logits = [[float(phi[s] @ seq[t]) for s in range(n)] for t in range(len(seq))]
+        outputs = []
+        for s in range(n):  # dispatch: a softmax over the sequence's tokens
+            col = [math.exp(row[s]) for row in logits]
+            slot = sum(col[t] / sum(col) * seq[t] for t in range(len(seq)))
+            outputs.append(expert_fn(s // per_expert, slot))
+        for t, row in enumerate(logits):  # combine: a softmax over the slots
+            z = sum(math.exp(v) for v in row)
+            out[b, t] = sum(math.exp(row[s]) / z * outputs[s] for s in range(n))
+    return out

@@ -4,6 +4,8 @@ do, so that nothing elsewhere asks "which kind is this?".
 Capabilities every kind answers:
 
 - :meth:`~_Routing.slots`: columns of the ``[T, S]`` routes it produces (an upper bound);
+- :meth:`~_Routing.rows_per_token`: rows it sends the experts per token (an upper bound: 1,
+  but soft routing's slots);
 - :meth:`~_Routing.check`: whether it can route ``E`` experts (raises :class:`SpecProblem`);
 - ``removable``: whether experts can be removed at runtime (its gate masks them out);
 - :meth:`~_Routing.min_live`: the live experts it needs;
@@ -48,6 +50,9 @@ class _Routing(_Section):
     growable: ClassVar[bool] = False
 
     def slots(self, num_experts: int) -> int:
+        return 1
+
+    def rows_per_token(self, num_experts: int) -> int:
         return 1
 
     def check(self, num_experts: int) -> None:
@@ -269,6 +274,22 @@ class DenseRouting(_Routing):
         return num_experts
 
 
+class SoftRouting(_Routing):
+    """Soft MoE (Puigcerver et al. 2023): per sequence, each expert processes
+    ``slots_per_expert`` slots, each a softmax-weighted average of the sequence's tokens, and
+    each token's output is a softmax-weighted mix of every slot's output; dispatch and combine
+    weights come from one logits matrix. Input ``[B, L, d]``; no client routes."""
+
+    kind: Literal["soft"] = "soft"
+    slots_per_expert: PositiveInt = 1
+
+    def rows_per_token(self, num_experts: int) -> int:
+        return num_experts * self.slots_per_expert  # a sequence of one token: all its slots
+
+    def gate_rows(self, d_model: int, num_experts: int, count: int) -> dict[str, tuple]:
+        return {"router.weight": (count * self.slots_per_expert, d_model)}
+
+
 ROUTING_KINDS: dict[str, type[_Routing]] = {
     cls.model_fields["kind"].default: cls
     for cls in (
@@ -279,6 +300,7 @@ ROUTING_KINDS: dict[str, type[_Routing]] = {
         ProductKeyRouting,
         HierarchicalRouting,
         DenseRouting,
+        SoftRouting,
     )
 }
 
@@ -289,6 +311,7 @@ RoutingSpec = Annotated[
     | HashRouting
     | ProductKeyRouting
     | HierarchicalRouting
-    | DenseRouting,
+    | DenseRouting
+    | SoftRouting,
     Field(discriminator="kind"),
 ]

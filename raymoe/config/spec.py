@@ -88,6 +88,8 @@ class PoolSpec(_Section):
             raise SpecProblem(
                 "control.bias_update_rate", "needs topk routing with correction_bias: true"
             )
+        if self.routing.kind == "soft" and self.shared is not None:
+            raise SpecProblem("shared", "soft routing mixes tokens into slots: no shared experts")
         if self.limits.max_batch_tokens > self.limits.max_request_tokens:
             raise SpecProblem("limits.max_batch_tokens", "must not exceed max_request_tokens")
         return self

@@ -1,6 +1,6 @@
 """Routing kinds (DESIGN §3): pure functions from hidden states to (expert ids, weights)."""
 
-from raymoe.routing import capacity, hashing, hierarchical, product_key, topk  # noqa: F401
+from raymoe.routing import capacity, hashing, hierarchical, product_key, soft, topk  # noqa: F401
 from raymoe.routing.base import GATES, Gate, Routes, make_gate
 from raymoe.routing.losses import LoadStats, load_balancing_loss, router_z_loss, tokens_per_expert
 from raymoe.routing.select import select_topk

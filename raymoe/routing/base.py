@@ -42,6 +42,9 @@ class Gate(nn.Module):
     # NOTE: a batch-coupled gate's choice for a token depends on the other tokens of the batch
     # (capacity, expert choice): a router gates each request of a coalesced batch on its own.
     batch_coupled: ClassVar[bool] = False
+    # NOTE: a mixing gate (soft routing) sends mixes of tokens ("slots") to the experts, not
+    # tokens: ``mix(x)`` makes them, ``unmix(y, mix)`` combines their outputs back
+    mixes: ClassVar[bool] = False
 
     def __init__(self, spec: PoolSpec):
         super().__init__()

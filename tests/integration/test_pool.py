@@ -151,6 +151,35 @@ def test_pool_equals_layer(ray_cluster, case, shards, routers, replicated, trans
         pool.shutdown()
 
 
+@pytest.mark.parametrize("transport", ["object_store", "grpc"])
+def test_soft_moe_pool_equals_layer(ray_cluster, transport):
+    """Soft routing: the routers mix each sequence into slots, shards compute the slots, the
+    routers mix them back; concurrent requests of different shapes get exactly their rows."""
+    data = spec_dict({"kind": "soft", "slots_per_expert": 2}, E=8, bias=True)
+    layout = {"count": 3, "routers": 2, "transport": transport, "replicas": {0: 3, 5: 2}}
+    spec = PoolSpec.from_dict({**data, "name": f"t-soft-{transport}", "shards": layout})
+    layer = _perturbed(spec)
+    pool = raymoe.serve(spec, weights=layer.state_dict())
+    try:
+        g = torch.Generator().manual_seed(0)
+        shapes = [(1 + i % 3, 1 + (5 * i) % 11) for i in range(24)]
+        xs = [torch.randn(*shape, spec.d_model, generator=g) for shape in shapes]
+        with torch.no_grad():
+            wants = [layer(x) for x in xs]
+        refs = [pool.forward_async(x) for x in xs]
+        for ref, want in zip(refs, wants, strict=True):
+            assert np.abs(ray.get(ref) - want.numpy()).max() <= 1e-5
+        with pytest.raises(ShapeError, match="per sequence"):
+            pool.forward(torch.randn(4, spec.d_model))
+        with pytest.raises(InvalidInputError, match="no client routes"):
+            ids, w = torch.zeros(4, 1, dtype=torch.long), torch.ones(4, 1)
+            pool.forward(torch.randn(1, 4, spec.d_model), expert_ids=ids, weights=w)
+        assert (pool.forward(xs[-1]) - wants[-1]).abs().max().item() <= 1e-5  # still serving
+        assert pool.stats().expert_load.sum() > 0
+    finally:
+        pool.shutdown()
+
+
 def test_bad_input_through_the_handle_is_typed_and_pool_keeps_serving(ray_cluster):
     limits = {"max_request_tokens": 64, "max_batch_tokens": 64}
     spec = PoolSpec.from_dict(

@@ -69,6 +69,12 @@ BAD = [
         "silu",
     ),
     (
+        "soft with shared",
+        {**spec_dict({"kind": "soft"}, shared={"hidden": 8})},
+        "shared",
+        "no shared experts",
+    ),
+    (
         "clamped plain FFN",
         {**spec_dict({"kind": "topk", "k": 1}, gated=False, clamped_swiglu={"limit": 7.0})},
         "experts",

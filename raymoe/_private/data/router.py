@@ -209,7 +209,7 @@ class Router:
             return
         try:
             t0 = time.perf_counter()
-            flat, ids, w = await self._offload(_route, batch, layer)  # 1. route
+            flat, ids, w, mixes = await self._offload(_route, batch, layer)  # 1. route
             t1 = time.perf_counter()
             deadline = max(r.deadline for r in batch)
             parts = await self._dispatch(flat, ids, w, table, deadline)  # 2. dispatch
@@ -227,14 +227,18 @@ class Router:
         shard_pairs = np.zeros(table.num_shards, np.int64)
         for sub, _ in parts:
             shard_pairs[sub.shard] += int((sub.local_ids >= 0).sum())
-        self.traffic.batch(ids[ids >= 0].numpy(), shard_pairs, flat.shape[0])
-        self._record_batch(stages, shard_pairs, flat.shape[0])
+        tokens = sum(r.tokens for r in batch)
+        self.traffic.batch(ids[ids >= 0].numpy(), shard_pairs, tokens)
+        self._record_batch(stages, shard_pairs, tokens)
         start = 0
-        for r in batch:
-            out = y[start : start + r.tokens].reshape(r.x.shape)
-            start += r.tokens
+        for r, mix in zip(batch, mixes, strict=True):
+            rows = r.tokens if mix is None else mix.x.shape[0]
+            out = y[start : start + rows]
+            start += rows
+            if mix is not None:
+                out = layer.router.unmix(out, mix)
             if not r.future.done():
-                r.future.set_result(out.numpy())
+                r.future.set_result(out.reshape(r.x.shape).numpy())
 
     def _record_batch(self, stages: dict, shard_pairs: np.ndarray, tokens: int) -> None:
         m = self.metrics
@@ -318,13 +322,20 @@ class Router:
 
 @torch.no_grad()
 def _route(batch: list[Request], layer: MoELayer):
-    """(flat [T, d], ids [T, S], weights [T, S]) of the whole batch, in request order."""
-    flat = torch.cat([r.flat for r in batch]) if len(batch) > 1 else batch[0].flat
+    """(rows [R, d], ids [R, S], weights [R, S], mixes) of the whole batch, in request order:
+    the rows are the requests' tokens, or for a mixing gate (soft routing) their slots, and
+    ``mixes[i]`` is request ``i``'s :class:`~raymoe.routing.soft.Mix` (None for tokens)."""
+    rows = [r.flat for r in batch]
+    mixes: list = [None] * len(batch)
     routes: list = [None] * len(batch)
     gated = []
     for i, r in enumerate(batch):
         if r.expert_ids is not None:
             routes[i] = (r.expert_ids.long(), r.weights.to(torch.float32))
+        elif layer.router.mixes:
+            mixes[i] = mix = layer.router.mix(r.x)
+            rows[i] = mix.x
+            routes[i] = (mix.routes.ids, mix.routes.weights)
         elif layer.router.batch_coupled:
             rt = layer.route(r.flat, r.x, token_ids=r.token_ids)
             routes[i] = (rt.ids, rt.weights)
@@ -345,7 +356,8 @@ def _route(batch: list[Request], layer: MoELayer):
     S = max(a.shape[1] for a, _ in routes)
     ids = torch.cat([_pad(a, S, -1) for a, _ in routes])
     w = torch.cat([_pad(b, S, 0.0) for _, b in routes])
-    return flat, ids, w
+    flat = torch.cat(rows) if len(rows) > 1 else rows[0]
+    return flat, ids, w, mixes
 
 
 def _still_valid(r: Request, layer: MoELayer) -> bool:

@@ -31,10 +31,12 @@ MAX_MESSAGE_BYTES = 2**31 - 1  # gRPC's own ceiling
 
 def max_message_bytes(spec) -> int:
     """The largest message a pool carries: ``max_request_tokens`` tokens of float64 hidden
-    states with every routing slot used (an int64 id and a float64 weight each) and a token
-    id, plus room for the framing; at most gRPC's ceiling. The one size formula: the gateway
-    and the shard endpoints both bound their messages with it."""
-    per_token = spec.d_model * 8 + spec.slots * 16 + 8
+    states (times the rows each token may become: soft routing's slots) with every routing
+    slot used (an int64 id and a float64 weight each) and a token id, plus room for the
+    framing; at most gRPC's ceiling. The one size formula: the gateway and the shard
+    endpoints both bound their messages with it."""
+    rows = spec.routing.rows_per_token(spec.num_experts)
+    per_token = rows * (spec.d_model * 8 + 16) + spec.slots * 16 + 8
     return min(spec.limits.max_request_tokens * per_token + (1 << 20), MAX_MESSAGE_BYTES)
 
 

@@ -188,6 +188,39 @@ def test_hierarchical_matches_naive(G, kg, k):
     _check(layer, x, ids, ws)
 
 
+@pytest.mark.parametrize("per_expert", [1, 3])
+@pytest.mark.parametrize("shape", [(1, 1), (2, 7), (3, 16)])
+def test_soft_moe_matches_naive(per_expert, shape):
+    layer = make_layer({"kind": "soft", "slots_per_expert": per_expert}, E=4, bias=True)
+    x = torch.randn(*shape, 16, generator=torch.Generator().manual_seed(3))
+    y, info = layer(x, return_info=True)
+    sd = state(layer)
+    fn = lambda e, xt: naive.ffn_expert(sd, e, xt, True, "silu")  # noqa: E731
+    assert (y - naive.soft_moe(sd, x, fn, per_expert)).abs().max().item() <= 1e-5
+    B, n = shape[0], 4 * per_expert  # one row per slot: its expert, weight 1
+    assert info.expert_ids.view(-1).tolist() == [s // per_expert for s in range(n)] * B
+    assert info.load.tokens_per_expert.tolist() == [B * per_expert] * 4
+
+
+def test_soft_moe_backward_reaches_gate_and_experts():
+    layer = make_layer({"kind": "soft", "slots_per_expert": 2}, E=4)
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    layer(x).square().sum().backward()
+    assert x.grad.abs().sum() > 0
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in layer.parameters())
+
+
+def test_soft_moe_refuses_flat_input_and_client_routes():
+    from raymoe import InvalidInputError, ShapeError
+
+    layer = make_layer({"kind": "soft"}, E=4)
+    with pytest.raises(ShapeError, match=r"soft routing works per sequence"):
+        layer(torch.randn(5, 16))
+    with pytest.raises(InvalidInputError, match="no client routes"):
+        layer(torch.randn(1, 5, 16), expert_ids=torch.zeros(5, 1).long(), weights=torch.ones(5, 1))
+    assert layer(torch.zeros(0, 3, 16)).shape == (0, 3, 16)
+
+
 def test_shared_expert_with_gate_matches_naive():
     r = {"kind": "topk", "k": 2}
     layer = make_layer(r, shared={"hidden": 20, "gate": True})
