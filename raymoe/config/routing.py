@@ -145,12 +145,20 @@ class TopKRouting(_Routing):
 
 
 class SwitchRouting(_Routing):
-    """Top-1 with capacity; a token over capacity is dropped and gets zero from the layer."""
+    """Top-1 with capacity; a token over capacity is dropped and gets zero from the layer.
+    Grows by any count and removes experts: a removed expert is as if its gate row were
+    deleted, and ``capacity_factor`` counts the live experts."""
 
     kind: Literal["switch"] = "switch"
     capacity_factor: PositiveFloat | None = None  # 1.0 when neither this nor capacity is set
     capacity: PositiveInt | None = None
     capacity_scope: Literal["batch", "sequence"] = "batch"
+
+    removable: ClassVar[bool] = True
+    growable: ClassVar[bool] = True
+
+    def grown(self, num_experts: int, count: int) -> SwitchRouting:
+        return self
 
     def check(self, num_experts: int) -> None:
         need(
@@ -161,11 +169,22 @@ class SwitchRouting(_Routing):
 
 
 class ExpertChoiceRouting(_Routing):
-    """Each expert takes its top-c tokens, c = ceil(capacity_factor * T * k / E)."""
+    """Each expert takes its top-c tokens, c = ceil(capacity_factor * T * k / E). Grows by
+    any count and removes experts: removed experts take no tokens, and ``E`` counts the live
+    ones."""
 
     kind: Literal["expert_choice"] = "expert_choice"
     k: PositiveInt = 1
     capacity_factor: PositiveFloat = 1.0
+
+    removable: ClassVar[bool] = True
+    growable: ClassVar[bool] = True
+
+    def min_live(self) -> int:
+        return self.k
+
+    def grown(self, num_experts: int, count: int) -> ExpertChoiceRouting:
+        return self
 
     def slots(self, num_experts: int) -> int:
         return num_experts

@@ -54,6 +54,7 @@ class Gate(nn.Module):
         removed = torch.zeros(spec.num_experts, dtype=torch.bool)
         removed[list(spec.experts.removed)] = True
         self.register_buffer("removed", removed if removed.any() else None, persistent=False)
+        self.live = spec.experts.live  # experts not removed
         self.aux_loss_coef = spec.routing.aux_loss_coef
         self.z_loss_coef = spec.routing.z_loss_coef
 

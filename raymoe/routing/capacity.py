@@ -50,12 +50,11 @@ class SwitchGate(Gate):
         if r.capacity is not None:
             return r.capacity
         factor = r.capacity_factor or 1.0
-        return max(1, math.ceil(factor * tokens_per_group / self.num_experts))
+        return max(1, math.ceil(factor * tokens_per_group / self.live))
 
     def forward(self, x, *, token_ids=None, seq_len=None) -> Routes:
         T, E = x.shape[0], self.num_experts
-        logits = F.linear(x.float(), self.weight.float())
-        probs = logits.softmax(-1)
+        probs, logits = _masked_softmax(self, x)
         _top, choice = select_topk(probs.detach(), 1)
         choice = choice.squeeze(1)
         if self.needs_sequences:
@@ -93,12 +92,13 @@ class ExpertChoiceGate(Gate):
 
     def forward(self, x, *, token_ids=None, seq_len=None) -> Routes:
         T, E = x.shape[0], self.num_experts
-        logits = F.linear(x.float(), self.weight.float())
-        probs = logits.softmax(-1)  # [T, E]
-        cap = min(T, math.ceil(self.cfg.capacity_factor * T * self.cfg.k / E))
+        probs, logits = _masked_softmax(self, x)  # [T, E]
+        cap = min(T, math.ceil(self.cfg.capacity_factor * T * self.cfg.k / self.live))
         _, tok = select_topk(probs.detach().T, cap)  # [E, C]
         chosen = torch.zeros(T, E, dtype=torch.bool, device=x.device)
         chosen.scatter_(0, tok.T, True)
+        if self.removed is not None:  # removed experts take no tokens
+            chosen &= ~self.removed
         per_token = chosen.sum(1)
         width = max(int(per_token.max()), 1)
         # chosen experts first, each group in ascending expert order
@@ -108,3 +108,11 @@ class ExpertChoiceGate(Gate):
         w = probs.gather(1, order) * valid
         aux = self._aux_losses(logits, probs, ids)
         return Routes(ids, w, aux, dropped=int((per_token == 0).sum()))
+
+
+def _masked_softmax(gate: Gate, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(probs, logits) [T, E]: a removed expert as if its gate row were deleted."""
+    logits = F.linear(x.float(), gate.weight.float())
+    if gate.removed is not None:
+        logits = logits.masked_fill(gate.removed, float("-inf"))
+    return logits.softmax(-1), logits

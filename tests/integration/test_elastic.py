@@ -130,12 +130,27 @@ def test_bad_admin_input_is_refused_and_changes_nothing(ray_cluster):
         pool.shutdown()
 
 
-@pytest.mark.parametrize("transport", ["object_store", "grpc"])
-def test_experts_added_and_removed_under_traffic(ray_cluster, transport):
+GROWING = {
+    "topk": {"kind": "topk", "k": 2, "renormalize": True},
+    "switch": {"kind": "switch", "capacity_factor": 1.5},
+    "expert_choice": {"kind": "expert_choice", "k": 2},
+}
+
+
+@pytest.mark.parametrize(
+    "kind,transport",
+    [
+        ("topk", "object_store"),
+        ("topk", "grpc"),
+        ("switch", "object_store"),
+        ("expert_choice", "grpc"),
+    ],
+)
+def test_experts_added_and_removed_under_traffic(ray_cluster, kind, transport):
     spec = PoolSpec.from_dict(
         {
-            **spec_dict({"kind": "topk", "k": 2, "renormalize": True}, E=8),
-            "name": f"t-grow-{transport}",
+            **spec_dict(GROWING[kind], E=8),
+            "name": f"t-grow-{kind}-{transport}",
             "shards": {"count": 2, "routers": 2, "transport": transport},
         }
     )

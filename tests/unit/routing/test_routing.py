@@ -221,6 +221,40 @@ def test_soft_moe_refuses_flat_input_and_client_routes():
     assert layer(torch.zeros(0, 3, 16)).shape == (0, 3, 16)
 
 
+@pytest.mark.parametrize(
+    "routing",
+    [
+        {"kind": "switch", "capacity_factor": 1.25},
+        {"kind": "switch", "capacity": 3},
+        {"kind": "expert_choice", "k": 2, "capacity_factor": 1.5},
+        {"kind": "topk", "k": 2, "renormalize": True},
+        {"kind": "dense"},
+    ],
+    ids=lambda r: "-".join(str(v) for v in r.values()),
+)
+def test_a_removed_expert_is_as_if_deleted(routing):
+    """Removing experts 1 and 5 of 8 gives the layer of the 6 others, ids mapped."""
+    full = make_layer(routing, E=8)
+    removed = PoolSpec.from_dict(
+        {
+            **full.spec.model_dump(mode="json"),
+            "experts": {**full.spec.experts.model_dump(), "removed": [1, 5]},
+        }
+    )
+    layer = MoELayer(removed)
+    layer.load_state_dict(full.state_dict())
+    keep = [0, 2, 3, 4, 6, 7]
+    small = MoELayer(spec_dict(routing, E=6))
+    small.load_state_dict({k: v[keep] for k, v in full.state_dict().items()})
+    x = _x(23)
+    y, info = layer(x, return_info=True)
+    want, want_info = small(x, return_info=True)
+    assert (y - want).abs().max().item() <= 1e-5
+    mapped = torch.where(want_info.expert_ids >= 0, torch.tensor(keep)[want_info.expert_ids], -1)
+    assert torch.equal(info.expert_ids[:, : mapped.shape[1]], mapped)
+    assert not ((info.expert_ids == 1) | (info.expert_ids == 5)).any()
+
+
 def test_shared_expert_with_gate_matches_naive():
     r = {"kind": "topk", "k": 2}
     layer = make_layer(r, shared={"hidden": 20, "gate": True})
@@ -329,7 +363,7 @@ def test_client_routes_to_removed_experts_are_refused():
 @pytest.mark.parametrize(
     "routing,removed,field",
     [
-        ({"kind": "switch"}, [1], "experts.removed"),  # kind cannot remove
+        ({"kind": "hash", "vocab_size": 100}, [1], "experts.removed"),  # kind cannot remove
         ({"kind": "topk", "k": 2}, [9], "experts.removed"),  # out of range
         ({"kind": "topk", "k": 2}, [2, 1], "experts.removed"),  # unsorted
         ({"kind": "topk", "k": 3}, list(range(6)), "experts.removed"),  # fewer live than k
