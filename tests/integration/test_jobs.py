@@ -170,30 +170,11 @@ def test_submit_serve_reach_stop(head, tokens, tmp_path):
 
 def test_submit_refuses_without_a_job_server_and_with_a_bad_spec(tmp_path):
     config = tmp_path / "pool.yaml"
+    address = f"http://127.0.0.1:{free_port()}"
+    submit = (sys.executable, "-m", "raymoe", "submit", "-c", str(config), "--address", address)
     config.write_text("name: x\nexperts: {count: -1}\n")
-    port = free_port()
-    bad = _run(
-        sys.executable,
-        "-m",
-        "raymoe",
-        "submit",
-        "-c",
-        str(config),
-        "--address",
-        f"http://127.0.0.1:{port}",
-        timeout=60,
-    )
+    bad = _run(*submit, timeout=60)
     assert bad.returncode == 2 and "error" in bad.stderr
     config.write_text(gateway_spec("nowhere", tmp_path).to_yaml())
-    gone = _run(
-        sys.executable,
-        "-m",
-        "raymoe",
-        "submit",
-        "-c",
-        str(config),
-        "--address",
-        f"http://127.0.0.1:{port}",
-        timeout=60,
-    )
+    gone = _run(*submit, timeout=60)
     assert gone.returncode == 3 and "no Ray job server" in gone.stderr
