@@ -11,6 +11,7 @@ from raymoe.errors import (
     EmptyBatchError,
     ExpertIdError,
     InvalidInputError,
+    LayerIndexError,
     LayoutError,
     NonFiniteError,
     PermissionDeniedError,
@@ -23,7 +24,7 @@ from raymoe.errors import (
     RequestTooLargeError,
     ShapeError,
 )
-from raymoe.layer import MoEInfo, MoELayer
+from raymoe.layer import MoEInfo, MoELayer, MoEStack
 from raymoe.reports import Latency, OpReport, PoolDescription, PoolStats
 
 __version__ = "0.1.0"
@@ -40,9 +41,11 @@ __all__ = [
     "ExpertIdError",
     "InvalidInputError",
     "Latency",
+    "LayerIndexError",
     "LayoutError",
     "MoEInfo",
     "MoELayer",
+    "MoEStack",
     "NonFiniteError",
     "OpReport",
     "PermissionDeniedError",

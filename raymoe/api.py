@@ -13,7 +13,7 @@ import torch
 from raymoe._private import actors
 from raymoe._private.control.goal import Goal
 from raymoe.config import PoolSpec, load_spec
-from raymoe.errors import PoolExistsError, PoolNotFoundError
+from raymoe.errors import PoolExistsError, PoolNotFoundError, PoolUnavailableError
 from raymoe.reports import OpReport, PoolDescription, PoolStats
 
 
@@ -26,8 +26,14 @@ class PoolHandle:
         self._routers = routers
         self._next = itertools.count()
 
-    def forward_async(self, x, *, expert_ids=None, weights=None, token_ids=None, timeout_s=None):
+    def forward_async(
+        self, x, *, layer=0, expert_ids=None, weights=None, token_ids=None, timeout_s=None
+    ):
         """Start a forward pass; returns a Ray ObjectRef of the numpy result."""
+        if not self._routers:  # connected while the pool was starting
+            self._routers = _get(self._controller.routers.remote())
+            if not self._routers:
+                raise PoolUnavailableError(f"pool {self.name!r} is starting: no routers yet")
         router = self._routers[next(self._next) % len(self._routers)]
         return router.forward.remote(
             _np(x),
@@ -35,17 +41,25 @@ class PoolHandle:
             weights=_np(weights),
             token_ids=_np(token_ids),
             timeout_s=timeout_s,
+            layer=layer,
         )
 
-    def forward(self, x, *, expert_ids=None, weights=None, token_ids=None, timeout_s=None):
-        """``x`` [..., d] (torch or numpy) -> output of the same kind and shape.
+    def forward(self, x, *, layer=0, expert_ids=None, weights=None, token_ids=None, timeout_s=None):
+        """``x`` [..., d] (torch or numpy) through MoE layer ``layer`` -> output of the same
+        kind and shape.
 
-        ``expert_ids`` and ``weights`` ([T, S]) are client routes (-1 = empty slot);
-        ``token_ids`` ([T]) feed hash routing; ``timeout_s`` bounds the wait (at most the
-        spec's ``limits.request_timeout_s``). Raises typed raymoe errors.
+        ``expert_ids`` and ``weights`` ([T, S]) are client routes (the layer's expert ids;
+        -1 = empty slot); ``token_ids`` ([T]) feed hash routing; ``timeout_s`` bounds the
+        wait (at most the spec's ``limits.request_timeout_s``). Raises typed raymoe errors
+        (:class:`~raymoe.errors.LayerIndexError` for a layer the pool does not have).
         """
         ref = self.forward_async(
-            x, expert_ids=expert_ids, weights=weights, token_ids=token_ids, timeout_s=timeout_s
+            x,
+            layer=layer,
+            expert_ids=expert_ids,
+            weights=weights,
+            token_ids=token_ids,
+            timeout_s=timeout_s,
         )
         out = np.array(_get(ref))  # results come read-only out of the object store: copy
         return torch.from_numpy(out) if isinstance(x, torch.Tensor) else out
@@ -70,16 +84,18 @@ class PoolHandle:
         ``balanced``) and apply it; ``dry_run`` only reports the plan."""
         return self._op("rebalance", dry_run, policy)
 
-    def replicate(self, expert_id: int, replicas: int) -> OpReport:
+    # Operations on experts take the ``layer`` they belong to (multi-layer pools).
+
+    def replicate(self, expert_id: int, replicas: int, *, layer: int = 0) -> OpReport:
         """Give ``expert_id`` exactly ``replicas`` replicas, on distinct shards."""
-        return self._op("replicate", int(expert_id), int(replicas))
+        return self._op("replicate", int(expert_id), int(replicas), layer=layer)
 
-    def pin(self, expert_id: int, replicas: int) -> OpReport:
+    def pin(self, expert_id: int, replicas: int, *, layer: int = 0) -> OpReport:
         """Like :meth:`replicate`, and every later rebalance keeps that count."""
-        return self._op("pin", int(expert_id), int(replicas))
+        return self._op("pin", int(expert_id), int(replicas), layer=layer)
 
-    def unpin(self, expert_id: int) -> OpReport:
-        return self._op("unpin", int(expert_id))
+    def unpin(self, expert_id: int, *, layer: int = 0) -> OpReport:
+        return self._op("unpin", int(expert_id), layer=layer)
 
     def drain_shard(self, shard: int) -> OpReport:
         """Move every replica off ``shard`` (it stays up, holding nothing)."""
@@ -89,23 +105,24 @@ class PoolHandle:
         """Grow or shrink the pool to ``count`` shards, redistributing experts."""
         return self._op("scale_shards", int(count))
 
-    def add_experts(self, count: int, weights: dict | None = None) -> OpReport:
-        """Add ``count`` experts; the report's ``expert_ids`` are their (new, stable) ids.
+    def add_experts(self, count: int, weights: dict | None = None, *, layer: int = 0) -> OpReport:
+        """Add ``count`` experts to ``layer``; the report's ``expert_ids`` are their (new,
+        stable) ids in the layer.
 
         ``weights`` in neutral names, stacked over the new experts: ``experts.*`` rows, and
         the gate rows (``router.weight`` etc. for ``topk``; ``router.keys`` of the new
         sub-key rows, [heads, rows, d_key/2], for ``product_key``, which grows by whole rows).
         Missing ones take the seeded init of the new ids."""
         w = {k: _np(v) for k, v in (weights or {}).items()}
-        return self._op("add_experts", count, w)
+        return self._op("add_experts", count, w, layer=layer)
 
-    def remove_experts(self, expert_ids) -> OpReport:
-        """Stop routing to ``expert_ids`` from the next placement version; free them once
-        drained. Their ids are never reused."""
-        return self._op("remove_experts", np.asarray(_np(expert_ids)))
+    def remove_experts(self, expert_ids, *, layer: int = 0) -> OpReport:
+        """Stop routing to ``layer``'s ``expert_ids`` from the next placement version; free
+        them once drained. Their ids are never reused."""
+        return self._op("remove_experts", np.asarray(_np(expert_ids)), layer=layer)
 
-    def _op(self, name: str, *args) -> OpReport:
-        return _get(self._controller.op.remote(name, *args))
+    def _op(self, name: str, *args, **kwargs) -> OpReport:
+        return _get(self._controller.op.remote(name, *args, **kwargs))
 
     def gateways(self) -> list[str]:
         """The "host:port" of each of the pool's gRPC gateways (none unless

@@ -32,7 +32,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from raymoe._private.data import wire
 from raymoe._private.data.stats import check_load_bins
-from raymoe.errors import RaymoeError
+from raymoe.errors import LayerIndexError, RaymoeError
 from raymoe.v1 import admin_pb2, admin_pb2_grpc, pool_pb2, pool_pb2_grpc
 
 TOKEN_ENV = "RAYMOE_TOKEN"
@@ -95,10 +95,11 @@ class _Base:
 
     # --- the methods of PoolHandle
 
-    def forward(self, x, *, expert_ids=None, weights=None, token_ids=None, timeout_s=None):
-        """``x`` [..., d] (torch or numpy) -> output of the same kind and shape; optional
-        client routes ``expert_ids``/``weights`` [T, S] and ``token_ids`` [T]."""
-        req = _request(x, expert_ids, weights, token_ids)
+    def forward(self, x, *, layer=0, expert_ids=None, weights=None, token_ids=None, timeout_s=None):
+        """``x`` [..., d] (torch or numpy) through MoE layer ``layer`` -> output of the same
+        kind and shape; optional client routes ``expert_ids``/``weights`` [T, S] (the
+        layer's expert ids) and ``token_ids`` [T]."""
+        req = _request(x, expert_ids, weights, token_ids, layer=layer)
         return self._unary(self._pool.Forward, req, lambda r: _output(r, x), timeout_s)
 
     def stats(self, window_s: float = 60.0, load_bins: int = 0):
@@ -116,16 +117,18 @@ class _Base:
     def rebalance(self, dry_run: bool = False, policy: str | None = None):
         return self._op("Rebalance", admin_pb2.RebalanceRequest(dry_run=dry_run, policy=policy))
 
-    def replicate(self, expert_id: int, replicas: int):
-        return self._op(
-            "Replicate", admin_pb2.ReplicaRequest(expert_id=expert_id, replicas=replicas)
-        )
+    # Operations on experts take the ``layer`` they belong to (multi-layer pools).
 
-    def pin(self, expert_id: int, replicas: int):
-        return self._op("Pin", admin_pb2.ReplicaRequest(expert_id=expert_id, replicas=replicas))
+    def replicate(self, expert_id: int, replicas: int, *, layer: int = 0):
+        req = admin_pb2.ReplicaRequest(expert_id=expert_id, replicas=replicas, layer=layer)
+        return self._op("Replicate", req)
 
-    def unpin(self, expert_id: int):
-        return self._op("Unpin", admin_pb2.ExpertRequest(expert_id=expert_id))
+    def pin(self, expert_id: int, replicas: int, *, layer: int = 0):
+        req = admin_pb2.ReplicaRequest(expert_id=expert_id, replicas=replicas, layer=layer)
+        return self._op("Pin", req)
+
+    def unpin(self, expert_id: int, *, layer: int = 0):
+        return self._op("Unpin", admin_pb2.ExpertRequest(expert_id=expert_id, layer=layer))
 
     def drain_shard(self, shard: int):
         return self._op("DrainShard", admin_pb2.DrainShardRequest(shard=shard))
@@ -133,15 +136,17 @@ class _Base:
     def scale_shards(self, count: int):
         return self._op("ScaleShards", admin_pb2.ScaleShardsRequest(count=count))
 
-    def add_experts(self, count: int, weights: dict | None = None):
-        """Add ``count`` experts; the report's ``expert_ids`` are their new ids. ``weights``
-        as for :meth:`raymoe.PoolHandle.add_experts`."""
+    def add_experts(self, count: int, weights: dict | None = None, *, layer: int = 0):
+        """Add ``count`` experts to ``layer``; the report's ``expert_ids`` are their new ids.
+        ``weights`` as for :meth:`raymoe.PoolHandle.add_experts`."""
         w = {k: wire.to_tensor(_np(v)) for k, v in (weights or {}).items()}
-        return self._op("AddExperts", admin_pb2.AddExpertsRequest(count=count, weights=w))
+        req = admin_pb2.AddExpertsRequest(count=count, weights=w, layer=layer)
+        return self._op("AddExperts", req)
 
-    def remove_experts(self, expert_ids):
+    def remove_experts(self, expert_ids, *, layer: int = 0):
         ids = np.asarray(_np(expert_ids), np.int64).reshape(-1).tolist()
-        return self._op("RemoveExperts", admin_pb2.RemoveExpertsRequest(expert_ids=ids))
+        req = admin_pb2.RemoveExpertsRequest(expert_ids=ids, layer=layer)
+        return self._op("RemoveExperts", req)
 
     def health(self):
         """The gateway's health status: "SERVING", "NOT_SERVING", ..."""
@@ -287,8 +292,10 @@ def _np(a):
     return np.asarray(a)
 
 
-def _request(x, expert_ids=None, weights=None, token_ids=None, request_id: int = 0):
-    req = pool_pb2.ForwardRequest(x=wire.to_tensor(_np(x)), request_id=request_id)
+def _request(x, expert_ids=None, weights=None, token_ids=None, request_id: int = 0, layer=0):
+    if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < 2**32:
+        raise LayerIndexError(f"layer must be a non-negative int, got {layer!r}")
+    req = pool_pb2.ForwardRequest(x=wire.to_tensor(_np(x)), request_id=request_id, layer=layer)
     for field, value in (
         ("expert_ids", expert_ids),
         ("weights", weights),

@@ -52,6 +52,10 @@ class ExpertIdError(InvalidInputError):
     """An expert id is out of range or names an expert the pool does not have."""
 
 
+class LayerIndexError(InvalidInputError, IndexError):
+    """A layer index outside the pool's layers."""
+
+
 class RequestTooLargeError(InvalidInputError):
     """A request is over the pool's size limits."""
 

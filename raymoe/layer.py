@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from raymoe.config import PoolSpec, load_spec
-from raymoe.errors import InvalidInputError, ShapeError
+from raymoe.errors import InvalidInputError, LayerIndexError, ShapeError
 from raymoe.kernels import make_bank
 from raymoe.kernels.activations import activation
 from raymoe.routing import LoadStats, Routes, make_gate, tokens_per_expert
@@ -195,3 +195,32 @@ class MoELayer(nn.Module):
         if self.shared_gate is not None:
             out = torch.sigmoid(self.shared_gate(flat)) * out
         return out
+
+
+class MoEStack(nn.Module):
+    """The MoE layers of a multi-layer spec (any spec: a single-layer one is one layer):
+    ``layers[l]`` is ``MoELayer(spec.layer(l))``, and ``forward(x, layer=l)`` runs it.
+
+    Its ``state_dict`` is the weights format of a multi-layer pool: layer ``l``'s neutral
+    names under ``layers.{l}.`` (``layers.3.experts.w_up``, ``layers.3.router.weight``).
+    """
+
+    def __init__(self, spec: PoolSpec | dict | str | Path, *, device: torch.device | str = "cpu"):
+        super().__init__()
+        self.spec = spec = load_spec(spec)
+        self.layers = nn.ModuleList(
+            MoELayer(spec.layer(i), device=device) for i in range(spec.num_layers)
+        )
+
+    def forward(self, x: torch.Tensor, *, layer: int = 0, **kwargs):
+        check_layer(self.spec, layer)
+        return self.layers[layer](x, **kwargs)
+
+
+def check_layer(spec: PoolSpec, layer) -> int:
+    """``layer`` as an int, or a :class:`LayerIndexError` naming the valid range."""
+    if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < spec.num_layers:
+        raise LayerIndexError(
+            f"layer {layer!r} is not in [0, {spec.num_layers}) (pool {spec.name!r})"
+        )
+    return layer

@@ -53,6 +53,7 @@ class OpReport(_Report):
     expert_ids: tuple[int, ...] = ()  # add_experts: the new ids
     removed: tuple[int, ...] = ()  # remove_experts: the ids removed
     pinned: dict[int, int] = field(default_factory=dict)  # pin/unpin: the pins after it
+    layer: int = 0  # the layer the ids above belong to (multi-layer pools)
 
     @property
     def changed(self) -> bool:
@@ -71,6 +72,8 @@ class PoolStats(_Report):
 
     pairs_per_shard: (token, expert) pairs sent to each shard in the window
     imbalance:       max / mean of ``pairs_per_shard`` over the shards holding experts
+                     (multi-layer pools: the worst of ``layer_imbalance``, each layer's
+                     max / mean shard load: a layer's step waits for its slowest shard)
     expert_load:     [E] pairs routed to each expert in the window
     counters:        totals since the routers started (batches, retries, rejected, ...)
     load_map:        [N, B] the window's pairs per (shard, bin of experts), when asked for
@@ -92,6 +95,7 @@ class PoolStats(_Report):
     expert_load: np.ndarray
     counters: dict[str, int] = field(default_factory=dict)
     load_map: np.ndarray | None = None
+    layer_imbalance: tuple[float, ...] = ()  # multi-layer pools: each layer's imbalance
 
 
 @dataclass(frozen=True)
@@ -116,3 +120,5 @@ class PoolDescription(_Report):
     degraded: tuple[str, ...] = ()
     last_change_s: dict[str, float] = field(default_factory=dict)
     resumed_changes: int = 0  # placement changes a restarted controller finished
+    layers: int = 1  # MoE layers (multi-layer pools: expert ids above are flat ids)
+    live_per_layer: tuple[int, ...] = ()  # live experts of each layer

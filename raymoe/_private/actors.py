@@ -102,9 +102,9 @@ class ShardActor(ExpertShard):
         with self._lock:
             return super().compute(x, local_ids, weights)
 
-    def configure(self, expert_ids, rows=None, ready=True):
+    def configure(self, expert_ids, rows=None, ready=True, spec=None):
         with self._mutating, self._lock:
-            super().configure(expert_ids, rows, ready)
+            super().configure(expert_ids, rows, ready, spec)
 
     def restore(self, global_ids, rows):
         with self._mutating, self._lock:
@@ -115,7 +115,8 @@ class ShardActor(ExpertShard):
             super().mark_ready()
 
     @ray.method(concurrency_group="copy")
-    def place(self, local, global_ids, rows=None):
+    def place(self, local, global_ids, rows=None, spec=None):
+        self.spec = spec or self.spec
         local = torch.as_tensor(np.asarray(local), dtype=torch.int64)
         gid = torch.as_tensor(np.asarray(global_ids), dtype=torch.int64)
         if not len(local):
@@ -394,7 +395,7 @@ class RayPoolBackend:
             self._controller = None  # the pool may have been shut down and started again
             raise
 
-    async def forward(self, x, expert_ids, weights, token_ids, timeout_s):
+    async def forward(self, x, expert_ids, weights, token_ids, timeout_s, layer=0):
         def router():
             return self._routers[next(self._next) % len(self._routers)]
 
@@ -406,6 +407,7 @@ class RayPoolBackend:
             weights=weights,
             token_ids=token_ids,
             timeout_s=timeout_s,
+            layer=layer,
         )
 
     async def stats(self, window_s: float, load_bins: int = 0) -> PoolStats:
@@ -414,8 +416,8 @@ class RayPoolBackend:
     async def describe(self) -> PoolDescription:
         return await self._call(lambda: self._controller, "describe")
 
-    async def op(self, name: str, *args) -> OpReport:
-        return await self._call(lambda: self._controller, "op", name, *args)
+    async def op(self, name: str, *args, **kwargs) -> OpReport:
+        return await self._call(lambda: self._controller, "op", name, *args, **kwargs)
 
     async def ready(self) -> bool:
         await self._attach()

@@ -20,10 +20,12 @@ def add_parser(p: argparse.ArgumentParser, parents: list) -> None:
         help=".npz of neutral-name weights stacked over the new experts "
         "(default: the seeded init of the new ids)",
     )
+    _layer(a)
     a.set_defaults(run=add)
     r = verbs.add_parser("remove", help="stop routing to experts and free them", parents=parents)
     r.add_argument("ids", type=int, nargs="+")
     _common.destructive(r)
+    _layer(r)
     r.set_defaults(run=remove)
     pairs = (
         ("replicate", replicate, "give an expert exactly N replicas"),
@@ -33,17 +35,25 @@ def add_parser(p: argparse.ArgumentParser, parents: list) -> None:
         v = verbs.add_parser(verb, help=text, parents=parents)
         v.add_argument("id", type=int)
         v.add_argument("replicas", type=int)
+        _layer(v)
         v.set_defaults(run=fn)
     u = verbs.add_parser(
         "unpin", help="let rebalances choose an expert's replicas again", parents=parents
     )
     u.add_argument("id", type=int)
+    _layer(u)
     u.set_defaults(run=unpin)
 
 
+def _layer(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--layer", type=int, default=0, help="the MoE layer (multi-layer pools)")
+
+
 def _call(args, label: str, fn, *call_args) -> int:
+    if args.layer:
+        label += f" of layer {args.layer}"
     with _common.client(args) as c, _common.progress(args, label):
-        report = fn(c)(*call_args)
+        report = fn(c)(*call_args, layer=args.layer)
     _common.emit_report(args, label, report)
     return 0
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -100,3 +101,20 @@ def expert_bytes(spec: PoolSpec) -> int:
     """Bytes of one expert's weights (what copying one replica moves)."""
     bank = make_bank(spec, torch.zeros(1, dtype=torch.int64), seeded=False)
     return sum(p.numel() * p.element_size() for p in bank.parameters())
+
+
+def seeded_bank(
+    spec: PoolSpec, flat_ids: torch.Tensor, *, device: torch.device | str = "cpu"
+) -> ExpertBank:
+    """A bank holding the seeded init of flat ids ``flat_ids`` of a pool of any number of
+    layers: each expert as ``MoELayer(spec.layer(l))`` draws it."""
+    if not spec.multi_layer:
+        return make_bank(spec, flat_ids, device=device)
+    bank = make_bank(spec, flat_ids, device=device, seeded=False)
+    ids = flat_ids.cpu().numpy()
+    layer_of, expert_of = spec.flat.layer_of[ids], spec.flat.expert_of[ids]
+    for layer in np.unique(layer_of).tolist():
+        at = np.flatnonzero(layer_of == layer)
+        own = make_bank(spec.layer(layer), torch.as_tensor(expert_of[at]), device=device)
+        bank.import_rows(torch.as_tensor(at), own.export_rows(torch.arange(len(at))))
+    return bank

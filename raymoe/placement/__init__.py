@@ -25,8 +25,9 @@ Glossary (the one place these words are defined; raymoe uses them with these mea
   a **plan** is a policy's answer: a placement and what it costs.
 
 Everything here is pure numpy: no Ray, no torch, no weights. Multi-layer pools lay the
-experts of every layer out in one flat id space (``layer_offsets``), so policies plan
-over flat ids and never need to know about layers.
+experts of every layer out in one flat id space (:mod:`raymoe.config.layers`); a policy
+plans one layer at a time over that layer's flat ids (:mod:`.layered`), since balance is
+per layer, and never needs to know about layers.
 """
 
 from raymoe.placement.budget import Budget, Plan, imbalance, lower_bound, shard_loads

@@ -22,7 +22,8 @@ class Placement:
     ptr:           [E + 1] int64, the replicas of expert e are rows ``ptr[e]:ptr[e+1]``
     shard:         [R] int64, the shard of each replica (ascending within an expert)
     local:         [R] int64, its place (local index) on that shard
-    layer_offsets: [L + 1] int64, layer l owns flat expert ids ``offsets[l]:offsets[l+1]``
+    layer_offsets: [2] int64, ``[0, E]`` (kept for stored placements; which layer a flat id
+                   belongs to is the spec's: :mod:`raymoe.config.layers`)
     """
 
     version: int
@@ -83,10 +84,6 @@ class Placement:
         without replicas: a removed one)."""
         first = np.minimum(self.ptr[:-1], max(self.num_replicas - 1, 0))
         return self.shard[first], self.local[first]
-
-    def layer_of(self, expert: np.ndarray) -> np.ndarray:
-        """The layer of each flat expert id."""
-        return np.searchsorted(self.layer_offsets, expert, side="right") - 1
 
     def same_layout(self, other: Placement) -> bool:
         return self.num_shards == other.num_shards and all(

@@ -12,7 +12,7 @@ class DescribeRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class DescribeReply(_message.Message):
-    __slots__ = ("name", "spec_json", "placement_version", "shards", "routers", "experts", "replicas", "experts_per_shard", "degraded", "removed", "last_change_s", "routing_version", "live_experts", "pinned", "drained", "resumed_changes")
+    __slots__ = ("name", "spec_json", "placement_version", "shards", "routers", "experts", "replicas", "experts_per_shard", "degraded", "removed", "last_change_s", "routing_version", "live_experts", "pinned", "drained", "resumed_changes", "layers", "live_per_layer")
     class LastChangeSEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -43,6 +43,8 @@ class DescribeReply(_message.Message):
     PINNED_FIELD_NUMBER: _ClassVar[int]
     DRAINED_FIELD_NUMBER: _ClassVar[int]
     RESUMED_CHANGES_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    LIVE_PER_LAYER_FIELD_NUMBER: _ClassVar[int]
     name: str
     spec_json: str
     placement_version: int
@@ -59,7 +61,9 @@ class DescribeReply(_message.Message):
     pinned: _containers.ScalarMap[int, int]
     drained: _containers.RepeatedScalarFieldContainer[int]
     resumed_changes: int
-    def __init__(self, name: _Optional[str] = ..., spec_json: _Optional[str] = ..., placement_version: _Optional[int] = ..., shards: _Optional[int] = ..., routers: _Optional[int] = ..., experts: _Optional[int] = ..., replicas: _Optional[int] = ..., experts_per_shard: _Optional[_Iterable[int]] = ..., degraded: _Optional[_Iterable[str]] = ..., removed: _Optional[_Iterable[int]] = ..., last_change_s: _Optional[_Mapping[str, float]] = ..., routing_version: _Optional[int] = ..., live_experts: _Optional[int] = ..., pinned: _Optional[_Mapping[int, int]] = ..., drained: _Optional[_Iterable[int]] = ..., resumed_changes: _Optional[int] = ...) -> None: ...
+    layers: int
+    live_per_layer: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, name: _Optional[str] = ..., spec_json: _Optional[str] = ..., placement_version: _Optional[int] = ..., shards: _Optional[int] = ..., routers: _Optional[int] = ..., experts: _Optional[int] = ..., replicas: _Optional[int] = ..., experts_per_shard: _Optional[_Iterable[int]] = ..., degraded: _Optional[_Iterable[str]] = ..., removed: _Optional[_Iterable[int]] = ..., last_change_s: _Optional[_Mapping[str, float]] = ..., routing_version: _Optional[int] = ..., live_experts: _Optional[int] = ..., pinned: _Optional[_Mapping[int, int]] = ..., drained: _Optional[_Iterable[int]] = ..., resumed_changes: _Optional[int] = ..., layers: _Optional[int] = ..., live_per_layer: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class RebalanceRequest(_message.Message):
     __slots__ = ("dry_run", "policy")
@@ -70,18 +74,22 @@ class RebalanceRequest(_message.Message):
     def __init__(self, dry_run: _Optional[bool] = ..., policy: _Optional[str] = ...) -> None: ...
 
 class ReplicaRequest(_message.Message):
-    __slots__ = ("expert_id", "replicas")
+    __slots__ = ("expert_id", "replicas", "layer")
     EXPERT_ID_FIELD_NUMBER: _ClassVar[int]
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    LAYER_FIELD_NUMBER: _ClassVar[int]
     expert_id: int
     replicas: int
-    def __init__(self, expert_id: _Optional[int] = ..., replicas: _Optional[int] = ...) -> None: ...
+    layer: int
+    def __init__(self, expert_id: _Optional[int] = ..., replicas: _Optional[int] = ..., layer: _Optional[int] = ...) -> None: ...
 
 class ExpertRequest(_message.Message):
-    __slots__ = ("expert_id",)
+    __slots__ = ("expert_id", "layer")
     EXPERT_ID_FIELD_NUMBER: _ClassVar[int]
+    LAYER_FIELD_NUMBER: _ClassVar[int]
     expert_id: int
-    def __init__(self, expert_id: _Optional[int] = ...) -> None: ...
+    layer: int
+    def __init__(self, expert_id: _Optional[int] = ..., layer: _Optional[int] = ...) -> None: ...
 
 class DrainShardRequest(_message.Message):
     __slots__ = ("shard",)
@@ -96,7 +104,7 @@ class ScaleShardsRequest(_message.Message):
     def __init__(self, count: _Optional[int] = ...) -> None: ...
 
 class AddExpertsRequest(_message.Message):
-    __slots__ = ("count", "weights")
+    __slots__ = ("count", "weights", "layer")
     class WeightsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -106,18 +114,22 @@ class AddExpertsRequest(_message.Message):
         def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
     COUNT_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    LAYER_FIELD_NUMBER: _ClassVar[int]
     count: int
     weights: _containers.MessageMap[str, _tensor_pb2.Tensor]
-    def __init__(self, count: _Optional[int] = ..., weights: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ...) -> None: ...
+    layer: int
+    def __init__(self, count: _Optional[int] = ..., weights: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., layer: _Optional[int] = ...) -> None: ...
 
 class RemoveExpertsRequest(_message.Message):
-    __slots__ = ("expert_ids",)
+    __slots__ = ("expert_ids", "layer")
     EXPERT_IDS_FIELD_NUMBER: _ClassVar[int]
+    LAYER_FIELD_NUMBER: _ClassVar[int]
     expert_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, expert_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    layer: int
+    def __init__(self, expert_ids: _Optional[_Iterable[int]] = ..., layer: _Optional[int] = ...) -> None: ...
 
 class OperationReport(_message.Message):
-    __slots__ = ("version", "replicas_added", "replicas_dropped", "bytes_moved", "imbalance_before", "imbalance_after", "dry_run", "policy", "expert_ids", "removed", "pinned")
+    __slots__ = ("version", "replicas_added", "replicas_dropped", "bytes_moved", "imbalance_before", "imbalance_after", "dry_run", "policy", "expert_ids", "removed", "pinned", "layer")
     class PinnedEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -136,6 +148,7 @@ class OperationReport(_message.Message):
     EXPERT_IDS_FIELD_NUMBER: _ClassVar[int]
     REMOVED_FIELD_NUMBER: _ClassVar[int]
     PINNED_FIELD_NUMBER: _ClassVar[int]
+    LAYER_FIELD_NUMBER: _ClassVar[int]
     version: int
     replicas_added: int
     replicas_dropped: int
@@ -147,4 +160,5 @@ class OperationReport(_message.Message):
     expert_ids: _containers.RepeatedScalarFieldContainer[int]
     removed: _containers.RepeatedScalarFieldContainer[int]
     pinned: _containers.ScalarMap[int, int]
-    def __init__(self, version: _Optional[int] = ..., replicas_added: _Optional[int] = ..., replicas_dropped: _Optional[int] = ..., bytes_moved: _Optional[int] = ..., imbalance_before: _Optional[float] = ..., imbalance_after: _Optional[float] = ..., dry_run: _Optional[bool] = ..., policy: _Optional[str] = ..., expert_ids: _Optional[_Iterable[int]] = ..., removed: _Optional[_Iterable[int]] = ..., pinned: _Optional[_Mapping[int, int]] = ...) -> None: ...
+    layer: int
+    def __init__(self, version: _Optional[int] = ..., replicas_added: _Optional[int] = ..., replicas_dropped: _Optional[int] = ..., bytes_moved: _Optional[int] = ..., imbalance_before: _Optional[float] = ..., imbalance_after: _Optional[float] = ..., dry_run: _Optional[bool] = ..., policy: _Optional[str] = ..., expert_ids: _Optional[_Iterable[int]] = ..., removed: _Optional[_Iterable[int]] = ..., pinned: _Optional[_Mapping[int, int]] = ..., layer: _Optional[int] = ...) -> None: ...

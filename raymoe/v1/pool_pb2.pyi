@@ -8,18 +8,20 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ForwardRequest(_message.Message):
-    __slots__ = ("x", "expert_ids", "weights", "token_ids", "request_id")
+    __slots__ = ("x", "expert_ids", "weights", "token_ids", "request_id", "layer")
     X_FIELD_NUMBER: _ClassVar[int]
     EXPERT_IDS_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    LAYER_FIELD_NUMBER: _ClassVar[int]
     x: _tensor_pb2.Tensor
     expert_ids: _tensor_pb2.Tensor
     weights: _tensor_pb2.Tensor
     token_ids: _tensor_pb2.Tensor
     request_id: int
-    def __init__(self, x: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., expert_ids: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., weights: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., token_ids: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., request_id: _Optional[int] = ...) -> None: ...
+    layer: int
+    def __init__(self, x: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., expert_ids: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., weights: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., token_ids: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., request_id: _Optional[int] = ..., layer: _Optional[int] = ...) -> None: ...
 
 class Error(_message.Message):
     __slots__ = ("code", "type", "message")
@@ -50,7 +52,7 @@ class StatsRequest(_message.Message):
     def __init__(self, window_s: _Optional[float] = ..., load_bins: _Optional[int] = ...) -> None: ...
 
 class StatsReply(_message.Message):
-    __slots__ = ("requests", "tokens_per_s", "latency_p50_ms", "latency_p99_ms", "batch_tokens_mean", "batch_tokens_max", "pairs_per_shard", "imbalance", "expert_load", "counters", "window_s", "tokens", "load_map")
+    __slots__ = ("requests", "tokens_per_s", "latency_p50_ms", "latency_p99_ms", "batch_tokens_mean", "batch_tokens_max", "pairs_per_shard", "imbalance", "expert_load", "counters", "window_s", "tokens", "load_map", "layer_imbalance")
     class CountersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -71,6 +73,7 @@ class StatsReply(_message.Message):
     WINDOW_S_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     LOAD_MAP_FIELD_NUMBER: _ClassVar[int]
+    LAYER_IMBALANCE_FIELD_NUMBER: _ClassVar[int]
     requests: int
     tokens_per_s: float
     latency_p50_ms: float
@@ -84,4 +87,5 @@ class StatsReply(_message.Message):
     window_s: float
     tokens: int
     load_map: _tensor_pb2.Tensor
-    def __init__(self, requests: _Optional[int] = ..., tokens_per_s: _Optional[float] = ..., latency_p50_ms: _Optional[float] = ..., latency_p99_ms: _Optional[float] = ..., batch_tokens_mean: _Optional[float] = ..., batch_tokens_max: _Optional[int] = ..., pairs_per_shard: _Optional[_Iterable[int]] = ..., imbalance: _Optional[float] = ..., expert_load: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., counters: _Optional[_Mapping[str, int]] = ..., window_s: _Optional[float] = ..., tokens: _Optional[int] = ..., load_map: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
+    layer_imbalance: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, requests: _Optional[int] = ..., tokens_per_s: _Optional[float] = ..., latency_p50_ms: _Optional[float] = ..., latency_p99_ms: _Optional[float] = ..., batch_tokens_mean: _Optional[float] = ..., batch_tokens_max: _Optional[int] = ..., pairs_per_shard: _Optional[_Iterable[int]] = ..., imbalance: _Optional[float] = ..., expert_load: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., counters: _Optional[_Mapping[str, int]] = ..., window_s: _Optional[float] = ..., tokens: _Optional[int] = ..., load_map: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., layer_imbalance: _Optional[_Iterable[float]] = ...) -> None: ...

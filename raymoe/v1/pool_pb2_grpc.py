@@ -55,7 +55,7 @@ class PoolServiceServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Forward(self, request, context):
-        """One batch of hidden states through the MoE layer: y = Σ_{i∈TopK(g(x))} w_i(x) · E_i(x).
+        """One batch of hidden states through an MoE layer: y = Σ_{i∈TopK(g(x))} w_i(x) · E_i(x).
         Errors are gRPC status codes; the "raymoe-error" trailing metadata names the exact
         raymoe error class (e.g. "ExpertIdError").
         """

@@ -44,12 +44,15 @@ from raymoe._private.control.load import LoadWindow
 from raymoe._private.control.loop import ControlLoop, live_mask
 from raymoe._private.control.migration import Migrator
 from raymoe._private.control.roster import Roster
+from raymoe._private.data.gates import prefix, split_weights
 from raymoe._private.data.stats import check_load_bins, load_map, merge
 from raymoe._private.metrics import Metrics, NullMetrics, top_experts
 from raymoe.config import PoolSpec
 from raymoe.errors import PoolUnavailableError
 from raymoe.kernels import expert_bytes
+from raymoe.layer import check_layer
 from raymoe.placement import Change, Placement, bias_step, diff, get_policy, place_new
+from raymoe.placement.layered import layer_imbalances
 from raymoe.reports import OpReport, PoolDescription, PoolStats
 from raymoe.store import MetadataStore
 
@@ -103,15 +106,14 @@ class Controller:
 
     async def start(self, placement: Placement, weights: dict[str, np.ndarray] | None) -> None:
         """Deploy: save the goal, start every actor, load weights, wait until all serve."""
-        experts = {k: v for k, v in (weights or {}).items() if k.startswith("experts.")}
+        experts, gate = split_weights(self.spec, weights or {})
         self.goal = self.goal.replace(placement=placement, has_rows=bool(experts))
         self.goal.save(self.store)
         for n in range(placement.num_shards):
             ids = placement.shard_experts(n)
             if experts:
-                rows = {k.removeprefix("experts."): np.asarray(v)[ids] for k, v in experts.items()}
+                rows = {k: np.asarray(v)[ids] for k, v in experts.items()}
                 self.ledger.set(n, ids, self.cluster.put(rows))
-        gate = {k: v for k, v in (weights or {}).items() if not k.startswith("experts.")}
         self.gate = self.cluster.put(gate) if gate else None
         self.roster.attach(self.goal)
         await asyncio.gather(
@@ -250,7 +252,7 @@ class Controller:
         if spec is not None:
             self.goal = self.goal.replace(spec=spec, routing_version=target.version)
             self.gate = self.cluster.put(gate) if gate is not None else self.gate
-            self.load.resize(spec.num_experts, spec.experts.removed)
+            self.load.resize(spec.num_experts, spec.removed_ids)
         self.goal = self.goal.replace(placement=target)
         await self.roster.publish_all(self.goal, self.gate, routing=spec is not None)  # 2.
         t.append(time.perf_counter())
@@ -286,16 +288,22 @@ class Controller:
     async def collect_load(self) -> np.ndarray:
         """Fold the routers' new per-expert counts into the load window; -> the new counts."""
         counts = await self.poll(self.routers, "take_load")
-        return self.load.add(counts, self.spec.experts.removed, self.spec.slots)
+        return self.load.add(counts, self.spec.removed_ids, self.spec.slots)
 
     async def update_bias(self, counts: np.ndarray) -> None:
-        """One aux-loss-free step: the routers' selection bias moves towards balance."""
+        """One aux-loss-free step: the routers' selection bias moves towards balance (in
+        every layer that has one)."""
+        spec = self.spec
         async with self.ops:
             gate = dict(await self.roster.gate_weights())
-            live = live_mask(len(counts), self.spec.experts.removed)
-            bias = np.asarray(gate["router.correction_bias"], np.float32)
-            rate = self.spec.control.bias_update_rate
-            gate["router.correction_bias"] = bias_step(bias, counts, rate, live).astype(np.float32)
+            live = live_mask(len(counts), spec.removed_ids)
+            for i, ids in enumerate(plans.groups(spec)):
+                key = prefix(spec, i) + "router.correction_bias"
+                if key not in gate:
+                    continue
+                bias = np.asarray(gate[key], np.float32)
+                rate = spec.control.bias_update_rate
+                gate[key] = bias_step(bias, counts[ids], rate, live[ids]).astype(np.float32)
             # the same layout, next version: routers swap gate and placement together
             await self.apply(self.placement.bump(), spec=self.spec, gate=gate, op="bias")
 
@@ -318,7 +326,7 @@ class Controller:
         return plans.pool_imbalance(self.goal, self._load())
 
     def _load(self) -> np.ndarray:
-        return self.load.or_uniform(self.spec.experts.removed)
+        return self.load.or_uniform(self.spec.removed_ids)
 
     # --- runtime operations: each idempotent, each returns an OpReport -------------------
 
@@ -330,41 +338,42 @@ class Controller:
         policy = get_policy(name)
         async with self.ops:
             await self.collect_load()
-            plan = policy(
-                self._load(),
-                self.placement,
-                plans.budget(self.goal),
-                bytes_per_expert=self.expert_bytes,
-            )
+            plan = plans.plan(policy, self.goal, self._load(), self.expert_bytes)
             report = plans.planned(plan, self.placement, dry_run, name)
             if report.changed and not dry_run:
                 await self.apply(plan.placement, op="rebalance")
                 self.metrics.inc("raymoe_rebalances_total", trigger=trigger)
             return report
 
-    async def replicate(self, expert: int, replicas: int) -> OpReport:
-        """Give ``expert`` exactly ``replicas`` replicas (more on the least loaded shards,
-        fewer by dropping from the most loaded); a pin set later or before wins in plans."""
+    async def replicate(self, expert: int, replicas: int, layer: int = 0) -> OpReport:
+        """Give ``layer``'s ``expert`` exactly ``replicas`` replicas (more on the least
+        loaded shards, fewer by dropping from the most loaded); a pin set later or before
+        wins in plans."""
+        flat = int(plans.flat_ids(self.spec, layer, [expert])[0])
         async with self.ops:
-            target = plans.replicated(self.goal, self._load(), expert, replicas)
+            target = plans.replicated(self.goal, self._load(), flat, replicas)
             if target is None:
-                return plans.unchanged(self.goal, self._load())
-            return await self._apply_report(target, op="replicate")
+                return plans.unchanged(self.goal, self._load(), layer=layer)
+            report = await self._apply_report(target, op="replicate")
+            return dataclasses.replace(report, layer=layer)
 
-    async def pin(self, expert: int, replicas: int) -> OpReport:
-        """An operator's replica target for ``expert`` that every later plan keeps."""
-        report = await self.replicate(expert, replicas)
+    async def pin(self, expert: int, replicas: int, layer: int = 0) -> OpReport:
+        """An operator's replica target for ``layer``'s ``expert`` that every later plan
+        keeps."""
+        report = await self.replicate(expert, replicas, layer)
+        flat = int(plans.flat_ids(self.spec, layer, [expert])[0])
         async with self.ops:
-            self.goal = self.goal.replace(spec=self.spec.with_pin(expert, replicas))
+            self.goal = self.goal.replace(spec=self.spec.with_pin(flat, replicas))
             self.goal.save(self.store)
-        return dataclasses.replace(report, pinned=self.spec.pins)
+        return dataclasses.replace(report, pinned=plans.layer_pins(self.spec, layer))
 
-    async def unpin(self, expert: int) -> OpReport:
-        plans.check_expert(self.spec, expert)
+    async def unpin(self, expert: int, layer: int = 0) -> OpReport:
+        flat = int(plans.flat_ids(self.spec, layer, [expert])[0])
         async with self.ops:
-            self.goal = self.goal.replace(spec=self.spec.with_pin(expert, None))
+            self.goal = self.goal.replace(spec=self.spec.with_pin(flat, None))
             self.goal.save(self.store)
-        return plans.unchanged(self.goal, self._load(), pinned=self.spec.pins)
+        pinned = plans.layer_pins(self.spec, layer)
+        return plans.unchanged(self.goal, self._load(), pinned=pinned, layer=layer)
 
     async def drain_shard(self, shard: int) -> OpReport:
         """Move every replica off ``shard``; it keeps running but holds nothing."""
@@ -393,12 +402,8 @@ class Controller:
             return report
 
     async def _replan(self, force: bool = False) -> OpReport:
-        plan = get_policy(self.spec.control.policy)(
-            self._load(),
-            self.placement,
-            plans.budget(self.goal),
-            bytes_per_expert=self.expert_bytes,
-        )
+        policy = get_policy(self.spec.control.policy)
+        plan = plans.plan(policy, self.goal, self._load(), self.expert_bytes)
         if not (plan.replicas_added or plan.replicas_dropped or force):
             return plans.unchanged(self.goal, self._load())
         return await self._apply_report(plan.placement, op="replan")
@@ -425,33 +430,46 @@ class Controller:
             )
         )
 
-    async def add_experts(self, count: int, weights: dict | None = None) -> OpReport:
-        """Grow the pool by ``count`` experts with ids ``E .. E+count-1``: their weights
-        (``experts.*`` rows, stacked over the new experts) and gate rows (``router.weight``
-        etc. for ``topk``; ``router.keys`` [heads, rows, d_key/2] for the new sub-key rows of
-        ``product_key``), or the seeded init of those ids where not given."""
-        spec, E = self.spec, self.spec.num_experts
-        grown = spec.with_experts_added(count)
-        expert_rows, gate_rows = growth.new_weights(grown, E, count, weights or {})
+    async def add_experts(
+        self, count: int, weights: dict | None = None, layer: int = 0
+    ) -> OpReport:
+        """Grow ``layer`` by ``count`` experts with ids ``E .. E+count-1`` (of the layer):
+        their weights (``experts.*`` rows, stacked over the new experts) and gate rows
+        (``router.weight`` etc. for ``topk``; ``router.keys`` [heads, rows, d_key/2] for the
+        new sub-key rows of ``product_key``), or the seeded init of those ids where not
+        given."""
+        spec = self.spec
+        check_layer(spec, layer)
+        grown = spec.with_experts_added(count, layer)
+        old_l, grown_l = spec.layer(layer), grown.layer(layer)
+        expert_rows, gate_rows = growth.new_weights(
+            grown_l, old_l.num_experts, count, weights or {}
+        )
         async with self.ops:
-            gate = growth.grow_gate(spec, grown, await self.roster.gate_weights(), gate_rows)
+            gate = growth.grow_layer_gate(
+                spec, grown, layer, await self.roster.gate_weights(), gate_rows
+            )
             if expert_rows and not self.goal.has_rows:
                 for n, h in enumerate(self.shards):  # from now on the ledger keeps every row
                     await self.ledger.capture(n, h, self.placement.shard_experts(n))
                 self.goal = self.goal.replace(has_rows=True)
-            target = place_new(
-                self.placement, count, spec.routing.align(E), plans.active(self.goal)
-            )
+            align = old_l.routing.align(old_l.num_experts)
+            target = place_new(self.placement, count, align, plans.active(self.goal))
             report = await self._apply_report(target, grown, gate, expert_rows, op="add_experts")
-            return dataclasses.replace(report, expert_ids=tuple(range(E, E + count)))
+            new = tuple(range(old_l.num_experts, grown_l.num_experts))
+            return dataclasses.replace(report, expert_ids=new, layer=layer)
 
-    async def remove_experts(self, ids) -> OpReport:
-        """Never route to experts ``ids`` again from the next placement version; their
-        places are freed once no batch runs under an older one. Ids are never reused."""
-        spec, target, ids = plans.removed(self.goal, ids)
+    async def remove_experts(self, ids, layer: int = 0) -> OpReport:
+        """Never route to ``layer``'s experts ``ids`` again from the next placement
+        version; their places are freed once no batch runs under an older one. Ids are
+        never reused."""
+        flat = plans.flat_ids(self.spec, layer, ids)
+        spec, target, flat = plans.removed(self.goal, flat)
         async with self.ops:
             report = await self._apply_report(target, spec, op="remove_experts")
-            return dataclasses.replace(report, removed=tuple(ids))
+            return dataclasses.replace(
+                report, removed=plans.layer_ids(spec, layer, flat), layer=layer
+            )
 
     async def _apply_report(self, target: Placement, *routing, op: str) -> OpReport:
         before = self.imbalance()
@@ -478,6 +496,13 @@ class Controller:
             self.spec.num_experts,
             window_s,
         )
+        if self.spec.multi_layer:
+            per_layer = tuple(
+                layer_imbalances(
+                    stats.expert_load, placement, plans.groups(self.spec), placement.held() > 0
+                )
+            )
+            stats = dataclasses.replace(stats, imbalance=max(per_layer), layer_imbalance=per_layer)
         if not load_bins:
             return stats
         return dataclasses.replace(

@@ -18,6 +18,7 @@ import numpy as np
 
 from raymoe.config import PoolSpec
 from raymoe.placement import Placement, initial
+from raymoe.placement.layered import initial_layers
 from raymoe.store import MetadataStore
 
 _ARRAYS = ("ptr", "shard", "local", "layer_offsets")
@@ -37,6 +38,16 @@ class Goal:
     def initial(cls, spec: PoolSpec) -> Goal:
         """A new pool's goal: contiguous blocks (whole sub-key rows for product-key pools),
         the spec's pins, no replica for removed experts."""
+        if spec.multi_layer:  # every layer spread over every shard
+            layers = [spec.layer(i) for i in range(spec.num_layers)]
+            placement = initial_layers(
+                [spec.flat.ids(i) for i in range(spec.num_layers)],
+                spec.shards.count,
+                [s.routing.align(s.num_experts) for s in layers],
+                spec.pins,
+                spec.removed_ids,
+            )
+            return cls(spec, placement)
         E = spec.num_experts
         placement = initial(
             E,

@@ -8,9 +8,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from raymoe._private.data.gates import layer_weights, prefix
 from raymoe.config import PoolSpec
 from raymoe.errors import ConfigError, DTypeError, NonFiniteError, ShapeError
-from raymoe.kernels import make_bank
+from raymoe.kernels import make_bank, seeded_bank
 
 
 def gate_shapes(grown: PoolSpec, count: int) -> dict[str, tuple]:
@@ -77,6 +78,17 @@ def grow_gate(old: PoolSpec, grown: PoolSpec, gate: dict, rows: dict) -> dict:
     return out
 
 
+def grow_layer_gate(old: PoolSpec, grown: PoolSpec, layer: int, gate: dict, rows: dict) -> dict:
+    """The pool gate weights of ``grown``: :func:`grow_gate` of layer ``layer`` (``rows``
+    by the layer's names), every other layer's as they were."""
+    p = prefix(old, layer)
+    mine = layer_weights(old, gate, layer)
+    new = grow_gate(old.layer(layer), grown.layer(layer), mine, rows)
+    out = {k: v for k, v in gate.items() if p and not k.startswith(p)}
+    out.update({p + k: v for k, v in new.items()})
+    return out
+
+
 def grow_keys(keys: np.ndarray, old: PoolSpec, grown: PoolSpec, new_rows: np.ndarray):
     """[h, 2, n, c] sub-keys with ``new_rows`` ([h, r, c]) appended to the row half; both
     halves padded to the longer one."""
@@ -91,5 +103,6 @@ def grow_keys(keys: np.ndarray, old: PoolSpec, grown: PoolSpec, new_rows: np.nda
 
 
 def seeded_rows(spec: PoolSpec, ids: np.ndarray) -> dict[str, np.ndarray]:
-    bank = make_bank(spec, torch.as_tensor(ids))
+    """The seeded init of flat ids ``ids``, by bank name."""
+    bank = seeded_bank(spec, torch.as_tensor(ids))
     return {k: v.numpy() for k, v in bank.export_rows(torch.arange(len(ids))).items()}

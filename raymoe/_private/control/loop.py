@@ -52,7 +52,7 @@ class ControlLoop:
         c = ctl.spec.control
         if time.monotonic() - self._last_scale < c.scale_cooldown_s:
             return None
-        live, n = ctl.spec.experts.live, ctl.placement.num_shards
+        live, n = ctl.spec.live_experts, ctl.placement.num_shards
         rate = ctl.load.rate
         want = shards_for(
             rate,

@@ -55,7 +55,7 @@ class Migrator:
         rows = await self._source_rows(old, e, spec, shards, new_rows) if has_rows else None
         await asyncio.gather(
             *(
-                self._place(n, shards[n], e[s == n], local[s == n], rows)
+                self._place(n, shards[n], e[s == n], local[s == n], rows, spec)
                 for n in np.unique(s).tolist()
             )
         )
@@ -88,7 +88,7 @@ class Migrator:
                 rows.setdefault(k, {}).update(zip(fresh.tolist(), v[at], strict=True))
         return rows
 
-    async def _place(self, n: int, handle, ids, local, rows) -> None:
+    async def _place(self, n: int, handle, ids, local, rows, spec) -> None:
         """Place on shard ``n`` a few MB at a time, after growing its bank once: small copies
         interleave with the routers' sub-batches instead of stalling them. Each chunk goes
         into the object store once: the shard reads it, and the ledger keeps it."""
@@ -103,7 +103,7 @@ class Migrator:
                 )
                 self.ledger.add(n, chunk, part)
             await self.cluster.call(
-                handle, "place", local[i : i + step], chunk, part, timeout=timeouts.PLACE_S
+                handle, "place", local[i : i + step], chunk, part, spec, timeout=timeouts.PLACE_S
             )
 
     async def drain(self, routers: list, version: int, timeout_s: float) -> None:

@@ -10,15 +10,66 @@ import numpy as np
 from raymoe._private.control.goal import Goal
 from raymoe.config import PoolSpec
 from raymoe.errors import ConfigError, DTypeError, ExpertIdError
+from raymoe.layer import check_layer
 from raymoe.placement import Budget, Change, Placement, Plan, imbalance, realize, shard_loads
+from raymoe.placement.layered import layer_imbalances, plan_layers
 from raymoe.reports import OpReport, PoolDescription
 
 
 def check_expert(spec: PoolSpec, expert: int) -> None:
+    """``expert`` (a flat id) exists and was not removed."""
     if not 0 <= expert < spec.num_experts:
         raise ExpertIdError(f"expert {expert} is not in [0, {spec.num_experts})")
-    if expert in spec.experts.removed:
+    if expert in spec.removed_ids:
         raise ExpertIdError(f"expert {expert} was removed from the pool")
+
+
+def flat_ids(spec: PoolSpec, layer: int, experts) -> np.ndarray:
+    """The flat ids of ``layer``'s ``experts`` (layer ids), each checked: a
+    :class:`LayerIndexError` or :class:`ExpertIdError` naming the problem."""
+    check_layer(spec, layer)
+    a = np.asarray(experts)
+    if a.size and a.dtype.kind not in "iu":
+        raise DTypeError(f"expert ids must be integers, got {a.dtype}")
+    a = a.reshape(-1).astype(np.int64)
+    own = spec.layer(layer)
+    for e in a.tolist():
+        if not 0 <= e < own.num_experts:
+            where = f" of layer {layer}" if spec.multi_layer else ""
+            raise ExpertIdError(f"expert {e} is not in [0, {own.num_experts}){where}")
+        if e in own.experts.removed:
+            raise ExpertIdError(f"expert {e} was removed from the pool")
+    return spec.flat.flat(layer, a) if spec.multi_layer else a
+
+
+def layer_ids(spec: PoolSpec, layer: int, flat) -> tuple[int, ...]:
+    """Layer ids of flat ids ``flat`` (all of ``layer``)."""
+    if not spec.multi_layer:
+        return tuple(int(e) for e in flat)
+    return tuple(int(e) for e in spec.flat.expert_of[np.asarray(flat, np.int64)])
+
+
+def layer_pins(spec: PoolSpec, layer: int) -> dict[int, int]:
+    """``layer``'s pins by layer ids."""
+    if not spec.multi_layer:
+        return spec.pins
+    flat = spec.flat
+    return {int(flat.expert_of[e]): r for e, r in spec.pins.items() if flat.layer_of[e] == layer}
+
+
+def groups(spec: PoolSpec) -> list[np.ndarray]:
+    """Each layer's flat ids."""
+    return [spec.flat.ids(i) for i in range(spec.num_layers)]
+
+
+def plan(policy, goal: Goal, load: np.ndarray, bytes_per_expert: int) -> Plan:
+    """``policy``'s plan for the pool: once per layer of a multi-layer pool."""
+    b = budget(goal)
+    if not goal.spec.multi_layer:
+        return policy(load, goal.placement, b, bytes_per_expert=bytes_per_expert)
+    return plan_layers(
+        policy, load, goal.placement, b, groups(goal.spec), bytes_per_expert=bytes_per_expert
+    )
 
 
 def active(goal: Goal) -> np.ndarray:
@@ -31,6 +82,8 @@ def active(goal: Goal) -> np.ndarray:
 def pool_imbalance(goal: Goal, load: np.ndarray, placement: Placement | None = None) -> float:
     """max / mean shard load of ``placement`` (default: the goal's) over active shards."""
     p = placement or goal.placement
+    if goal.spec.multi_layer:
+        return max(layer_imbalances(load, p, groups(goal.spec), active(goal)))
     return imbalance(shard_loads(load, p)[active(goal)[: p.num_shards]])
 
 
@@ -39,14 +92,14 @@ def budget(goal: Goal, num_shards: int | None = None) -> Budget:
     ``control.capacity`` places a shard, the pins, the drained shards, and the target
     (``plan_margin`` of the way to ``target_imbalance``)."""
     spec, c = goal.spec, goal.spec.control
-    E = spec.experts.live
+    E = spec.live_experts
     pins = spec.pins
     extra = max(
         num_shards or goal.placement.num_shards,
         int(c.extra_replicas * E),
         sum(pins.values()) - len(pins),
     )
-    zero = {e: 0 for e in spec.experts.removed}  # removed: no replica
+    zero = {e: 0 for e in spec.removed_ids}  # removed: no replica
     target = 1.0 + c.plan_margin * (c.target_imbalance - 1.0)
     return Budget(
         num_shards or goal.placement.num_shards,
@@ -73,6 +126,9 @@ def replicated(goal: Goal, load: np.ndarray, expert: int, replicas: int) -> Plac
     have = s[mine].tolist()
     if len(have) == replicas:
         return None
+    spec = goal.spec
+    if spec.multi_layer:  # balance is per layer: the expert's layer's load decides
+        load = np.where(spec.flat.layer_of == spec.flat.layer_of[expert], load, 0.0)
     loads = shard_loads(load, p)
     by_load = [n for n in np.argsort(loads, kind="stable").tolist() if on[n]]
     if len(have) < replicas:
@@ -105,7 +161,7 @@ def removed(goal: Goal, ids) -> tuple[PoolSpec, Placement, list[int]]:
 
 
 def scale_bounds(goal: Goal, count: int, max_shards: int | None) -> None:
-    live = goal.spec.experts.live
+    live = goal.spec.live_experts
     top = min(max_shards or live, live)
     if not 1 <= count <= top:
         raise ConfigError(f"shards must be in [1, {top}], got {count}", "shards")
@@ -176,13 +232,15 @@ def description(
         shards=p.num_shards,
         routers=routers,
         experts=p.num_experts,
-        live_experts=spec.experts.live,
+        live_experts=spec.live_experts,
         replicas=p.num_replicas,
         experts_per_shard=tuple(p.held().tolist()),
-        removed=spec.experts.removed,
+        removed=spec.removed_ids,
         pinned=spec.pins,
         drained=tuple(sorted(goal.drained)),
         degraded=tuple(degraded),
         last_change_s=dict(last_change),
         resumed_changes=resumed_changes,
+        layers=spec.num_layers,
+        live_per_layer=tuple(s.experts.live for s in map(spec.layer, range(spec.num_layers))),
     )

@@ -38,7 +38,9 @@ class Roster:
         if goal.has_rows and not increments and (layout >= 0).any():
             return  # NOTE: never serve seeded weights in place of lost ones (see degraded)
         h = self.shards[n]
-        await self.cluster.call(h, "configure", layout, None, False, timeout=timeouts.CONFIGURE_S)
+        await self.cluster.call(
+            h, "configure", layout, None, False, goal.spec, timeout=timeouts.CONFIGURE_S
+        )
         for ids, rows in increments:
             await self.cluster.call(h, "restore", ids, rows, timeout=timeouts.CONFIGURE_S)
         await self.cluster.call(h, "mark_ready", timeout=timeouts.STATUS_S)

@@ -33,6 +33,7 @@ class Request:
     token_ids: torch.Tensor | None
     deadline: float
     future: asyncio.Future
+    layer: int = 0  # the MoE layer of a multi-layer pool
     started: float = field(default_factory=time.perf_counter)
 
     @property

@@ -55,10 +55,12 @@ MAX_STATS_WINDOW_S = 24 * 3600.0
 class PoolBackend(Protocol):
     """What the gateway needs from a pool (its routers and controller)."""
 
-    async def forward(self, x, expert_ids, weights, token_ids, timeout_s) -> np.ndarray: ...
+    async def forward(
+        self, x, expert_ids, weights, token_ids, timeout_s, layer: int = 0
+    ) -> np.ndarray: ...
     async def stats(self, window_s: float, load_bins: int = 0) -> PoolStats: ...
     async def describe(self) -> PoolDescription: ...
-    async def op(self, name: str, *args) -> OpReport: ...
+    async def op(self, name: str, *args, **kwargs) -> OpReport: ...
     async def ready(self) -> bool: ...
 
 
@@ -135,8 +137,9 @@ class _AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     def __init__(self, gateway: Gateway):
         self.gw = gateway
 
-    async def _op(self, context, name: str, *args) -> admin_pb2.OperationReport:
-        return wire.report_to_proto(await _answer(context, self.gw.backend.op(name, *args)))
+    async def _op(self, context, name: str, *args, **kwargs) -> admin_pb2.OperationReport:
+        work = self.gw.backend.op(name, *args, **kwargs)
+        return wire.report_to_proto(await _answer(context, work))
 
     async def Describe(self, request, context):
         return wire.describe_to_proto(await _answer(context, self.gw.backend.describe()))
@@ -145,13 +148,15 @@ class _AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         return await self._op(context, "rebalance", request.dry_run, request.policy or None)
 
     async def Replicate(self, request, context):
-        return await self._op(context, "replicate", request.expert_id, request.replicas)
+        args = (request.expert_id, request.replicas)
+        return await self._op(context, "replicate", *args, layer=request.layer)
 
     async def Pin(self, request, context):
-        return await self._op(context, "pin", request.expert_id, request.replicas)
+        args = (request.expert_id, request.replicas)
+        return await self._op(context, "pin", *args, layer=request.layer)
 
     async def Unpin(self, request, context):
-        return await self._op(context, "unpin", request.expert_id)
+        return await self._op(context, "unpin", request.expert_id, layer=request.layer)
 
     async def DrainShard(self, request, context):
         return await self._op(context, "drain_shard", request.shard)
@@ -161,11 +166,12 @@ class _AdminServicer(admin_pb2_grpc.AdminServiceServicer):
 
     async def AddExperts(self, request, context):
         weights = await _answer(context, self.gw.decode_weights(request.weights))
-        return await self._op(context, "add_experts", request.count, weights)
+        args = (request.count, weights)
+        return await self._op(context, "add_experts", *args, layer=request.layer)
 
     async def RemoveExperts(self, request, context):
         ids = np.asarray(request.expert_ids, np.int64)
-        return await self._op(context, "remove_experts", ids)
+        return await self._op(context, "remove_experts", ids, layer=request.layer)
 
 
 # --- the server ----------------------------------------------------------------------------
@@ -212,7 +218,7 @@ class Gateway:
             if time_left is not None and time_left <= 0:
                 raise TimeoutError
             work = self.backend.forward(
-                x, opt["expert_ids"], opt["weights"], opt["token_ids"], time_left
+                x, opt["expert_ids"], opt["weights"], opt["token_ids"], time_left, req.layer
             )
             y = await asyncio.wait_for(work, time_left)
             return pool_pb2.ForwardReply(request_id=req.request_id, y=wire.to_tensor(y))

@@ -29,11 +29,12 @@ import torch
 from raymoe._private import timeouts
 from raymoe._private.data.batcher import Batcher, Request
 from raymoe._private.data.dispatch import DispatchTable, SubBatch, combine, resplit, split_by_shard
+from raymoe._private.data.gates import Gates
 from raymoe._private.data.stats import RouterStats
 from raymoe._private.metrics import Metrics, NullMetrics
 from raymoe.config import PoolSpec
-from raymoe.errors import DeadlineExceededError, PoolUnavailableError
-from raymoe.layer import MoELayer
+from raymoe.errors import DeadlineExceededError, InvalidInputError, PoolUnavailableError
+from raymoe.layer import MoELayer, check_layer
 from raymoe.placement import Placement
 from raymoe.validation import check_hidden
 
@@ -59,7 +60,7 @@ class Router:
         self.spec = spec
         self.metrics = metrics or NullMetrics()
         self.index = index
-        self.layer = MoELayer(spec, experts=False).eval()
+        self.gates = Gates(spec)
         self.shards: ShardCalls | None = None
         self.table: DispatchTable | None = None
         self.routing_version = 0  # placement version that last changed spec or gate weights
@@ -100,20 +101,15 @@ class Router:
         if self.table is not None and placement.version < self.table.version:
             return  # an old publication arriving late
         if spec is not None:
-            layer = MoELayer(spec, experts=False).eval()
-            own = layer.state_dict()
-            state = weights if weights else self.layer.state_dict()
-            if weights or spec.num_experts == self.spec.num_experts:
-                tensors = {k: torch.as_tensor(np.asarray(v)) for k, v in state.items() if k in own}
-                layer.load_state_dict(tensors, strict=True)
-            self.spec, self.layer = spec, layer
+            self.gates = Gates(spec, weights, old=self.gates)
+            self.spec = spec
             self.routing_version = placement.version if routing_version is None else routing_version
         self.traffic.resize(self.spec.num_experts, placement.num_shards)
         self.table = DispatchTable(placement)
 
     def gate_weights(self) -> dict[str, np.ndarray]:
         """The gate and shared-expert weights (what a restarted controller re-publishes)."""
-        return {k: v.detach().numpy().copy() for k, v in self.layer.state_dict().items()}
+        return self.gates.state_dict()
 
     def ready(self) -> bool:
         """Whether this router can serve (it has shards and a placement)."""
@@ -142,19 +138,21 @@ class Router:
         weights: np.ndarray | None = None,
         token_ids: np.ndarray | None = None,
         timeout_s: float | None = None,
+        layer: int = 0,
     ) -> np.ndarray:
-        """``x`` [..., d] -> [..., d]; optional client routes [T, S] or token ids [T]."""
+        """``x`` [..., d] -> [..., d] through MoE layer ``layer``; optional client routes
+        [T, S] (the layer's expert ids) or token ids [T]."""
         try:
-            return await self._forward(x, expert_ids, weights, token_ids, timeout_s)
+            return await self._forward(x, expert_ids, weights, token_ids, timeout_s, layer)
         except Exception as e:
             self.metrics.inc("raymoe_request_errors_total", error=type(e).__name__)
             raise
 
-    async def _forward(self, x, expert_ids, weights, token_ids, timeout_s) -> np.ndarray:
+    async def _forward(self, x, expert_ids, weights, token_ids, timeout_s, layer) -> np.ndarray:
         limits = self.spec.limits
         timeout = min(timeout_s or limits.request_timeout_s, limits.request_timeout_s)
         deadline = time.monotonic() + timeout
-        req = self._check(x, expert_ids, weights, token_ids, deadline)
+        req = self._check(x, expert_ids, weights, token_ids, deadline, layer)
         if req.tokens == 0:
             return np.zeros(req.x.shape, dtype=np.asarray(x).dtype)
         try:
@@ -179,8 +177,9 @@ class Router:
         self.metrics.observe("raymoe_request_latency_seconds", latency)
         return out
 
-    def _check(self, x, expert_ids, weights, token_ids, deadline) -> Request:
+    def _check(self, x, expert_ids, weights, token_ids, deadline, layer) -> Request:
         spec = self.spec
+        layer = check_layer(spec, layer)
         xt = _tensor(x)
         T = check_hidden(
             xt,
@@ -191,30 +190,37 @@ class Router:
         )
         flat = xt.reshape(T, spec.d_model)
         ids, w, tok = _tensor(expert_ids), _tensor(weights), _tensor(token_ids)
-        self.layer.check_route_inputs(flat, xt, token_ids=tok, expert_ids=ids, weights=w)
+        gate = self.gates.layers[layer]
+        try:
+            gate.check_route_inputs(flat, xt, token_ids=tok, expert_ids=ids, weights=w)
+        except InvalidInputError as e:
+            if not spec.multi_layer:
+                raise
+            raise type(e)(f"layer {layer}: {e}") from None
         fut = asyncio.get_running_loop().create_future()
-        return Request(xt, flat, ids, w, tok, deadline, fut)
+        return Request(xt, flat, ids, w, tok, deadline, fut, layer)
 
     async def _run_batch(self, batch: list[Request]) -> None:
-        table, layer = self.table, self.layer  # the one version this batch runs under
+        table, gates = self.table, self.gates  # the one version this batch runs under
         self._running[table.version] += 1
         try:
-            await self._run_batch_under(batch, table, layer)
+            await self._run_batch_under(batch, table, gates)
         finally:
             self._running[table.version] -= 1
 
-    async def _run_batch_under(self, batch: list[Request], table: DispatchTable, layer) -> None:
-        batch = [r for r in batch if not r.future.done() and _still_valid(r, layer)]
+    async def _run_batch_under(self, batch: list[Request], table: DispatchTable, gates) -> None:
+        batch = [r for r in batch if not r.future.done() and _still_valid(r, gates)]
         if not batch:
             return
         try:
             t0 = time.perf_counter()
-            flat, ids, w, mixes = await self._offload(_route, batch, layer)  # 1. route
+            flat, ids, w, mixes = await self._offload(_route, batch, gates)  # 1. route
             t1 = time.perf_counter()
             deadline = max(r.deadline for r in batch)
             parts = await self._dispatch(flat, ids, w, table, deadline)  # 2. dispatch
             t2 = time.perf_counter()
-            y = await self._offload(self._combine, flat, parts)  # 3. combine
+            spans = _spans(batch, mixes)
+            y = await self._offload(self._combine, flat, parts, gates, spans)  # 3. combine
             stages = {"route": t1 - t0, "dispatch": t2 - t1, "combine": time.perf_counter() - t2}
             self._stage_s.update(stages)
         except BaseException as e:  # every caller of the batch hears about it
@@ -236,7 +242,7 @@ class Router:
             out = y[start : start + rows]
             start += rows
             if mix is not None:
-                out = layer.router.unmix(out, mix)
+                out = gates.layers[r.layer].router.unmix(out, mix)
             if not r.future.done():
                 r.future.set_result(out.reshape(r.x.shape).numpy())
 
@@ -297,9 +303,18 @@ class Router:
         )
 
     @torch.no_grad()
-    def _combine(self, flat, parts) -> torch.Tensor:
+    def _combine(self, flat, parts, gates: Gates, spans: dict) -> torch.Tensor:
+        """The shards' partial sums, plus each layer's shared experts on its rows
+        (``spans``: layer -> [rows of its requests])."""
         y = combine(flat.shape[0], self.spec.d_model, parts, flat)
-        return y + self.layer.shared_output(flat)
+        for layer, rows in spans.items():
+            gate = gates.layers[layer]
+            if gate.shared is None:
+                continue
+            if len(spans) == 1:
+                return y + gate.shared_output(flat)
+            y[rows] += gate.shared_output(flat[rows])
+        return y
 
     # --- introspection ------------------------------------------------------------------
 
@@ -321,15 +336,33 @@ class Router:
 
 
 @torch.no_grad()
-def _route(batch: list[Request], layer: MoELayer):
+def _route(batch: list[Request], gates: Gates):
     """(rows [R, d], ids [R, S], weights [R, S], mixes) of the whole batch, in request order:
-    the rows are the requests' tokens, or for a mixing gate (soft routing) their slots, and
-    ``mixes[i]`` is request ``i``'s :class:`~raymoe.routing.soft.Mix` (None for tokens)."""
-    rows = [r.flat for r in batch]
+    the rows are the requests' tokens, or for a mixing gate (soft routing) their slots, the
+    ids are flat ids (every layer's experts live in one id space), and ``mixes[i]`` is
+    request ``i``'s :class:`~raymoe.routing.soft.Mix` (None for tokens)."""
+    rows: list = [r.flat for r in batch]
     mixes: list = [None] * len(batch)
     routes: list = [None] * len(batch)
+    for layer in sorted({r.layer for r in batch}):
+        mine = [i for i, r in enumerate(batch) if r.layer == layer]
+        _route_layer(batch, mine, gates.layers[layer], rows, mixes, routes)
+        for i in mine:
+            ids, w = routes[i]
+            routes[i] = (gates.flat(layer, ids), w)
+    S = max(a.shape[1] for a, _ in routes)
+    ids = torch.cat([_pad(a, S, -1) for a, _ in routes])
+    w = torch.cat([_pad(b, S, 0.0) for _, b in routes])
+    flat = torch.cat(rows) if len(rows) > 1 else rows[0]
+    return flat, ids, w, mixes
+
+
+def _route_layer(batch, mine: list[int], layer: MoELayer, rows, mixes, routes) -> None:
+    """Fill ``rows``, ``mixes`` and ``routes`` (the layer's expert ids) of requests ``mine``,
+    all of one layer."""
     gated = []
-    for i, r in enumerate(batch):
+    for i in mine:
+        r = batch[i]
         if r.expert_ids is not None:
             routes[i] = (r.expert_ids.long(), r.weights.to(torch.float32))
         elif layer.router.mixes:
@@ -341,29 +374,37 @@ def _route(batch: list[Request], layer: MoELayer):
             routes[i] = (rt.ids, rt.weights)
         else:
             gated.append(i)
-    if gated:
-        # token-wise gates: one gating call for all of them (batched routing matmuls)
-        xs = torch.cat([batch[i].flat for i in gated])
-        tok = None
-        if layer.router.needs_token_ids:
-            tok = torch.cat([batch[i].token_ids for i in gated])
-        rt = layer.route(xs, xs, token_ids=tok)
-        start = 0
-        for i in gated:
-            t = batch[i].tokens
-            routes[i] = (rt.ids[start : start + t], rt.weights[start : start + t])
-            start += t
-    S = max(a.shape[1] for a, _ in routes)
-    ids = torch.cat([_pad(a, S, -1) for a, _ in routes])
-    w = torch.cat([_pad(b, S, 0.0) for _, b in routes])
-    flat = torch.cat(rows) if len(rows) > 1 else rows[0]
-    return flat, ids, w, mixes
+    if not gated:
+        return
+    # token-wise gates: one gating call for all of them (batched routing matmuls)
+    xs = torch.cat([batch[i].flat for i in gated])
+    tok = None
+    if layer.router.needs_token_ids:
+        tok = torch.cat([batch[i].token_ids for i in gated])
+    rt = layer.route(xs, xs, token_ids=tok)
+    start = 0
+    for i in gated:
+        t = batch[i].tokens
+        routes[i] = (rt.ids[start : start + t], rt.weights[start : start + t])
+        start += t
 
 
-def _still_valid(r: Request, layer: MoELayer) -> bool:
+def _spans(batch: list[Request], mixes: list) -> dict[int, torch.Tensor]:
+    """layer -> the batch rows of its requests."""
+    spans: dict[int, list] = collections.defaultdict(list)
+    start = 0
+    for r, mix in zip(batch, mixes, strict=True):
+        rows = r.tokens if mix is None else mix.x.shape[0]
+        spans[r.layer].append(torch.arange(start, start + rows))
+        start += rows
+    return {layer: torch.cat(parts) for layer, parts in spans.items()}
+
+
+def _still_valid(r: Request, gates: Gates) -> bool:
     """False (and the caller told why) when ``r``'s client routes name experts removed after
     it was admitted."""
-    if r.expert_ids is None or layer.router.removed is None:
+    layer = gates.layers[r.layer] if r.layer < len(gates.layers) else None
+    if r.expert_ids is None or layer is None or layer.router.removed is None:
         return True
     try:
         layer.check_route_inputs(r.flat, r.x, expert_ids=r.expert_ids, weights=r.weights)

@@ -11,7 +11,7 @@ import torch
 
 from raymoe.config import PoolSpec
 from raymoe.errors import ShardNotReadyError
-from raymoe.kernels import make_bank
+from raymoe.kernels import make_bank, seeded_bank
 
 
 class ExpertShard:
@@ -44,14 +44,17 @@ class ExpertShard:
         expert_ids: np.ndarray,
         rows: dict[str, np.ndarray] | None = None,
         ready: bool = True,
+        spec: PoolSpec | None = None,
     ) -> None:
         """Build the bank for ``expert_ids`` ([L], the global id at each local index, -1 = a
         free place) with the seeded init, then load ``rows`` (of the live ids, in local
         order) if given. With ``ready=False`` the shard refuses work until
-        :meth:`mark_ready` (while its controller imports the rest of its weights)."""
+        :meth:`mark_ready` (while its controller imports the rest of its weights).
+        ``spec``: the pool's current spec (experts added since the shard started)."""
+        self.spec = spec or self.spec
         self.bank = None
         self.expert_ids = torch.as_tensor(np.asarray(expert_ids), dtype=torch.int64)  # [L]
-        bank = make_bank(self.spec, self.expert_ids.clamp(min=0), device=self.device).eval()
+        bank = seeded_bank(self.spec, self.expert_ids.clamp(min=0), device=self.device).eval()
         self._bank = bank
         if rows:
             live = self.expert_ids[self.expert_ids >= 0].numpy()
@@ -66,13 +69,15 @@ class ExpertShard:
     def mark_ready(self) -> None:
         self.bank = self._bank
 
-    def place(self, local: np.ndarray, global_ids: np.ndarray, rows=None) -> None:
+    def place(self, local: np.ndarray, global_ids: np.ndarray, rows=None, spec=None) -> None:
         """Put experts ``global_ids`` at local indices ``local`` ([n]; the bank grows when
         they lie beyond it), with ``rows`` (``{name: [n, ...]}``) or the seeded init.
 
         NOTE: make before break: the places that running batches read are never touched;
         a controller only places an expert where its current placement has no replica.
+        ``spec``: the pool's spec with the experts placed (where they were just added).
         """
+        self.spec = spec or self.spec
         local = torch.as_tensor(np.asarray(local), dtype=torch.int64)
         gid = torch.as_tensor(np.asarray(global_ids), dtype=torch.int64)
         if not len(local):
@@ -98,7 +103,8 @@ class ExpertShard:
     def rows_for(self, gid: torch.Tensor, rows) -> dict[str, torch.Tensor]:
         """``rows`` as tensors, or the seeded init of experts ``gid``."""
         if rows is None:
-            return make_bank(self.spec, gid, device=self.device).export_rows(torch.arange(len(gid)))
+            bank = seeded_bank(self.spec, gid, device=self.device)
+            return bank.export_rows(torch.arange(len(gid)))
         return {k: torch.as_tensor(np.asarray(v)) for k, v in rows.items()}
 
     def free(self, local: np.ndarray) -> None:

@@ -35,7 +35,7 @@ def max_message_bytes(spec) -> int:
     slot used (an int64 id and a float64 weight each) and a token id, plus room for the
     framing; at most gRPC's ceiling. The one size formula: the gateway and the shard
     endpoints both bound their messages with it."""
-    rows = spec.routing.rows_per_token(spec.num_experts)
+    rows = spec.rows_per_token
     per_token = rows * (spec.d_model * 8 + 16) + spec.slots * 16 + 8
     return min(spec.limits.max_request_tokens * per_token + (1 << 20), MAX_MESSAGE_BYTES)
 
@@ -176,6 +176,7 @@ def stats_to_proto(s: PoolStats) -> pool_pb2.StatsReply:
         expert_load=to_tensor(np.asarray(s.expert_load, np.int64)),
         counters=s.counters,
         load_map=None if s.load_map is None else to_tensor(np.asarray(s.load_map, np.float64)),
+        layer_imbalance=s.layer_imbalance,
     )
 
 
@@ -194,6 +195,7 @@ def stats_from_proto(m: pool_pb2.StatsReply) -> PoolStats:
         expert_load=from_tensor(m.expert_load, "expert_load").copy(),
         counters=dict(m.counters),
         load_map=from_tensor(m.load_map, "load_map").copy() if m.HasField("load_map") else None,
+        layer_imbalance=tuple(m.layer_imbalance),
     )
 
 

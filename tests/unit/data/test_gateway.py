@@ -44,8 +44,10 @@ class FakePool:
         self.block: threading.Event | None = None
         self.fail: BaseException | None = None
         self.ops: list = []
+        self.layers: list = []  # the layer of each forward and operation
 
-    async def forward(self, x, expert_ids, weights, token_ids, timeout_s):
+    async def forward(self, x, expert_ids, weights, token_ids, timeout_s, layer=0):
+        self.layers.append(layer)
         if self.fail is not None:
             raise self.fail
         while self.block is not None and not self.block.is_set():
@@ -84,8 +86,9 @@ class FakePool:
             experts_per_shard=(5, 4),
         )
 
-    async def op(self, name, *args):
+    async def op(self, name, *args, layer=0):
         self.ops.append((name, *args))
+        self.layers.append(layer)
         if name == "replicate" and args[0] >= 8:
             raise ExpertIdError(f"expert {args[0]} is not in [0, 8)")
         return OpReport(
