@@ -5,15 +5,25 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import re
 import signal
 import sys
 import threading
 import time
+from pathlib import Path
 
 
 def add_parser(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-c", "--config", required=True, help="pool spec YAML")
-    p.add_argument("--name", help="pool name (default: the spec's)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("-c", "--config", help="pool spec YAML")
+    source.add_argument(
+        "--hf",
+        metavar="PATH",
+        help="a Hugging Face checkpoint directory (config.json + safetensors): serve its "
+        "MoE layers as one multi-layer pool, with their weights",
+    )
+    p.add_argument("--name", help="pool name (default: the spec's, or the checkpoint's)")
+    p.add_argument("--shards", type=int, help="shards (default: the spec's; --hf: 2)")
     p.add_argument(
         "--gateway",
         metavar="[HOST:]PORT",
@@ -38,11 +48,11 @@ def add_parser(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import raymoe
 
-    spec = raymoe.PoolSpec.from_yaml(args.config)
+    spec, weights = load(args)
     if args.gateway:
         spec = with_gateway(spec, args.gateway)
     try:
-        pool = raymoe.serve(spec, name=args.name)
+        pool = raymoe.serve(spec, weights=weights, name=args.name)
     except raymoe.PoolExistsError:
         if not args.attach:
             raise
@@ -50,7 +60,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"attached to the running pool {pool.name!r}", flush=True)
     d = pool.describe()
     print(
-        f"serving pool {pool.name!r}: {d.experts:,} experts on {d.shards} shards, "
+        f"serving pool {pool.name!r}: {d.experts:,} experts in {d.layers} layer(s) on "
+        f"{d.shards} shards, "
         f"{d.routers} router(s); connect with raymoe.connect({pool.name!r})",
         flush=True,
     )
@@ -102,6 +113,25 @@ def _sigterm_interrupts():
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def load(args: argparse.Namespace):
+    """(spec, weights or None) from ``--config`` or ``--hf``, with ``--shards``."""
+    import raymoe
+
+    weights = None
+    if args.hf:
+        from raymoe import hf
+
+        name = re.sub(r"[^A-Za-z0-9_.-]", "-", Path(args.hf).resolve().name).lstrip("-._")
+        spec, weights = hf.from_pretrained(args.hf, name=name[:63] or "hf")
+    else:
+        spec = raymoe.PoolSpec.from_yaml(args.config)
+    if args.shards:
+        spec = spec.with_shards(args.shards)
+    elif args.hf:
+        spec = spec.with_shards(min(2, spec.live_experts))
+    return spec, weights
 
 
 def with_gateway(spec, address: str):
