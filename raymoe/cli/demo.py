@@ -1,4 +1,6 @@
-"""Run the demo: serve the example pools on local Ray, drive them, check and time them."""
+"""Run the demo on local Ray: a tiny MoE model served from its checkpoint, generating the
+same tokens through the pool as in process, and the pool reacting to a shifted load (the
+story, :mod:`raymoe.cli.story`); then the example pools driven, checked and timed."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import ray
 import torch
 
 from raymoe.config import PoolSpec
@@ -26,6 +29,7 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clients", type=int, default=4, help="concurrent clients")
     p.add_argument("--requests", type=int, default=8, help="requests per client")
     p.add_argument("--tokens", type=int, default=512, help="tokens per request")
+    p.add_argument("--no-story", action="store_true", help="only the example pools")
     p.set_defaults(run=run)
 
 
@@ -40,6 +44,13 @@ def run(args: argparse.Namespace) -> int:
     import raymoe
 
     specs = [resolve(n) for n in args.configs]  # fail on a bad spec before starting Ray
+    story_rows = None
+    if not args.no_story:
+        from raymoe.cli import story
+
+        if not ray.is_initialized():
+            ray.init(namespace="raymoe", include_dashboard=False, log_to_driver=False)
+        story_rows = story.run_story(lambda line: print(line, flush=True))
     rows = []
     for spec in specs:
         layout = f"{spec.shards.count} shards, {spec.shards.routers} router(s)"
@@ -60,6 +71,16 @@ def run(args: argparse.Namespace) -> int:
             f"{list(stats.pairs_per_shard)}"
         )
     print("(imbalance: max/mean pairs per shard; max err: served vs in-process MoELayer)")
+    if story_rows is not None:
+        from raymoe.cli import story
+
+        print("\nthe model pool under a shifting load (imbalance: the worst layer's max/mean)")
+        print(story.table(story_rows))
+        failed = sum(r.failed for r in story_rows)
+        worst = max(r.max_error for r in story_rows)
+        print(f"failed requests: {failed}; largest error vs in-process MoEStack: {worst:.1e}")
+        if failed or worst > 1e-5:
+            return 1
     return 0
 
 

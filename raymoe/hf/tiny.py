@@ -74,7 +74,7 @@ def _configs(layers: int) -> dict:
             **_COMMON, **n, intermediate_size=24, num_experts=6, num_experts_per_tok=2
         ),
         "gpt_oss": lambda: GptOssConfig(
-            **_COMMON,
+            **{**_COMMON, "max_position_embeddings": 131072},  # its YaRN's own context
             **n,
             head_dim=8,
             intermediate_size=24,

@@ -8,6 +8,7 @@ different lengths gives exactly the token ids it gives without the pool (logits 
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 import time
 
 import pytest
@@ -113,3 +114,12 @@ def test_raymoe_serve_hf_serves_a_checkpoint(ray_cluster, checkpoints, capsys):
     finally:
         t.join(timeout=90)  # serve shuts its pool down after --duration
     assert rc == [0] and "2 layer(s)" in capsys.readouterr().out
+
+
+def test_the_checkpoint_example_runs(ray_cluster, checkpoints, capsys):
+    import runpy
+
+    example = runpy.run_path(str(Path(__file__).parents[2] / "examples" / "serve_checkpoint.py"))
+    example["main"](str(checkpoints["llama4_text"]))
+    out = capsys.readouterr().out
+    assert "same as in process: True" in out and "2 MoE layers" in out

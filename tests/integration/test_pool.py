@@ -249,7 +249,9 @@ def test_connect_to_unknown_pool(ray_cluster):
         raymoe.connect("no-such-pool")
 
 
-def test_demo_serves_checks_and_prints_a_table(ray_cluster, capsys):
+def test_demo_tells_its_story_serves_checks_and_prints_tables(ray_cluster, capsys):
+    """The main job: the model story (generation through the pool equal to in process, then
+    the pool reacting to a shifted load with no failed request) and the example pools."""
     from raymoe.cli import main
 
     argv = [
@@ -267,6 +269,11 @@ def test_demo_serves_checks_and_prints_a_table(ray_cluster, capsys):
     out = capsys.readouterr().out
     row = next(line for line in out.splitlines() if line.startswith("mixtral-tiny"))
     assert float(row.split()[7]) <= 1e-5  # max err column: served vs MoELayer
+    assert "identical to in-process generation: yes" in out
+    assert "failed requests: 0;" in out
+    steps = [line for line in out.splitlines() if line.startswith(("hot set", "after the auto"))]
+    before, after = (float(line.split()[-4]) for line in steps)
+    assert after < before  # the automatic rebalance happened and helped
 
 
 def _traffic(pool, layer, kill, clients=8, rounds=6):
