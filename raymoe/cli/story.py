@@ -41,8 +41,9 @@ class Row:
 
 class Clients:
     """Threads sending hidden states to random layers, each answer checked against the
-    reference of the pool's state when the request started (or the next one, while a change
-    is applied). The inputs of a layer favour its hot experts once :meth:`shift` ran."""
+    references of the pool's states from when the request started to when it ended (a
+    change may apply meanwhile). The inputs of a layer favour its hot experts once
+    :meth:`shift` ran."""
 
     def __init__(self, pool, reference: MoEStack, clients: int = 4, tokens: int = 32):
         self.pool, self.refs = pool, [reference]
@@ -80,9 +81,10 @@ class Clients:
         rng = np.random.default_rng(i)
         while not self.stop.is_set():
             layer = int(rng.integers(self.layers))
-            x, refs = self.xs[i][layer], list(self.refs)
+            x, before = self.xs[i][layer], list(self.refs)
             try:
                 y = self.pool.forward(x, layer=layer)
+                refs = before + [r for r in self.refs if r not in before]  # and since
                 with torch.no_grad():
                     self.errors.append(
                         min((y - r(x, layer=layer)).abs().max().item() for r in refs)

@@ -8,7 +8,8 @@ Capabilities every kind answers:
   but soft routing's slots);
 - :meth:`~_Routing.check`: whether it can route ``E`` experts (raises :class:`SpecProblem`);
 - ``removable``: whether experts can be removed at runtime (its gate masks them out);
-- :meth:`~_Routing.min_live`: the live experts it needs;
+- :meth:`~_Routing.min_live`: the live experts it needs; :meth:`~_Routing.check_removed`:
+  whether it can still route with experts ``removed`` (raises :class:`SpecProblem`);
 - :meth:`~_Routing.grown`: the routing section of a pool grown by ``count`` experts, or a
   :class:`~raymoe.errors.ConfigError` saying why it cannot grow (``growable`` kinds can);
 - :meth:`~_Routing.align`: the unit placement keeps together (product-key pools: one row);
@@ -17,6 +18,7 @@ Capabilities every kind answers:
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Annotated, ClassVar, Literal
 
@@ -61,6 +63,9 @@ class _Routing(_Section):
     def min_live(self) -> int:
         return 1
 
+    def check_removed(self, num_experts: int, removed: tuple[int, ...]) -> None:
+        """Raise :class:`SpecProblem` unless this routing can route without ``removed``."""
+
     def align(self, num_experts: int) -> int:
         return 1
 
@@ -77,7 +82,9 @@ class _Routing(_Section):
 
 class TopKRouting(_Routing):
     """Softmax/sigmoid top-k gating (Mixtral, Qwen, OLMoE, DeepSeek-V3, Shazeer's noisy top-k).
-    Grows by any count and removes experts, except with groups (which must stay equal)."""
+    Grows by any count and removes experts; with groups it grows by whole groups (the new
+    experts form new groups, so groups stay equal), and a group's score counts its live
+    experts only."""
 
     kind: Literal["topk"] = "topk"
     k: PositiveInt
@@ -125,13 +132,13 @@ class TopKRouting(_Routing):
         )
 
     def grown(self, num_experts: int, count: int) -> TopKRouting:
+        if self.n_groups is None:
+            return self
+        return self.model_copy(update={"n_groups": _whole_groups(self, num_experts, count)})
+
+    def check_removed(self, num_experts: int, removed: tuple[int, ...]) -> None:
         if self.n_groups is not None:
-            raise ConfigError(
-                "topk routing with groups cannot add experts at runtime (its "
-                "groups must stay equal)",
-                "routing",
-            )
-        return self
+            _check_group_choice(num_experts, self.n_groups, removed, self.topk_groups, self.k)
 
     def gate_rows(self, d_model: int, num_experts: int, count: int) -> dict[str, tuple]:
         out = {"router.weight": (count, d_model)}
@@ -194,11 +201,34 @@ class ExpertChoiceRouting(_Routing):
 
 
 class HashRouting(_Routing):
-    """A fixed, balanced random hash of token id to one expert (Roller et al. 2021)."""
+    """A fixed, balanced random hash of token id to one expert (Roller et al. 2021).
+
+    Grows by any count with the fewest tokens moved: each new expert takes its balanced share
+    of tokens from the experts holding the most (``grown_from``: the expert counts before
+    each growth, so the table is a function of the spec). A removed expert's tokens are
+    dealt to the live experts holding the fewest."""
 
     kind: Literal["hash"] = "hash"
     vocab_size: PositiveInt
     seed: int = 0
+    grown_from: tuple[PositiveInt, ...] = ()
+
+    removable: ClassVar[bool] = True
+    growable: ClassVar[bool] = True
+
+    def check(self, num_experts: int) -> None:
+        steps = (*self.grown_from, num_experts)
+        need(
+            all(a < b for a, b in itertools.pairwise(steps)),
+            "grown_from",
+            f"expert counts before each growth must increase up to {num_experts}",
+        )
+
+    def grown(self, num_experts: int, count: int) -> HashRouting:
+        return self.model_copy(update={"grown_from": (*self.grown_from, num_experts)})
+
+    def gate_rows(self, d_model: int, num_experts: int, count: int) -> dict[str, tuple]:
+        return {}  # no weights: the table follows from the spec
 
 
 class ProductKeyRouting(_Routing):
@@ -261,12 +291,28 @@ class ProductKeyRouting(_Routing):
 
 
 class HierarchicalRouting(_Routing):
-    """Two-level gating: softmax over groups, top ``k_groups``; softmax inside, top ``k``."""
+    """Two-level gating: softmax over groups, top ``k_groups``; softmax inside, top ``k``.
+    Grows by whole branches (the new experts form new groups, each with a new group-gate
+    row); a removed expert leaves its group's softmax, and a group left without live
+    experts leaves the group softmax."""
 
     kind: Literal["hierarchical"] = "hierarchical"
     n_groups: PositiveInt
     k_groups: PositiveInt = 1
     k: PositiveInt = 1
+
+    removable: ClassVar[bool] = True
+    growable: ClassVar[bool] = True
+
+    def grown(self, num_experts: int, count: int) -> HierarchicalRouting:
+        return self.model_copy(update={"n_groups": _whole_groups(self, num_experts, count)})
+
+    def gate_rows(self, d_model: int, num_experts: int, count: int) -> dict[str, tuple]:
+        m = num_experts // self.n_groups  # of the grown pool: its groups' size
+        return {"router.weight": (count, d_model), "router.group.weight": (count // m, d_model)}
+
+    def check_removed(self, num_experts: int, removed: tuple[int, ...]) -> None:
+        _check_group_choice(num_experts, self.n_groups, removed, self.k_groups, self.k, True)
 
     def slots(self, num_experts: int) -> int:
         return self.k_groups * self.k
@@ -282,12 +328,47 @@ class HierarchicalRouting(_Routing):
         )
 
 
+def _whole_groups(r, num_experts: int, count: int) -> int:
+    """The group count after growing by ``count`` experts: whole new groups only."""
+    m = num_experts // r.n_groups
+    if count % m:
+        raise ConfigError(
+            f"{r.kind} routing with groups grows by whole groups of {m} experts; "
+            f"{count} is not a multiple of {m}",
+            "count",
+        )
+    return r.n_groups + count // m
+
+
+def _check_group_choice(E, n_groups, removed, pick, k, per_group=False) -> None:
+    """Routing that keeps ``pick`` groups, then k experts (in all, or ``per_group``) must
+    still find them among the live experts."""
+    m = E // n_groups
+    live = [m] * n_groups
+    for e in removed:
+        live[e // m] -= 1
+    usable = sorted(n for n in live if n > 0)
+    if len(usable) < pick:
+        raise SpecProblem("experts.removed", f"fewer than {pick} groups keep live experts")
+    if per_group and usable[0] < k:
+        raise SpecProblem("experts.removed", f"a group keeps fewer than k={k} live experts")
+    if not per_group and sum(usable[:pick]) < k:
+        raise SpecProblem(
+            "experts.removed", f"{pick} groups may hold fewer than k={k} live experts"
+        )
+
+
 class DenseRouting(_Routing):
-    """Every expert, softmax-weighted (the original mixture of experts)."""
+    """Every expert, softmax-weighted (the original mixture of experts). Grows by any count
+    and removes experts (the softmax runs over the live ones)."""
 
     kind: Literal["dense"] = "dense"
 
     removable: ClassVar[bool] = True
+    growable: ClassVar[bool] = True
+
+    def grown(self, num_experts: int, count: int) -> DenseRouting:
+        return self
 
     def slots(self, num_experts: int) -> int:
         return num_experts
@@ -297,10 +378,17 @@ class SoftRouting(_Routing):
     """Soft MoE (Puigcerver et al. 2023): per sequence, each expert processes
     ``slots_per_expert`` slots, each a softmax-weighted average of the sequence's tokens, and
     each token's output is a softmax-weighted mix of every slot's output; dispatch and combine
-    weights come from one logits matrix. Input ``[B, L, d]``; no client routes."""
+    weights come from one logits matrix. Input ``[B, L, d]``; no client routes. Grows by any
+    count (the new experts bring their slots) and removes experts (their slots go)."""
 
     kind: Literal["soft"] = "soft"
     slots_per_expert: PositiveInt = 1
+
+    removable: ClassVar[bool] = True
+    growable: ClassVar[bool] = True
+
+    def grown(self, num_experts: int, count: int) -> SoftRouting:
+        return self
 
     def rows_per_token(self, num_experts: int) -> int:
         return num_experts * self.slots_per_expert  # a sequence of one token: all its slots

@@ -344,6 +344,7 @@ def _check_removed(spec: PoolSpec) -> None:
         raise SpecProblem(
             "experts.removed", f"{live} live experts left; routing needs {r.min_live()}"
         )
+    r.check_removed(E, removed)
 
 
 def _config_error(e: pydantic.ValidationError) -> ConfigError:

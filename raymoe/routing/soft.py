@@ -4,7 +4,7 @@ tokens, instead of tokens.
 Per sequence ``X`` [L, d], with ``n = E * p`` slots (``p`` per expert) and the gate's
 ``router.weight`` ``Phi`` [n, d]:
 
-    logits   = X Phi^T                      [L, n]
+    logits   = X Phi^T                      [L, n]   (the live experts' slots)
     dispatch = softmax over the L tokens    (each slot: a convex mix of the tokens)
     combine  = softmax over the n slots     (each token: a convex mix of the slot outputs)
     slots    = dispatch^T X                 [n, d]; slot s goes to expert s // p
@@ -47,14 +47,20 @@ class SoftGate(Gate):
         self.per_expert = spec.routing.slots_per_expert
         n = spec.num_experts * self.per_expert
         self.weight = seeded_rows(spec, "router.weight", (n, spec.d_model))
+        expert = torch.arange(n) // self.per_expert
+        live = torch.ones(n, dtype=torch.bool) if self.removed is None else ~self.removed[expert]
+        # the slots of live experts (a removed expert's slots are as if deleted)
+        self.register_buffer("slots", live.nonzero().squeeze(1), persistent=False)
+        self.register_buffer("slot_expert", expert[live], persistent=False)
 
     def mix(self, x: torch.Tensor) -> Mix:
         """``x`` [B, L, d] -> the slots of its sequences."""
         B, _, d = x.shape
-        logits = torch.einsum("bld,nd->bln", x.float(), self.weight.float())
+        phi = self.weight[self.slots].float()
+        logits = torch.einsum("bld,nd->bln", x.float(), phi)
         slots = torch.einsum("bln,bld->bnd", logits.softmax(dim=1), x.float())
-        n = self.weight.shape[0]
-        ids = (torch.arange(n, device=x.device) // self.per_expert).repeat(B).unsqueeze(1)
+        n = phi.shape[0]
+        ids = self.slot_expert.to(x.device).repeat(B).unsqueeze(1)
         routes = Routes(ids, torch.ones(B * n, 1, device=x.device))
         return Mix(slots.reshape(B * n, d).to(x.dtype), routes, logits.softmax(dim=2))
 

@@ -79,8 +79,9 @@ class TopKGate(Gate):
         grouped = choice.view(T, r.n_groups, E // r.n_groups)
         if r.group_score == "max":
             group_scores = grouped.amax(-1)
-        else:
-            group_scores = grouped.topk(2, dim=-1).values.sum(-1)
+        else:  # the two best live experts (a group with one live expert: that one)
+            top2 = grouped.topk(2, dim=-1).values
+            group_scores = top2[..., 0] + top2[..., 1].nan_to_num(neginf=0.0)
         _, keep = select_topk(group_scores, r.topk_groups)
         mask = torch.zeros(T, r.n_groups, dtype=torch.bool, device=choice.device)
         mask.scatter_(1, keep, True)

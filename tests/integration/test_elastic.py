@@ -20,7 +20,9 @@ class Traffic(ClientThreads):
 
     While an operation that changes the layer's function runs (experts added or removed),
     a request may be served by the layer before or after it: :meth:`change` names the layer
-    after, and a request is checked against the layers current when it started and after."""
+    after, and a request is checked against the layers current from when it started to
+    after the change running when it ended (a request queued behind two changes may be
+    served by the second's layer)."""
 
     def __init__(self, pool, layer, clients=6):
         self.pool = pool
@@ -50,7 +52,7 @@ class Traffic(ClientThreads):
             e = self.epoch
             try:
                 y = self.pool.forward(self.xs[i])
-                ok = [w[i] for w in self.wants[e : e + 2]]
+                ok = [w[i] for w in self.wants[e : self.epoch + 2]]
                 self.errors.append(min((y - w).abs().max().item() for w in ok))
             except BaseException as err:  # the test asserts there are none
                 self.failures.append(err)
@@ -204,5 +206,93 @@ def test_experts_added_and_removed_under_traffic(ray_cluster, kind, transport):
         x = torch.randn(40, 16)
         with torch.no_grad():
             assert (pool.forward(x) - small(x)).abs().max().item() <= 1e-5
+    finally:
+        pool.shutdown()
+
+
+class TokenTraffic(Traffic):
+    """:class:`Traffic` whose requests carry token ids (hash routing needs them), as
+    sequences ``[2, L, d]`` (soft routing needs them)."""
+
+    def __init__(self, pool, layer, clients=6):
+        g = torch.Generator().manual_seed(7)
+        self.tokens = [torch.randint(0, 64, (8 + 4 * i,), generator=g) for i in range(clients)]
+        self.pool = pool
+        self.xs = [torch.randn(2, 4 + 2 * i, 16, generator=g) for i in range(clients)]
+        self.wants = [self._outputs(layer)]
+        self.epoch = 0
+        self.errors: list[float] = []
+        self.failures: list[BaseException] = []
+        ClientThreads.__init__(self, clients)
+
+    def _outputs(self, layer):
+        with torch.no_grad():
+            return [layer(x, token_ids=t) for x, t in zip(self.xs, self.tokens, strict=True)]
+
+    def _run(self, i):
+        while not self.stop.is_set():
+            e = self.epoch
+            try:
+                y = self.pool.forward(self.xs[i], token_ids=self.tokens[i])
+                ok = [w[i] for w in self.wants[e : self.epoch + 2]]
+                self.errors.append(min((y - w).abs().max().item() for w in ok))
+            except BaseException as err:  # the test asserts there are none
+                self.failures.append(err)
+
+
+# the routing kinds that grow by their own rule (whole groups; a stable re-hash; new slots)
+REGROWING = {
+    "dense": {"kind": "dense"},
+    "soft": {"kind": "soft", "slots_per_expert": 2},
+    "groups": {
+        "kind": "topk",
+        "k": 2,
+        "score": "sigmoid",
+        "n_groups": 2,
+        "topk_groups": 1,
+        "renormalize": True,
+    },
+    "hash": {"kind": "hash", "vocab_size": 64},
+    "hierarchical": {"kind": "hierarchical", "n_groups": 2, "k_groups": 1, "k": 2},
+}
+
+
+@pytest.mark.parametrize(
+    "kind,transport",
+    [
+        ("groups", "object_store"),
+        ("hash", "grpc"),
+        ("hierarchical", "object_store"),
+        ("dense", "grpc"),
+        ("soft", "object_store"),
+    ],
+)
+def test_every_other_kind_grows_and_shrinks_under_traffic(ray_cluster, kind, transport):
+    spec = PoolSpec.from_dict(
+        {
+            **spec_dict(REGROWING[kind], E=8),
+            "name": f"t-regrow-{kind}",
+            "shards": {"count": 2, "routers": 2, "transport": transport},
+        }
+    )
+    pool = raymoe.serve(spec)
+    grown = spec.with_experts_added(4)  # groups: one more group of 4; hash: re-hashed
+    smaller = grown.with_experts_removed([1, 9])
+    layers = [MoELayer(s).eval() for s in (spec, grown, smaller)]
+    try:
+        with TokenTraffic(pool, layers[0]) as traffic:
+            with traffic.change(layers[1]):
+                r = pool.add_experts(4)
+            assert r.expert_ids == (8, 9, 10, 11)
+            with traffic.change(layers[2]):
+                assert pool.remove_experts([1, 9]).removed == (1, 9)
+            pool.rebalance()
+        assert not traffic.failures, traffic.failures[:1]
+        assert len(traffic.errors) > 20, len(traffic.errors)
+        assert max(traffic.errors) <= 1e-5, sorted(traffic.errors)[-3:]
+        assert pool.describe().live_experts == 10
+        if kind in ("groups", "hierarchical"):  # groups stay equal
+            with pytest.raises(ConfigError, match="whole groups of 4 experts"):
+                pool.add_experts(3)
     finally:
         pool.shutdown()

@@ -8,8 +8,8 @@ different lengths gives exactly the token ids it gives without the pool (logits 
 from __future__ import annotations
 
 import threading
-from pathlib import Path
 import time
+from pathlib import Path
 
 import pytest
 import torch

@@ -167,7 +167,8 @@ class LayerTraffic(ClientThreads):
             try:
                 y = self.pool.forward(self.xs[i], layer=layer)
                 with torch.no_grad():
-                    ok = [s(self.xs[i], layer=layer) for s in self.stacks[e : e + 2]]
+                    now = self.stacks[e : self.epoch + 2]  # queued behind changes: theirs
+                    ok = [s(self.xs[i], layer=layer) for s in now]
                 self.errors.append(min((y - w).abs().max().item() for w in ok))
             except BaseException as err:  # the test asserts there are none
                 self.failures.append(err)

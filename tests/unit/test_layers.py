@@ -81,8 +81,8 @@ def test_growth_appends_a_block_and_never_renumbers():
     assert removed.removed_ids == (1, 27) and removed.live_experts == 27
     with pytest.raises(ConfigError, match="layer 3"):
         spec.with_experts_added(1, layer=3)
-    with pytest.raises(ConfigError, match="cannot add"):
-        layered([{}, {"routing": {"kind": "hash", "vocab_size": 10}}]).with_experts_added(
+    with pytest.raises(ConfigError, match="whole groups"):
+        layered([{}, {"routing": {"kind": "hierarchical", "n_groups": 2}}]).with_experts_added(
             1, layer=1
         )
 

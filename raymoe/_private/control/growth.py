@@ -70,10 +70,12 @@ def grow_gate(old: PoolSpec, grown: PoolSpec, gate: dict, rows: dict) -> dict:
                 new = key_rows(grown, 0, torch.arange(first, first + shape[1])).numpy()
             out[name] = grow_keys(out[name], old, grown, new)
             continue
+        first = len(out[name]) if name in out else E  # rows stack over experts, or groups
         if new is None and name == "router.correction_bias":
             new = np.zeros(shape, np.float32)
         elif new is None:
-            new = gate_rows(grown, name, torch.arange(E, E + count), shape[1:]).numpy()
+            rows_new = torch.arange(first, first + shape[0])
+            new = gate_rows(grown, name, rows_new, shape[1:]).numpy()
         out[name] = np.concatenate([out[name], new.astype(out[name].dtype)])
     return out
 

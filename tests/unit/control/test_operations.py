@@ -159,16 +159,17 @@ def test_removed_experts_stay_removed():
             run(getattr(ctl, op)(*args))
 
 
-def test_kinds_that_cannot_grow_or_shrink_say_so():
-    spec = PoolSpec.from_dict(
-        {**spec_dict({"kind": "hash", "vocab_size": 100}, E=8), "shards": {"count": 2}}
-    )
+def test_growth_and_removal_a_kind_cannot_route_say_so():
+    routing = {"kind": "hierarchical", "n_groups": 2, "k_groups": 1, "k": 2}
+    spec = PoolSpec.from_dict({**spec_dict(routing, E=8), "shards": {"count": 2}})
     ctl = Controller(spec, FakeCluster(spec), MemoryStore())
     run(ctl.start(contiguous(8, 2), None))
-    with pytest.raises(ConfigError, match="cannot add"):
+    v = ctl.placement.version
+    with pytest.raises(ConfigError, match="whole groups of 4 experts"):
         run(ctl.add_experts(2))
-    with pytest.raises(ConfigError, match="cannot remove"):
-        run(ctl.remove_experts([1]))
+    with pytest.raises(ConfigError, match="fewer than k=2 live experts"):
+        run(ctl.remove_experts([1, 2, 3]))
+    assert ctl.placement.version == v and ctl.spec == spec
 
 
 def test_pins_are_the_spec_and_every_plan_keeps_them():

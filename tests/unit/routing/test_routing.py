@@ -363,7 +363,7 @@ def test_client_routes_to_removed_experts_are_refused():
 @pytest.mark.parametrize(
     "routing,removed,field",
     [
-        ({"kind": "hash", "vocab_size": 100}, [1], "experts.removed"),  # kind cannot remove
+        ({"kind": "hierarchical", "n_groups": 2, "k": 2}, [0, 1, 2], "experts.removed"),
         ({"kind": "topk", "k": 2}, [9], "experts.removed"),  # out of range
         ({"kind": "topk", "k": 2}, [2, 1], "experts.removed"),  # unsorted
         ({"kind": "topk", "k": 3}, list(range(6)), "experts.removed"),  # fewer live than k
