@@ -254,7 +254,10 @@ REGROWING = {
     },
     "hash": {"kind": "hash", "vocab_size": 64},
     "hierarchical": {"kind": "hierarchical", "n_groups": 2, "k_groups": 1, "k": 2},
+    "product_key": {"kind": "product_key", "heads": 2, "k": 3, "d_key": 8},
 }
+# (experts, experts added): product-key pools grow by whole sub-key rows (8 of an 8 x 8 grid)
+SIZES = {"product_key": (64, 8)}
 
 
 @pytest.mark.parametrize(
@@ -265,32 +268,34 @@ REGROWING = {
         ("hierarchical", "object_store"),
         ("dense", "grpc"),
         ("soft", "object_store"),
+        ("product_key", "grpc"),
     ],
 )
 def test_every_other_kind_grows_and_shrinks_under_traffic(ray_cluster, kind, transport):
+    E, count = SIZES.get(kind, (8, 4))
     spec = PoolSpec.from_dict(
         {
-            **spec_dict(REGROWING[kind], E=8),
+            **spec_dict(REGROWING[kind], E=E, kind="peer" if kind == "product_key" else "ffn"),
             "name": f"t-regrow-{kind}",
             "shards": {"count": 2, "routers": 2, "transport": transport},
         }
     )
     pool = raymoe.serve(spec)
-    grown = spec.with_experts_added(4)  # groups: one more group of 4; hash: re-hashed
+    grown = spec.with_experts_added(count)  # groups: one more group of 4; hash: re-hashed
     smaller = grown.with_experts_removed([1, 9])
     layers = [MoELayer(s).eval() for s in (spec, grown, smaller)]
     try:
         with TokenTraffic(pool, layers[0]) as traffic:
             with traffic.change(layers[1]):
-                r = pool.add_experts(4)
-            assert r.expert_ids == (8, 9, 10, 11)
+                r = pool.add_experts(count)
+            assert r.expert_ids == tuple(range(E, E + count))
             with traffic.change(layers[2]):
                 assert pool.remove_experts([1, 9]).removed == (1, 9)
             pool.rebalance()
         assert not traffic.failures, traffic.failures[:1]
         assert len(traffic.errors) > 20, len(traffic.errors)
         assert max(traffic.errors) <= 1e-5, sorted(traffic.errors)[-3:]
-        assert pool.describe().live_experts == 10
+        assert pool.describe().live_experts == E + count - 2
         if kind in ("groups", "hierarchical"):  # groups stay equal
             with pytest.raises(ConfigError, match="whole groups of 4 experts"):
                 pool.add_experts(3)
