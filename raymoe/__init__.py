@@ -5,6 +5,7 @@ from raymoe.client import TLS, AsyncClient, Client
 from raymoe.config import PoolSpec, load_spec
 from raymoe.errors import (
     AuthenticationError,
+    CheckpointError,
     ConfigError,
     DeadlineExceededError,
     DTypeError,
@@ -33,6 +34,7 @@ __all__ = [
     "TLS",
     "AsyncClient",
     "AuthenticationError",
+    "CheckpointError",
     "Client",
     "ConfigError",
     "DTypeError",

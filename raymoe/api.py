@@ -13,7 +13,13 @@ import torch
 from raymoe._private import actors
 from raymoe._private.control.goal import Goal
 from raymoe.config import PoolSpec, load_spec
-from raymoe.errors import PoolExistsError, PoolNotFoundError, PoolUnavailableError
+from raymoe.errors import (
+    CheckpointError,
+    ConfigError,
+    PoolExistsError,
+    PoolNotFoundError,
+    PoolUnavailableError,
+)
 from raymoe.reports import OpReport, PoolDescription, PoolStats
 
 
@@ -124,6 +130,14 @@ class PoolHandle:
     def _op(self, name: str, *args, **kwargs) -> OpReport:
         return _get(self._controller.op.remote(name, *args, **kwargs))
 
+    def save(self, path: str | Path) -> dict:
+        """Write a checkpoint of the pool to ``path`` (safetensors per shard and a manifest,
+        :mod:`raymoe.checkpoint`), consistent under one placement version while traffic
+        flows; an existing checkpoint there is replaced atomically. The controller writes
+        it: on a multi-node cluster, ``path`` must be storage its node sees. -> the
+        manifest."""
+        return _get(self._controller.save_checkpoint.remote(str(Path(path).resolve())))
+
     def gateways(self) -> list[str]:
         """The "host:port" of each of the pool's gRPC gateways (none unless
         ``gateway.enabled``)."""
@@ -137,12 +151,24 @@ class PoolHandle:
 
 
 def serve(
-    spec: PoolSpec | dict | str | Path, weights: dict | None = None, name: str | None = None
+    spec: PoolSpec | dict | str | Path | None = None,
+    weights: dict | None = None,
+    name: str | None = None,
+    checkpoint: str | Path | None = None,
 ) -> PoolHandle:
     """Start a pool for ``spec`` (and ``weights`` in neutral names); starts local Ray if needed.
 
-    Raises :class:`PoolExistsError` when a pool of that name already runs.
+    With ``checkpoint`` (a directory :meth:`PoolHandle.save` wrote), the pool's experts,
+    ids and weights are the checkpoint's; ``spec``, if given, sets the rest (shards,
+    control, gateway, limits: onto another shard count too) and must describe the same
+    model. A missing, corrupted or mismatched checkpoint raises :class:`CheckpointError`
+    before anything starts. Raises :class:`PoolExistsError` when a pool of that name
+    already runs.
     """
+    if checkpoint is not None:
+        spec, weights = _restored(spec, checkpoint)
+    elif spec is None:
+        raise ConfigError("serve() needs a spec or a checkpoint")
     spec = load_spec(spec)
     if name is not None:
         spec = spec.with_name(name)
@@ -167,6 +193,30 @@ def serve(
         actors.kill([controller])
         raise
     return PoolHandle(spec.name, controller, _get(controller.routers.remote()))
+
+
+def _restored(spec, path) -> tuple[PoolSpec, dict]:
+    """(spec, weights) to serve checkpoint ``path`` with, ``spec``'s deployment sections."""
+    from raymoe import checkpoint
+
+    saved, weights, _ = checkpoint.read(path)
+    if spec is None:
+        return saved, weights
+    spec = load_spec(spec)
+    model = ("d_model", "dtype", "num_layers")
+    for field in model:
+        if getattr(spec, field) != getattr(saved, field):
+            raise CheckpointError(
+                f"checkpoint {path} holds a model with {field}={getattr(saved, field)}, "
+                f"the spec has {getattr(spec, field)}"
+            )
+    if spec.experts.kind != saved.experts.kind:
+        raise CheckpointError(f"checkpoint {path} holds {saved.experts.kind} experts")
+    deploy = ("name", "shards", "control", "gateway", "limits")
+    merged = PoolSpec.from_dict(
+        {**saved.model_dump(mode="json"), **{k: spec.model_dump(mode="json")[k] for k in deploy}}
+    )
+    return merged, weights
 
 
 def connect(name: str = "default") -> PoolHandle:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import json
 import os
 import random
 import time
@@ -147,6 +148,12 @@ class _Base:
         ids = np.asarray(_np(expert_ids), np.int64).reshape(-1).tolist()
         req = admin_pb2.RemoveExpertsRequest(expert_ids=ids, layer=layer)
         return self._op("RemoveExperts", req)
+
+    def save(self, path: str):
+        """Write a checkpoint to ``path`` (absolute, on the pool controller's node or shared
+        storage), as :meth:`raymoe.PoolHandle.save`. -> the manifest."""
+        req = admin_pb2.CheckpointRequest(path=str(path))
+        return self._admin_call("Checkpoint", req, lambda r: json.loads(r.manifest_json))
 
     def health(self):
         """The gateway's health status: "SERVING", "NOT_SERVING", ..."""

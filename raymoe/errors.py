@@ -52,6 +52,10 @@ class ExpertIdError(InvalidInputError):
     """An expert id is out of range or names an expert the pool does not have."""
 
 
+class CheckpointError(InvalidInputError):
+    """A checkpoint is missing, truncated, corrupted or does not fit the pool."""
+
+
 class LayerIndexError(InvalidInputError, IndexError):
     """A layer index outside the pool's layers."""
 

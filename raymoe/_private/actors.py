@@ -297,6 +297,10 @@ class ControllerActor:
         await self._ensure()
         return self.controller.fleet.endpoints()
 
+    async def save_checkpoint(self, path: str) -> dict:
+        await self._ensure()
+        return await self.controller.save_checkpoint(path)
+
     async def op(self, name: str, *args, **kwargs) -> OpReport:
         """A runtime operation of the controller (one of :data:`OPERATIONS`)."""
         await self._ensure()
@@ -418,6 +422,9 @@ class RayPoolBackend:
 
     async def op(self, name: str, *args, **kwargs) -> OpReport:
         return await self._call(lambda: self._controller, "op", name, *args, **kwargs)
+
+    async def save_checkpoint(self, path: str) -> dict:
+        return await self._call(lambda: self._controller, "save_checkpoint", path)
 
     async def ready(self) -> bool:
         await self._attach()

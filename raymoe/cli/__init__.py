@@ -9,6 +9,7 @@ import sys
 
 from raymoe.cli import (
     _common,
+    checkpoint,
     demo,
     experts,
     plot,
@@ -29,6 +30,7 @@ REMOTE = {
     "shards": shards,
     "rebalance": rebalance,
     "plot": plot,
+    "checkpoint": checkpoint,
 }
 
 EPILOG = """exit codes: 0 done; 1 the pool could not do it; 2 bad usage or input the pool

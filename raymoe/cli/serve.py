@@ -17,6 +17,11 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("-c", "--config", help="pool spec YAML")
     source.add_argument(
+        "--checkpoint",
+        metavar="DIR",
+        help="a checkpoint PoolHandle.save wrote: its experts, ids and weights",
+    )
+    source.add_argument(
         "--hf",
         metavar="PATH",
         help="a Hugging Face checkpoint directory (config.json + safetensors): serve its "
@@ -120,7 +125,11 @@ def load(args: argparse.Namespace):
     import raymoe
 
     weights = None
-    if args.hf:
+    if args.checkpoint:
+        from raymoe import checkpoint
+
+        spec, weights, _ = checkpoint.read(args.checkpoint)
+    elif args.hf:
         from raymoe import hf
 
         name = re.sub(r"[^A-Za-z0-9_.-]", "-", Path(args.hf).resolve().name).lstrip("-._")

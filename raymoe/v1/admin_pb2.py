@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from raymoe.v1 import tensor_pb2 as raymoe_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15raymoe/v1/admin.proto\x12\traymoe.v1\x1a\x16raymoe/v1/tensor.proto\"\x11\n\x0f\x44\x65scribeRequest\"\xa9\x04\n\rDescribeReply\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tspec_json\x18\x02 \x01(\t\x12\x19\n\x11placement_version\x18\x03 \x01(\x04\x12\x0e\n\x06shards\x18\x04 \x01(\x03\x12\x0f\n\x07routers\x18\x05 \x01(\x03\x12\x0f\n\x07\x65xperts\x18\x06 \x01(\x03\x12\x10\n\x08replicas\x18\x07 \x01(\x03\x12\x19\n\x11\x65xperts_per_shard\x18\x08 \x03(\x03\x12\x10\n\x08\x64\x65graded\x18\t \x03(\t\x12\x0f\n\x07removed\x18\n \x03(\x03\x12@\n\rlast_change_s\x18\x0b \x03(\x0b\x32).raymoe.v1.DescribeReply.LastChangeSEntry\x12\x17\n\x0frouting_version\x18\x0c \x01(\x04\x12\x14\n\x0clive_experts\x18\r \x01(\x03\x12\x34\n\x06pinned\x18\x0e \x03(\x0b\x32$.raymoe.v1.DescribeReply.PinnedEntry\x12\x0f\n\x07\x64rained\x18\x0f \x03(\x03\x12\x17\n\x0fresumed_changes\x18\x10 \x01(\x03\x12\x0e\n\x06layers\x18\x11 \x01(\x03\x12\x16\n\x0elive_per_layer\x18\x12 \x03(\x03\x1a\x32\n\x10LastChangeSEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a-\n\x0bPinnedEntry\x12\x0b\n\x03key\x18\x01 \x01(\x03\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"3\n\x10RebalanceRequest\x12\x0f\n\x07\x64ry_run\x18\x01 \x01(\x08\x12\x0e\n\x06policy\x18\x02 \x01(\t\"D\n\x0eReplicaRequest\x12\x11\n\texpert_id\x18\x01 \x01(\x03\x12\x10\n\x08replicas\x18\x02 \x01(\x03\x12\r\n\x05layer\x18\x03 \x01(\x03\"1\n\rExpertRequest\x12\x11\n\texpert_id\x18\x01 \x01(\x03\x12\r\n\x05layer\x18\x02 \x01(\x03\"\"\n\x11\x44rainShardRequest\x12\r\n\x05shard\x18\x01 \x01(\x03\"#\n\x12ScaleShardsRequest\x12\r\n\x05\x63ount\x18\x01 \x01(\x03\"\xb0\x01\n\x11\x41\x64\x64\x45xpertsRequest\x12\r\n\x05\x63ount\x18\x01 \x01(\x03\x12:\n\x07weights\x18\x02 \x03(\x0b\x32).raymoe.v1.AddExpertsRequest.WeightsEntry\x12\r\n\x05layer\x18\x03 \x01(\x03\x1a\x41\n\x0cWeightsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12 \n\x05value\x18\x02 \x01(\x0b\x32\x11.raymoe.v1.Tensor:\x02\x38\x01\"9\n\x14RemoveExpertsRequest\x12\x12\n\nexpert_ids\x18\x01 \x03(\x03\x12\r\n\x05layer\x18\x02 \x01(\x03\"\xd8\x02\n\x0fOperationReport\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x16\n\x0ereplicas_added\x18\x02 \x01(\x03\x12\x18\n\x10replicas_dropped\x18\x03 \x01(\x03\x12\x13\n\x0b\x62ytes_moved\x18\x04 \x01(\x03\x12\x18\n\x10imbalance_before\x18\x05 \x01(\x01\x12\x17\n\x0fimbalance_after\x18\x06 \x01(\x01\x12\x0f\n\x07\x64ry_run\x18\x07 \x01(\x08\x12\x0e\n\x06policy\x18\x08 \x01(\t\x12\x12\n\nexpert_ids\x18\t \x03(\x03\x12\x0f\n\x07removed\x18\n \x03(\x03\x12\x36\n\x06pinned\x18\x0b \x03(\x0b\x32&.raymoe.v1.OperationReport.PinnedEntry\x12\r\n\x05layer\x18\x0c \x01(\x03\x1a-\n\x0bPinnedEntry\x12\x0b\n\x03key\x18\x01 \x01(\x03\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\x32\xff\x04\n\x0c\x41\x64minService\x12@\n\x08\x44\x65scribe\x12\x1a.raymoe.v1.DescribeRequest\x1a\x18.raymoe.v1.DescribeReply\x12\x44\n\tRebalance\x12\x1b.raymoe.v1.RebalanceRequest\x1a\x1a.raymoe.v1.OperationReport\x12\x42\n\tReplicate\x12\x19.raymoe.v1.ReplicaRequest\x1a\x1a.raymoe.v1.OperationReport\x12<\n\x03Pin\x12\x19.raymoe.v1.ReplicaRequest\x1a\x1a.raymoe.v1.OperationReport\x12=\n\x05Unpin\x12\x18.raymoe.v1.ExpertRequest\x1a\x1a.raymoe.v1.OperationReport\x12\x46\n\nDrainShard\x12\x1c.raymoe.v1.DrainShardRequest\x1a\x1a.raymoe.v1.OperationReport\x12H\n\x0bScaleShards\x12\x1d.raymoe.v1.ScaleShardsRequest\x1a\x1a.raymoe.v1.OperationReport\x12\x46\n\nAddExperts\x12\x1c.raymoe.v1.AddExpertsRequest\x1a\x1a.raymoe.v1.OperationReport\x12L\n\rRemoveExperts\x12\x1f.raymoe.v1.RemoveExpertsRequest\x1a\x1a.raymoe.v1.OperationReportb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15raymoe/v1/admin.proto\x12\traymoe.v1\x1a\x16raymoe/v1/tensor.proto\"!\n\x11\x43heckpointRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\"C\n\x0f\x43heckpointReply\x12\x19\n\x11placement_version\x18\x01 \x01(\x04\x12\x15\n\rmanifest_json\x18\x02 \x01(\t\"\x11\n\x0f\x44\x65scribeRequest\"\xa9\x04\n\rDescribeReply\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tspec_json\x18\x02 \x01(\t\x12\x19\n\x11placement_version\x18\x03 \x01(\x04\x12\x0e\n\x06shards\x18\x04 \x01(\x03\x12\x0f\n\x07routers\x18\x05 \x01(\x03\x12\x0f\n\x07\x65xperts\x18\x06 \x01(\x03\x12\x10\n\x08replicas\x18\x07 \x01(\x03\x12\x19\n\x11\x65xperts_per_shard\x18\x08 \x03(\x03\x12\x10\n\x08\x64\x65graded\x18\t \x03(\t\x12\x0f\n\x07removed\x18\n \x03(\x03\x12@\n\rlast_change_s\x18\x0b \x03(\x0b\x32).raymoe.v1.DescribeReply.LastChangeSEntry\x12\x17\n\x0frouting_version\x18\x0c \x01(\x04\x12\x14\n\x0clive_experts\x18\r \x01(\x03\x12\x34\n\x06pinned\x18\x0e \x03(\x0b\x32$.raymoe.v1.DescribeReply.PinnedEntry\x12\x0f\n\x07\x64rained\x18\x0f \x03(\x03\x12\x17\n\x0fresumed_changes\x18\x10 \x01(\x03\x12\x0e\n\x06layers\x18\x11 \x01(\x03\x12\x16\n\x0elive_per_layer\x18\x12 \x03(\x03\x1a\x32\n\x10LastChangeSEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a-\n\x0bPinnedEntry\x12\x0b\n\x03key\x18\x01 \x01(\x03\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"3\n\x10RebalanceRequest\x12\x0f\n\x07\x64ry_run\x18\x01 \x01(\x08\x12\x0e\n\x06policy\x18\x02 \x01(\t\"D\n\x0eReplicaRequest\x12\x11\n\texpert_id\x18\x01 \x01(\x03\x12\x10\n\x08replicas\x18\x02 \x01(\x03\x12\r\n\x05layer\x18\x03 \x01(\x03\"1\n\rExpertRequest\x12\x11\n\texpert_id\x18\x01 \x01(\x03\x12\r\n\x05layer\x18\x02 \x01(\x03\"\"\n\x11\x44rainShardRequest\x12\r\n\x05shard\x18\x01 \x01(\x03\"#\n\x12ScaleShardsRequest\x12\r\n\x05\x63ount\x18\x01 \x01(\x03\"\xb0\x01\n\x11\x41\x64\x64\x45xpertsRequest\x12\r\n\x05\x63ount\x18\x01 \x01(\x03\x12:\n\x07weights\x18\x02 \x03(\x0b\x32).raymoe.v1.AddExpertsRequest.WeightsEntry\x12\r\n\x05layer\x18\x03 \x01(\x03\x1a\x41\n\x0cWeightsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12 \n\x05value\x18\x02 \x01(\x0b\x32\x11.raymoe.v1.Tensor:\x02\x38\x01\"9\n\x14RemoveExpertsRequest\x12\x12\n\nexpert_ids\x18\x01 \x03(\x03\x12\r\n\x05layer\x18\x02 \x01(\x03\"\xd8\x02\n\x0fOperationReport\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x16\n\x0ereplicas_added\x18\x02 \x01(\x03\x12\x18\n\x10replicas_dropped\x18\x03 \x01(\x03\x12\x13\n\x0b\x62ytes_moved\x18\x04 \x01(\x03\x12\x18\n\x10imbalance_before\x18\x05 \x01(\x01\x12\x17\n\x0fimbalance_after\x18\x06 \x01(\x01\x12\x0f\n\x07\x64ry_run\x18\x07 \x01(\x08\x12\x0e\n\x06policy\x18\x08 \x01(\t\x12\x12\n\nexpert_ids\x18\t \x03(\x03\x12\x0f\n\x07removed\x18\n \x03(\x03\x12\x36\n\x06pinned\x18\x0b \x03(\x0b\x32&.raymoe.v1.OperationReport.PinnedEntry\x12\r\n\x05layer\x18\x0c \x01(\x03\x1a-\n\x0bPinnedEntry\x12\x0b\n\x03key\x18\x01 \x01(\x03\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\x32\xc7\x05\n\x0c\x41\x64minService\x12@\n\x08\x44\x65scribe\x12\x1a.raymoe.v1.DescribeRequest\x1a\x18.raymoe.v1.DescribeReply\x12\x44\n\tRebalance\x12\x1b.raymoe.v1.RebalanceRequest\x1a\x1a.raymoe.v1.OperationReport\x12\x42\n\tReplicate\x12\x19.raymoe.v1.ReplicaRequest\x1a\x1a.raymoe.v1.OperationReport\x12<\n\x03Pin\x12\x19.raymoe.v1.ReplicaRequest\x1a\x1a.raymoe.v1.OperationReport\x12=\n\x05Unpin\x12\x18.raymoe.v1.ExpertRequest\x1a\x1a.raymoe.v1.OperationReport\x12\x46\n\nDrainShard\x12\x1c.raymoe.v1.DrainShardRequest\x1a\x1a.raymoe.v1.OperationReport\x12H\n\x0bScaleShards\x12\x1d.raymoe.v1.ScaleShardsRequest\x1a\x1a.raymoe.v1.OperationReport\x12\x46\n\nAddExperts\x12\x1c.raymoe.v1.AddExpertsRequest\x1a\x1a.raymoe.v1.OperationReport\x12L\n\rRemoveExperts\x12\x1f.raymoe.v1.RemoveExpertsRequest\x1a\x1a.raymoe.v1.OperationReport\x12\x46\n\nCheckpoint\x12\x1c.raymoe.v1.CheckpointRequest\x1a\x1a.raymoe.v1.CheckpointReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,34 +40,38 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ADDEXPERTSREQUEST_WEIGHTSENTRY']._serialized_options = b'8\001'
   _globals['_OPERATIONREPORT_PINNEDENTRY']._loaded_options = None
   _globals['_OPERATIONREPORT_PINNEDENTRY']._serialized_options = b'8\001'
-  _globals['_DESCRIBEREQUEST']._serialized_start=60
-  _globals['_DESCRIBEREQUEST']._serialized_end=77
-  _globals['_DESCRIBEREPLY']._serialized_start=80
-  _globals['_DESCRIBEREPLY']._serialized_end=633
-  _globals['_DESCRIBEREPLY_LASTCHANGESENTRY']._serialized_start=536
-  _globals['_DESCRIBEREPLY_LASTCHANGESENTRY']._serialized_end=586
-  _globals['_DESCRIBEREPLY_PINNEDENTRY']._serialized_start=588
-  _globals['_DESCRIBEREPLY_PINNEDENTRY']._serialized_end=633
-  _globals['_REBALANCEREQUEST']._serialized_start=635
-  _globals['_REBALANCEREQUEST']._serialized_end=686
-  _globals['_REPLICAREQUEST']._serialized_start=688
-  _globals['_REPLICAREQUEST']._serialized_end=756
-  _globals['_EXPERTREQUEST']._serialized_start=758
-  _globals['_EXPERTREQUEST']._serialized_end=807
-  _globals['_DRAINSHARDREQUEST']._serialized_start=809
-  _globals['_DRAINSHARDREQUEST']._serialized_end=843
-  _globals['_SCALESHARDSREQUEST']._serialized_start=845
-  _globals['_SCALESHARDSREQUEST']._serialized_end=880
-  _globals['_ADDEXPERTSREQUEST']._serialized_start=883
-  _globals['_ADDEXPERTSREQUEST']._serialized_end=1059
-  _globals['_ADDEXPERTSREQUEST_WEIGHTSENTRY']._serialized_start=994
-  _globals['_ADDEXPERTSREQUEST_WEIGHTSENTRY']._serialized_end=1059
-  _globals['_REMOVEEXPERTSREQUEST']._serialized_start=1061
-  _globals['_REMOVEEXPERTSREQUEST']._serialized_end=1118
-  _globals['_OPERATIONREPORT']._serialized_start=1121
-  _globals['_OPERATIONREPORT']._serialized_end=1465
-  _globals['_OPERATIONREPORT_PINNEDENTRY']._serialized_start=588
-  _globals['_OPERATIONREPORT_PINNEDENTRY']._serialized_end=633
-  _globals['_ADMINSERVICE']._serialized_start=1468
-  _globals['_ADMINSERVICE']._serialized_end=2107
+  _globals['_CHECKPOINTREQUEST']._serialized_start=60
+  _globals['_CHECKPOINTREQUEST']._serialized_end=93
+  _globals['_CHECKPOINTREPLY']._serialized_start=95
+  _globals['_CHECKPOINTREPLY']._serialized_end=162
+  _globals['_DESCRIBEREQUEST']._serialized_start=164
+  _globals['_DESCRIBEREQUEST']._serialized_end=181
+  _globals['_DESCRIBEREPLY']._serialized_start=184
+  _globals['_DESCRIBEREPLY']._serialized_end=737
+  _globals['_DESCRIBEREPLY_LASTCHANGESENTRY']._serialized_start=640
+  _globals['_DESCRIBEREPLY_LASTCHANGESENTRY']._serialized_end=690
+  _globals['_DESCRIBEREPLY_PINNEDENTRY']._serialized_start=692
+  _globals['_DESCRIBEREPLY_PINNEDENTRY']._serialized_end=737
+  _globals['_REBALANCEREQUEST']._serialized_start=739
+  _globals['_REBALANCEREQUEST']._serialized_end=790
+  _globals['_REPLICAREQUEST']._serialized_start=792
+  _globals['_REPLICAREQUEST']._serialized_end=860
+  _globals['_EXPERTREQUEST']._serialized_start=862
+  _globals['_EXPERTREQUEST']._serialized_end=911
+  _globals['_DRAINSHARDREQUEST']._serialized_start=913
+  _globals['_DRAINSHARDREQUEST']._serialized_end=947
+  _globals['_SCALESHARDSREQUEST']._serialized_start=949
+  _globals['_SCALESHARDSREQUEST']._serialized_end=984
+  _globals['_ADDEXPERTSREQUEST']._serialized_start=987
+  _globals['_ADDEXPERTSREQUEST']._serialized_end=1163
+  _globals['_ADDEXPERTSREQUEST_WEIGHTSENTRY']._serialized_start=1098
+  _globals['_ADDEXPERTSREQUEST_WEIGHTSENTRY']._serialized_end=1163
+  _globals['_REMOVEEXPERTSREQUEST']._serialized_start=1165
+  _globals['_REMOVEEXPERTSREQUEST']._serialized_end=1222
+  _globals['_OPERATIONREPORT']._serialized_start=1225
+  _globals['_OPERATIONREPORT']._serialized_end=1569
+  _globals['_OPERATIONREPORT_PINNEDENTRY']._serialized_start=692
+  _globals['_OPERATIONREPORT_PINNEDENTRY']._serialized_end=737
+  _globals['_ADMINSERVICE']._serialized_start=1572
+  _globals['_ADMINSERVICE']._serialized_end=2283
 # @@protoc_insertion_point(module_scope)

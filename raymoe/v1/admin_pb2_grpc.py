@@ -79,6 +79,11 @@ class AdminServiceStub:
                 request_serializer=raymoe_dot_v1_dot_admin__pb2.RemoveExpertsRequest.SerializeToString,
                 response_deserializer=raymoe_dot_v1_dot_admin__pb2.OperationReport.FromString,
                 _registered_method=True)
+        self.Checkpoint = channel.unary_unary(
+                '/raymoe.v1.AdminService/Checkpoint',
+                request_serializer=raymoe_dot_v1_dot_admin__pb2.CheckpointRequest.SerializeToString,
+                response_deserializer=raymoe_dot_v1_dot_admin__pb2.CheckpointReply.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -145,6 +150,14 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Checkpoint(self, request, context):
+        """Write a checkpoint (safetensors per shard + a manifest) to a directory the pool's
+        controller can write to, under one placement version while traffic flows.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -192,6 +205,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.RemoveExperts,
                     request_deserializer=raymoe_dot_v1_dot_admin__pb2.RemoveExpertsRequest.FromString,
                     response_serializer=raymoe_dot_v1_dot_admin__pb2.OperationReport.SerializeToString,
+            ),
+            'Checkpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.Checkpoint,
+                    request_deserializer=raymoe_dot_v1_dot_admin__pb2.CheckpointRequest.FromString,
+                    response_serializer=raymoe_dot_v1_dot_admin__pb2.CheckpointReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -437,6 +455,33 @@ class AdminService:
             '/raymoe.v1.AdminService/RemoveExperts',
             raymoe_dot_v1_dot_admin__pb2.RemoveExpertsRequest.SerializeToString,
             raymoe_dot_v1_dot_admin__pb2.OperationReport.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Checkpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/raymoe.v1.AdminService/Checkpoint',
+            raymoe_dot_v1_dot_admin__pb2.CheckpointRequest.SerializeToString,
+            raymoe_dot_v1_dot_admin__pb2.CheckpointReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from raymoe import checkpoint
 from raymoe._private import timeouts
 from raymoe._private.control import growth, plans
 from raymoe._private.control.cluster import ActorUnreachable, Cluster
@@ -475,6 +476,29 @@ class Controller:
         before = self.imbalance()
         change = await self.apply(target, *routing, op=op)
         return plans.report(self.goal, self._load(), change, target, self.expert_bytes, before)
+
+    async def save_checkpoint(self, path: str) -> dict:
+        """Write a checkpoint (:mod:`raymoe.checkpoint`) to ``path`` on this node: every live
+        expert's rows from its first replica, all under one placement version (no change
+        applies meanwhile; traffic flows). -> the manifest."""
+        async with self.ops:
+            p, spec = self.placement, self.spec
+            first, _ = p.primary()
+            live = np.setdiff1d(np.arange(p.num_experts), np.asarray(spec.removed_ids, np.int64))
+            shards = []
+            for n in range(p.num_shards):
+                ids = live[first[live] == n]
+                shards.append(await self._rows_of(n, ids))
+            gate = dict(await self.roster.gate_weights())
+            return await asyncio.to_thread(checkpoint.write, path, spec, p.version, shards, gate)
+
+    async def _rows_of(self, n: int, ids: np.ndarray) -> dict:
+        """``{"ids": ids, name: rows}`` of shard ``n``."""
+        chunks = await self.ledger.export(self.shards[n], ids)
+        out = {"ids": ids.astype(np.int64)}
+        for name in chunks[0][1] if chunks else ():
+            out[name] = np.concatenate([rows[name] for _, rows in chunks])
+        return out
 
     # --- introspection ------------------------------------------------------------------
 

@@ -50,16 +50,21 @@ class WeightLedger:
         """Expert rows kept for ``shard`` (counted with repeats)."""
         return sum(len(ids) for ids, _ in self._rows.get(shard, []))
 
-    async def capture(self, shard: int, handle, ids: np.ndarray) -> None:
-        """Take ``shard``'s current rows of ``ids`` as its one increment."""
+    async def export(self, handle, ids: np.ndarray) -> list[tuple[np.ndarray, dict]]:
+        """(ids, rows) chunks of a shard's experts ``ids``, a few MB per call."""
         got = []
         for i in range(0, len(ids), self.step):
             part = ids[i : i + self.step]
             rows = await self.cluster.call(
                 handle, "export_experts", part, timeout=timeouts.EXPORT_S
             )
-            got.append((part, self.cluster.put(rows)))
-        self._rows[shard] = got
+            got.append((part, rows))
+        return got
+
+    async def capture(self, shard: int, handle, ids: np.ndarray) -> None:
+        """Take ``shard``'s current rows of ``ids`` as its one increment."""
+        chunks = await self.export(handle, ids)
+        self._rows[shard] = [(part, self.cluster.put(rows)) for part, rows in chunks]
 
     async def compact(self, shard: int, handle, live: np.ndarray) -> None:
         """Keep ``shard``'s increments within twice the rows it holds (``live`` ids): drop

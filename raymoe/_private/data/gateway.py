@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import json
 import logging
 import threading
 from collections.abc import AsyncIterator, Awaitable
@@ -61,6 +62,7 @@ class PoolBackend(Protocol):
     async def stats(self, window_s: float, load_bins: int = 0) -> PoolStats: ...
     async def describe(self) -> PoolDescription: ...
     async def op(self, name: str, *args, **kwargs) -> OpReport: ...
+    async def save_checkpoint(self, path: str) -> dict: ...
     async def ready(self) -> bool: ...
 
 
@@ -168,6 +170,14 @@ class _AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         weights = await _answer(context, self.gw.decode_weights(request.weights))
         args = (request.count, weights)
         return await self._op(context, "add_experts", *args, layer=request.layer)
+
+    async def Checkpoint(self, request, context):
+        if not request.path.startswith("/"):
+            await _answer(context, _raise(InvalidInputError("path: an absolute path, please")))
+        manifest = await _answer(context, self.gw.backend.save_checkpoint(request.path))
+        return admin_pb2.CheckpointReply(
+            placement_version=manifest["placement_version"], manifest_json=json.dumps(manifest)
+        )
 
     async def RemoveExperts(self, request, context):
         ids = np.asarray(request.expert_ids, np.int64)
