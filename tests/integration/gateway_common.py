@@ -16,20 +16,25 @@ D, E, MAX_TOKENS = 16, 8, 256
 DATA, ADMIN = secrets.token_urlsafe(16), secrets.token_urlsafe(16)
 
 
+def gateway_section(tokens: Path, **gateway) -> dict:
+    """A spec's gateway section: on a free loopback port, with the session's token files."""
+    return {
+        "enabled": True,
+        "host": "127.0.0.1",
+        "port": 0,
+        "data_token_file": str(tokens / "data"),
+        "admin_token_file": str(tokens / "admin"),
+        **gateway,
+    }
+
+
 def gateway_spec(name: str, tokens: Path, **gateway) -> PoolSpec:
     s = spec_dict({"kind": "topk", "k": 2}, E=E, d=D)
     s.update(
         name=name,
         shards={"count": 2},
         limits={"max_request_tokens": MAX_TOKENS, "max_batch_tokens": MAX_TOKENS},
-        gateway={
-            "enabled": True,
-            "host": "127.0.0.1",
-            "port": 0,
-            "data_token_file": str(tokens / "data"),
-            "admin_token_file": str(tokens / "admin"),
-            **gateway,
-        },
+        gateway=gateway_section(tokens, **gateway),
     )
     return PoolSpec.from_dict(s)
 

@@ -14,6 +14,7 @@ import raymoe
 from raymoe import CheckpointError, MoEStack, PoolSpec
 from raymoe import checkpoint as ck
 from tests.helpers import spec_dict
+from tests.integration.gateway_common import gateway_section
 
 pytestmark = pytest.mark.integration
 
@@ -126,13 +127,7 @@ def test_cli_saves_through_the_gateway_and_verifies(
             **spec_dict({"kind": "topk", "k": 2}, E=8),
             "name": "t-ck-cli",
             "shards": {"count": 2},
-            "gateway": {
-                "enabled": True,
-                "host": "127.0.0.1",
-                "port": 0,
-                "data_token_file": str(tokens / "data"),
-                "admin_token_file": str(tokens / "admin"),
-            },
+            "gateway": gateway_section(tokens),
         }
     )
     pool = raymoe.serve(spec)

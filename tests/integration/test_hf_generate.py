@@ -18,7 +18,7 @@ import raymoe
 from raymoe import hf
 from raymoe.cli import main
 from raymoe.hf.tiny import FAMILIES, greedy, prompts, tiny_model
-from tests.integration.gateway_common import DATA
+from tests.integration.gateway_common import DATA, gateway_section
 
 pytestmark = pytest.mark.integration
 
@@ -76,13 +76,7 @@ def test_generate_through_the_sdk(ray_cluster, checkpoints, tokens):
         checkpoints["qwen2_moe"],
         name="t-hf-sdk",
         shards={"count": 2},
-        gateway={
-            "enabled": True,
-            "host": "127.0.0.1",
-            "port": 0,
-            "data_token_file": str(tokens / "data"),
-            "admin_token_file": str(tokens / "admin"),
-        },
+        gateway=gateway_section(tokens),
     )
     pool = raymoe.serve(spec, weights=weights)
     try:

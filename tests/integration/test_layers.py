@@ -17,7 +17,7 @@ import raymoe
 from raymoe import ExpertIdError, LayerIndexError, MoEStack, PoolSpec
 from raymoe.cli import main
 from tests.helpers import ClientThreads, spec_dict
-from tests.integration.gateway_common import ADMIN, DATA
+from tests.integration.gateway_common import ADMIN, DATA, gateway_section
 
 pytestmark = pytest.mark.integration
 
@@ -354,13 +354,7 @@ def test_sdk_admin_plane_and_cli_take_layers(ray_cluster, tokens, capsys):
             "name": "t-layers-gw",
             "layers": 3,
             "shards": {"count": 2},
-            "gateway": {
-                "enabled": True,
-                "host": "127.0.0.1",
-                "port": 0,
-                "data_token_file": str(tokens / "data"),
-                "admin_token_file": str(tokens / "admin"),
-            },
+            "gateway": gateway_section(tokens),
         }
     )
     stack = MoEStack(spec).eval()

@@ -42,18 +42,17 @@ from raymoe._private.control.fleet import GatewayFleet
 from raymoe._private.control.goal import Goal
 from raymoe._private.control.ledger import WeightLedger
 from raymoe._private.control.load import LoadWindow
-from raymoe._private.control.loop import ControlLoop, live_mask
+from raymoe._private.control.loop import ControlLoop
 from raymoe._private.control.migration import Migrator
 from raymoe._private.control.roster import Roster
-from raymoe._private.data.gates import prefix, split_weights
+from raymoe._private.data.gates import split_weights
 from raymoe._private.data.stats import check_load_bins, load_map, merge
 from raymoe._private.metrics import Metrics, NullMetrics, top_experts
 from raymoe.config import PoolSpec
 from raymoe.errors import PoolUnavailableError
 from raymoe.kernels import expert_bytes
 from raymoe.layer import check_layer
-from raymoe.placement import Change, Placement, bias_step, diff, get_policy, place_new
-from raymoe.placement.layered import layer_imbalances
+from raymoe.placement import Change, Placement, diff, get_policy, place_new
 from raymoe.reports import OpReport, PoolDescription, PoolStats
 from raymoe.store import MetadataStore
 
@@ -294,17 +293,8 @@ class Controller:
     async def update_bias(self, counts: np.ndarray) -> None:
         """One aux-loss-free step: the routers' selection bias moves towards balance (in
         every layer that has one)."""
-        spec = self.spec
         async with self.ops:
-            gate = dict(await self.roster.gate_weights())
-            live = live_mask(len(counts), spec.removed_ids)
-            for i, ids in enumerate(plans.groups(spec)):
-                key = prefix(spec, i) + "router.correction_bias"
-                if key not in gate:
-                    continue
-                bias = np.asarray(gate[key], np.float32)
-                rate = spec.control.bias_update_rate
-                gate[key] = bias_step(bias, counts[ids], rate, live[ids]).astype(np.float32)
+            gate = plans.bias_stepped(self.spec, dict(await self.roster.gate_weights()), counts)
             # the same layout, next version: routers swap gate and placement together
             await self.apply(self.placement.bump(), spec=self.spec, gate=gate, op="bias")
 
@@ -483,22 +473,10 @@ class Controller:
         applies meanwhile; traffic flows). -> the manifest."""
         async with self.ops:
             p, spec = self.placement, self.spec
-            first, _ = p.primary()
-            live = np.setdiff1d(np.arange(p.num_experts), np.asarray(spec.removed_ids, np.int64))
-            shards = []
-            for n in range(p.num_shards):
-                ids = live[first[live] == n]
-                shards.append(await self._rows_of(n, ids))
+            owned = plans.first_replicas(spec, p)
+            shards = [await self.ledger.rows(self.shards[n], ids) for n, ids in enumerate(owned)]
             gate = dict(await self.roster.gate_weights())
             return await asyncio.to_thread(checkpoint.write, path, spec, p.version, shards, gate)
-
-    async def _rows_of(self, n: int, ids: np.ndarray) -> dict:
-        """``{"ids": ids, name: rows}`` of shard ``n``."""
-        chunks = await self.ledger.export(self.shards[n], ids)
-        out = {"ids": ids.astype(np.int64)}
-        for name in chunks[0][1] if chunks else ():
-            out[name] = np.concatenate([rows[name] for _, rows in chunks])
-        return out
 
     # --- introspection ------------------------------------------------------------------
 
@@ -520,13 +498,7 @@ class Controller:
             self.spec.num_experts,
             window_s,
         )
-        if self.spec.multi_layer:
-            per_layer = tuple(
-                layer_imbalances(
-                    stats.expert_load, placement, plans.groups(self.spec), placement.held() > 0
-                )
-            )
-            stats = dataclasses.replace(stats, imbalance=max(per_layer), layer_imbalance=per_layer)
+        stats = plans.per_layer(self.spec, stats, placement)
         if not load_bins:
             return stats
         return dataclasses.replace(

@@ -61,6 +61,14 @@ class WeightLedger:
             got.append((part, rows))
         return got
 
+    async def rows(self, handle, ids: np.ndarray) -> dict[str, np.ndarray]:
+        """``{"ids": ids, name: [n, ...]}``: a shard's rows of experts ``ids``."""
+        chunks = await self.export(handle, ids)
+        out = {"ids": np.asarray(ids, np.int64)}
+        for name in chunks[0][1] if chunks else ():
+            out[name] = np.concatenate([rows[name] for _, rows in chunks])
+        return out
+
     async def capture(self, shard: int, handle, ids: np.ndarray) -> None:
         """Take ``shard``'s current rows of ``ids`` as its one increment."""
         chunks = await self.export(handle, ids)

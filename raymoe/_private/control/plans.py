@@ -5,15 +5,28 @@ No Ray, no weights: the controller applies what these return.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from raymoe._private.control.goal import Goal
+from raymoe._private.control.loop import live_mask
+from raymoe._private.data.gates import prefix
 from raymoe.config import PoolSpec
 from raymoe.errors import ConfigError, DTypeError, ExpertIdError
 from raymoe.layer import check_layer
-from raymoe.placement import Budget, Change, Placement, Plan, imbalance, realize, shard_loads
+from raymoe.placement import (
+    Budget,
+    Change,
+    Placement,
+    Plan,
+    bias_step,
+    imbalance,
+    realize,
+    shard_loads,
+)
 from raymoe.placement.layered import layer_imbalances, plan_layers
-from raymoe.reports import OpReport, PoolDescription
+from raymoe.reports import OpReport, PoolDescription, PoolStats
 
 
 def check_expert(spec: PoolSpec, expert: int) -> None:
@@ -244,3 +257,33 @@ def description(
         layers=spec.num_layers,
         live_per_layer=tuple(s.experts.live for s in map(spec.layer, range(spec.num_layers))),
     )
+
+
+def bias_stepped(spec: PoolSpec, gate: dict, counts: np.ndarray) -> dict:
+    """``gate`` after one aux-loss-free step: each layer's selection bias (where it has one)
+    moves towards balance for the pairs ``counts`` ([E], flat ids)."""
+    live = live_mask(len(counts), spec.removed_ids)
+    for i, ids in enumerate(groups(spec)):
+        key = prefix(spec, i) + "router.correction_bias"
+        if key in gate:
+            bias = np.asarray(gate[key], np.float32)
+            rate = spec.control.bias_update_rate
+            gate[key] = bias_step(bias, counts[ids], rate, live[ids]).astype(np.float32)
+    return gate
+
+
+def first_replicas(spec: PoolSpec, p: Placement) -> list[np.ndarray]:
+    """Per shard, the live experts whose first replica it holds (each live expert once)."""
+    first, _ = p.primary()
+    live = np.setdiff1d(np.arange(p.num_experts), np.asarray(spec.removed_ids, np.int64))
+    return [live[first[live] == n] for n in range(p.num_shards)]
+
+
+def per_layer(spec: PoolSpec, stats: PoolStats, p: Placement) -> PoolStats:
+    """``stats`` with each layer's imbalance, and the pool's as the worst layer's (for a
+    multi-layer pool; a single-layer pool's stats as they are)."""
+    if not spec.multi_layer:
+        return stats
+    held = p.held() > 0
+    imb = tuple(layer_imbalances(stats.expert_load, p, groups(spec), held))
+    return dataclasses.replace(stats, imbalance=max(imb), layer_imbalance=imb)
