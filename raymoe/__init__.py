@@ -1,6 +1,6 @@
 """raymoe: an elastic expert-pool service for Mixture-of-Experts models on Ray."""
 
-from raymoe.api import PoolHandle, connect, serve
+from raymoe.api import PoolHandle, connect, resume, serve
 from raymoe.client import TLS, AsyncClient, Client
 from raymoe.config import PoolSpec, load_spec
 from raymoe.errors import (
@@ -24,6 +24,7 @@ from raymoe.errors import (
     RaymoeError,
     RequestTooLargeError,
     ShapeError,
+    StoreUnavailableError,
 )
 from raymoe.layer import MoEInfo, MoELayer, MoEStack
 from raymoe.reports import Latency, OpReport, PoolDescription, PoolStats
@@ -63,7 +64,9 @@ __all__ = [
     "RaymoeError",
     "RequestTooLargeError",
     "ShapeError",
+    "StoreUnavailableError",
     "connect",
     "load_spec",
+    "resume",
     "serve",
 ]

@@ -11,6 +11,7 @@ import ray
 import torch
 
 from raymoe._private import actors
+from raymoe._private.control import durable
 from raymoe._private.control.goal import Goal
 from raymoe.config import PoolSpec, load_spec
 from raymoe.errors import (
@@ -21,6 +22,7 @@ from raymoe.errors import (
     PoolUnavailableError,
 )
 from raymoe.reports import OpReport, PoolDescription, PoolStats
+from raymoe.store import open_store
 
 
 class PoolHandle:
@@ -138,6 +140,11 @@ class PoolHandle:
         manifest."""
         return _get(self._controller.save_checkpoint.remote(str(Path(path).resolve())))
 
+    def audit(self, n: int = 20) -> list[dict]:
+        """The last ``n`` admin changes of the pool (oldest first): time, operation,
+        arguments (arrays by shape), and the placement version it published or its error."""
+        return _get(self._controller.audit_log.remote(n))
+
     def gateways(self) -> list[str]:
         """The "host:port" of each of the pool's gRPC gateways (none unless
         ``gateway.enabled``)."""
@@ -158,51 +165,90 @@ def serve(
 ) -> PoolHandle:
     """Start a pool for ``spec`` (and ``weights`` in neutral names); starts local Ray if needed.
 
-    With ``checkpoint`` (a directory :meth:`PoolHandle.save` wrote), the pool's experts,
-    ids and weights are the checkpoint's; ``spec``, if given, sets the rest (shards,
-    control, gateway, limits: onto another shard count too) and must describe the same
-    model. A missing, corrupted or mismatched checkpoint raises :class:`CheckpointError`
-    before anything starts. Raises :class:`PoolExistsError` when a pool of that name
-    already runs.
+    Given ``weights``, the pool writes them once as its initial checkpoint (under
+    ``$RAYMOE_WEIGHTS_DIR``), which its shards load and reload from: no process keeps a
+    second copy. With ``checkpoint`` (a directory :meth:`PoolHandle.save` wrote), the
+    pool's experts, ids and weights are the checkpoint's, read in place by the shards;
+    ``spec``, if given, sets the rest (shards, control, gateway, limits: onto another shard
+    count too) and must describe the same model. A missing, corrupted or mismatched
+    checkpoint raises :class:`CheckpointError` before anything starts. Raises
+    :class:`PoolExistsError` when a pool of that name already runs.
     """
     if checkpoint is not None:
-        spec, weights = _restored(spec, checkpoint)
+        spec, goal = _restored(spec, name, checkpoint)
     elif spec is None:
         raise ConfigError("serve() needs a spec or a checkpoint")
-    spec = load_spec(spec)
-    if name is not None:
-        spec = spec.with_name(name)
+    else:
+        spec = load_spec(spec)
+        spec = spec.with_name(name) if name is not None else spec
+        _init_ray()
+        _not_running(spec.name)
+        np_weights = {k: _np(v) for k, v in (weights or {}).items()}
+        goal = durable.served_with(Goal.initial(spec), np_weights or None)
+    return _start(goal)
+
+
+def resume(name: str = "default") -> PoolHandle:
+    """Bring back pool ``name`` after its Ray cluster restarted, from its saved state (Redis
+    at ``$RAYMOE_REDIS_URL``, or the embedded store) and its weight files: the same experts
+    (added and removed ones included), weights, pins and placement version. A change that
+    was under way when the cluster went down is dropped (it was never acknowledged)."""
+    try:
+        goal = Goal.load(open_store(), name)
+    except LookupError:
+        raise PoolNotFoundError(f"no saved state for a raymoe pool named {name!r}") from None
+    _init_ray()
+    _not_running(name)
+    return _start(goal.replace(pending=None, pending_spec=None))
+
+
+def _init_ray() -> None:
     if not ray.is_initialized():
         ray.init(namespace=actors.NAMESPACE, include_dashboard=False, log_to_driver=False)
+
+
+def _not_running(name: str) -> None:
     try:
-        actors.get_controller(spec.name)
+        actors.get_controller(name)
     except ValueError:
-        pass
-    else:
-        raise PoolExistsError(
-            f"a raymoe pool named {spec.name!r} already runs; connect() to it or shut it down first"
-        )
-    placement = Goal.initial(spec).placement
-    controller = actors.start_controller(spec)
-    np_weights = {k: _np(v) for k, v in (weights or {}).items()}
+        return
+    raise PoolExistsError(
+        f"a raymoe pool named {name!r} already runs; connect() to it or shut it down first"
+    )
+
+
+def _start(goal: Goal) -> PoolHandle:
+    controller = actors.start_controller(goal.spec)
     try:
-        _get(controller.start.remote(placement, np_weights or None))
+        _get(controller.start.remote(goal))
     except BaseException:
         with contextlib.suppress(Exception):
             _get(controller.shutdown.remote())
         actors.kill([controller])
         raise
-    return PoolHandle(spec.name, controller, _get(controller.routers.remote()))
+    return PoolHandle(goal.spec.name, controller, _get(controller.routers.remote()))
 
 
-def _restored(spec, path) -> tuple[PoolSpec, dict]:
-    """(spec, weights) to serve checkpoint ``path`` with, ``spec``'s deployment sections."""
+def _restored(spec, name, path) -> tuple[PoolSpec, Goal]:
+    """(spec, goal) to serve checkpoint ``path`` with, ``spec``'s deployment sections: the
+    shards read their rows from the checkpoint's files."""
     from raymoe import checkpoint
 
-    saved, weights, _ = checkpoint.read(path)
-    if spec is None:
-        return saved, weights
-    spec = load_spec(spec)
+    path = Path(path).resolve()
+    saved, manifest = checkpoint.verify(path)
+    spec = saved if spec is None else _merged(load_spec(spec), saved, path)
+    spec = spec.with_name(name) if name is not None else spec
+    _init_ray()
+    _not_running(spec.name)
+    goal = Goal.initial(spec).replace(
+        sources=tuple(checkpoint.row_files(path, manifest)),
+        gate_file=str(path / checkpoint.GATE),
+    )
+    return spec, goal
+
+
+def _merged(spec: PoolSpec, saved: PoolSpec, path: Path) -> PoolSpec:
+    """``saved`` (the checkpoint's model) with ``spec``'s deployment sections."""
     model = ("d_model", "dtype", "num_layers")
     for field in model:
         if getattr(spec, field) != getattr(saved, field):
@@ -213,10 +259,9 @@ def _restored(spec, path) -> tuple[PoolSpec, dict]:
     if spec.experts.kind != saved.experts.kind:
         raise CheckpointError(f"checkpoint {path} holds {saved.experts.kind} experts")
     deploy = ("name", "shards", "control", "gateway", "limits")
-    merged = PoolSpec.from_dict(
+    return PoolSpec.from_dict(
         {**saved.model_dump(mode="json"), **{k: spec.model_dump(mode="json")[k] for k in deploy}}
     )
-    return merged, weights
 
 
 def connect(name: str = "default") -> PoolHandle:

@@ -83,6 +83,11 @@ class PoolUnavailableError(PoolError):
     """The pool (or the part of it a request needs) is not reachable right now."""
 
 
+class StoreUnavailableError(PoolUnavailableError):
+    """The metadata store (Redis) cannot be reached: serving goes on, but admin changes are
+    refused until it is back (nothing acknowledged is lost)."""
+
+
 class DeadlineExceededError(PoolError, TimeoutError):
     """A request did not complete before its deadline."""
 

@@ -20,10 +20,8 @@ import contextlib
 import itertools
 import logging
 import os
-import tempfile
 import threading
 import warnings
-from pathlib import Path
 
 import numpy as np
 import ray
@@ -40,7 +38,7 @@ from raymoe._private.metrics import RayMetrics
 from raymoe.config import PoolSpec
 from raymoe.errors import PoolUnavailableError, RaymoeError, ShardNotReadyError
 from raymoe.reports import OpReport, PoolDescription, PoolStats
-from raymoe.store import EmbeddedStore
+from raymoe.store import open_store, store_env
 
 NAMESPACE = "raymoe"
 OPERATIONS = (
@@ -56,7 +54,6 @@ OPERATIONS = (
 
 # NOTE: arrays arrive read-only from the object store; raymoe never writes into them.
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-STORE_DIR_ENV = "RAYMOE_STORE_DIR"
 # NOTE: a shard's expert copies (reserve, place, export) run on their own thread, so that
 # sub-batches (the default group, one thread) keep running while a copy builds a grown bank
 SHARD_GROUPS = {"copy": 1}
@@ -64,11 +61,6 @@ SHARD_GROUPS = {"copy": 1}
 
 def actor_name(pool: str, role: str, index: int | str = 0) -> str:
     return f"{pool}:{role}:{index}"
-
-
-def store_dir() -> Path:
-    """Root of the embedded metadata store (``$RAYMOE_STORE_DIR`` or a temp directory)."""
-    return Path(os.environ.get(STORE_DIR_ENV) or Path(tempfile.gettempdir()) / "raymoe-store")
 
 
 def _device(spec: PoolSpec) -> str:
@@ -102,9 +94,9 @@ class ShardActor(ExpertShard):
         with self._lock:
             return super().compute(x, local_ids, weights)
 
-    def configure(self, expert_ids, rows=None, ready=True, spec=None):
+    def configure(self, expert_ids, rows=None, ready=True, spec=None, files=None):
         with self._mutating, self._lock:
-            super().configure(expert_ids, rows, ready, spec)
+            super().configure(expert_ids, rows, ready, spec, files)
 
     def restore(self, global_ids, rows):
         with self._mutating, self._lock:
@@ -146,6 +138,11 @@ class ShardActor(ExpertShard):
     def export_experts(self, global_ids):
         with self._lock:
             return super().export_experts(global_ids)
+
+    @ray.method(concurrency_group="copy")
+    def write_rows(self, file, global_ids):
+        with self._mutating:  # the bank holds still; sub-batches go on (they only read it)
+            return super().write_rows(file, global_ids)
 
 
 class RouterActor(Router):
@@ -255,8 +252,8 @@ class RayCluster:
 class ControllerActor:
     """The controller as a detached asyncio actor; resumes from the store after a restart."""
 
-    def __init__(self, spec: PoolSpec, store_root: str):
-        store, metrics = EmbeddedStore(store_root), RayMetrics(spec.name)
+    def __init__(self, spec: PoolSpec, env: dict[str, str]):
+        store, metrics = open_store({**os.environ, **env}), RayMetrics(spec.name)
         self.controller = Controller(spec, RayCluster(spec), store, metrics)
         self._loop: asyncio.Task | None = None
         with warnings.catch_warnings():  # Ray's own property trips its deprecation warning
@@ -274,10 +271,10 @@ class ControllerActor:
         if self._loop is None:
             self._loop = asyncio.get_running_loop().create_task(self.controller.run())
 
-    async def start(self, placement, weights=None) -> PoolDescription:
+    async def start(self, goal) -> PoolDescription:
         if not self._started.is_set():
             self._started.set()
-            await self.controller.start(placement, weights)
+            await self.controller.start(goal)
             self._run()
         return self.controller.describe()
 
@@ -302,17 +299,42 @@ class ControllerActor:
         return await self.controller.save_checkpoint(path)
 
     async def op(self, name: str, *args, **kwargs) -> OpReport:
-        """A runtime operation of the controller (one of :data:`OPERATIONS`)."""
+        """A runtime operation of the controller (one of :data:`OPERATIONS`), recorded in
+        the audit log. Fails fast with StoreUnavailableError while the store is down."""
         await self._ensure()
         if name not in OPERATIONS:
             raise ValueError(f"unknown operation {name!r}; valid: {sorted(OPERATIONS)}")
-        return await getattr(self.controller, name)(*args, **kwargs)
+        ctl = self.controller
+        ctl.store.ping()
+        entry = {"op": name, "args": _loggable(args), "kwargs": _loggable(kwargs)}
+        try:
+            report = await getattr(ctl, name)(*args, **kwargs)
+        except Exception as e:
+            ctl.audit({**entry, "error": f"{type(e).__name__}: {e}"})
+            raise
+        ctl.audit({**entry, "version": report.version})
+        return report
+
+    async def audit_log(self, n: int = 20) -> list[dict]:
+        await self._ensure()
+        return self.controller.audit_log(n)
 
     async def shutdown(self) -> None:
         await self._ensure()
         if self._loop is not None:
             self._loop.cancel()
         await self.controller.shutdown()
+
+
+def _loggable(value):
+    """``value`` for the audit log: arrays become their shapes."""
+    if isinstance(value, dict):
+        return {str(k): _loggable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_loggable(v) for v in value]
+    if isinstance(value, np.ndarray | torch.Tensor):
+        return f"array{list(value.shape)}"
+    return value if isinstance(value, int | float | str | bool | None) else repr(value)
 
 
 def start_controller(spec: PoolSpec):
@@ -326,7 +348,7 @@ def start_controller(spec: PoolSpec):
         "max_task_retries": -1,
         "num_cpus": 0,
     }
-    return ray.remote(ControllerActor).options(**opts).remote(spec, str(store_dir()))
+    return ray.remote(ControllerActor).options(**opts).remote(spec, store_env())
 
 
 def get_controller(pool: str):

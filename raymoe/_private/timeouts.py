@@ -8,6 +8,7 @@ EXPORT_S = 120.0  # a shard exporting a few MB of expert rows (a copy's source)
 PLACE_S = 300.0  # a shard growing its bank and importing a few MB of rows
 FREE_S = 30.0  # a shard forgetting old places
 GATE_READ_S = 30.0  # a router handing back its gate weights
+CHECKPOINT_S = 600.0  # a shard writing its rows into a checkpoint
 CONFIGURE_S = 600.0  # a shard (re)loading every row it holds (a restarted shard of 1M experts)
 DRAIN_GRACE_S = 5.0  # beyond control.drain_timeout_s, for the router's answer to arrive
 

@@ -22,6 +22,12 @@ def add_parser(p: argparse.ArgumentParser) -> None:
         help="a checkpoint PoolHandle.save wrote: its experts, ids and weights",
     )
     source.add_argument(
+        "--resume",
+        metavar="NAME",
+        help="bring back pool NAME after its Ray cluster restarted, from its saved state "
+        "($RAYMOE_REDIS_URL, or the embedded store) and weight files",
+    )
+    source.add_argument(
         "--hf",
         metavar="PATH",
         help="a Hugging Face checkpoint directory (config.json + safetensors): serve its "
@@ -53,15 +59,12 @@ def add_parser(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import raymoe
 
-    spec, weights = load(args)
-    if args.gateway:
-        spec = with_gateway(spec, args.gateway)
     try:
-        pool = raymoe.serve(spec, weights=weights, name=args.name)
+        pool = start_pool(args)
     except raymoe.PoolExistsError:
         if not args.attach:
             raise
-        pool = raymoe.connect(args.name or spec.name)
+        pool = raymoe.connect(args.name or args.resume or load(args)[0].name)
         print(f"attached to the running pool {pool.name!r}", flush=True)
     d = pool.describe()
     print(
@@ -120,15 +123,34 @@ def _sigterm_interrupts():
         signal.signal(signal.SIGTERM, previous)
 
 
+def start_pool(args: argparse.Namespace):
+    """Serve the pool the arguments name (-> its handle)."""
+    import raymoe
+
+    if args.resume:
+        if args.shards or args.gateway or args.name:
+            from raymoe.errors import ConfigError
+
+            raise ConfigError("--resume brings a pool back as it was saved", "--resume")
+        return raymoe.resume(args.resume)
+    spec, weights = load(args)
+    if args.gateway:
+        spec = with_gateway(spec, args.gateway)
+    if args.checkpoint:
+        return raymoe.serve(spec, name=args.name, checkpoint=args.checkpoint)
+    return raymoe.serve(spec, weights=weights, name=args.name)
+
+
 def load(args: argparse.Namespace):
-    """(spec, weights or None) from ``--config`` or ``--hf``, with ``--shards``."""
+    """(spec, weights or None) from ``--config``, ``--checkpoint`` (its spec: the shards
+    read the weights in place) or ``--hf``, with ``--shards``."""
     import raymoe
 
     weights = None
     if args.checkpoint:
         from raymoe import checkpoint
 
-        spec, weights, _ = checkpoint.read(args.checkpoint)
+        spec, _ = checkpoint.verify(args.checkpoint)
     elif args.hf:
         from raymoe import hf
 

@@ -51,6 +51,10 @@ class ExpertBank(nn.Module):
                 )
             )
 
+    def row_bytes(self) -> int:
+        """Bytes of one expert's parameters."""
+        return sum(p[0].numel() * p.element_size() for p in self.parameters())
+
     @torch.no_grad()
     def export_rows(self, local: torch.Tensor) -> dict[str, torch.Tensor]:
         """The parameters of experts ``local`` ([n]) as ``{name: [n, ...]}`` (copies)."""

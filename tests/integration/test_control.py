@@ -17,7 +17,7 @@ import raymoe
 from raymoe import MoELayer, PoolSpec
 from raymoe._private import actors
 from raymoe._private.control.goal import Goal
-from raymoe.store import EmbeddedStore
+from raymoe.store import EmbeddedStore, store_dir
 from tests.helpers import ClientThreads, spec_dict
 
 pytestmark = pytest.mark.integration
@@ -157,7 +157,7 @@ def test_a_change_cut_short_by_a_controller_kill_is_finished(ray_cluster):
         for p in layer.experts.parameters():
             p.mul_(1.5)  # unlike the seeded init: the copies must carry these
     pool = raymoe.serve(spec, weights=layer.state_dict())
-    store = EmbeddedStore(actors.store_dir())
+    store = EmbeddedStore(store_dir())
     killed = []
 
     def kill_when_pending():  # the controller dies while it copies weights

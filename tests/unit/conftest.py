@@ -17,3 +17,10 @@ def no_ray(monkeypatch):
     before = ray.is_initialized()
     yield
     assert ray.is_initialized() == before, "a unit test started or stopped Ray"
+
+
+@pytest.fixture(autouse=True)
+def weights_dir(monkeypatch, tmp_path):
+    """Each test's pools keep their weight files in its own directory."""
+    monkeypatch.setenv("RAYMOE_WEIGHTS_DIR", str(tmp_path / "weights"))
+    return tmp_path / "weights"

@@ -7,7 +7,7 @@ Actual state is converged by :meth:`Controller.update`, a pass of numbered steps
 raises:
 
 1. every shard is up and holds its experts (a restarted shard comes back empty and is
-   configured again, from the weight ledger);
+   configured again, its rows read from the goal's weight files);
 2. every router is up, configured with the shards, the gate weights and the placement;
 3. every router runs the current placement version;
 4. the gateways run: one, or one per alive node (:class:`~.fleet.GatewayFleet`).
@@ -27,29 +27,30 @@ The controller owns its helpers and hands them their dependencies: the
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
+import json
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from raymoe import checkpoint
 from raymoe._private import timeouts
-from raymoe._private.control import growth, plans
+from raymoe._private.control import durable, growth, plans
 from raymoe._private.control.cluster import ActorUnreachable, Cluster
 from raymoe._private.control.fleet import GatewayFleet
 from raymoe._private.control.goal import Goal
-from raymoe._private.control.ledger import WeightLedger
 from raymoe._private.control.load import LoadWindow
 from raymoe._private.control.loop import ControlLoop
 from raymoe._private.control.migration import Migrator
 from raymoe._private.control.roster import Roster
-from raymoe._private.data.gates import split_weights
 from raymoe._private.data.stats import check_load_bins, load_map, merge
 from raymoe._private.metrics import Metrics, NullMetrics, top_experts
 from raymoe.config import PoolSpec
-from raymoe.errors import PoolUnavailableError
+from raymoe.errors import PoolUnavailableError, StoreUnavailableError
 from raymoe.kernels import expert_bytes
 from raymoe.layer import check_layer
 from raymoe.placement import Change, Placement, diff, get_policy, place_new
@@ -57,6 +58,7 @@ from raymoe.reports import OpReport, PoolDescription, PoolStats
 from raymoe.store import MetadataStore
 
 log = logging.getLogger(__name__)
+AUDIT_BACKLOG = 1000  # audit entries kept in memory while the store is down
 
 
 class Controller:
@@ -76,15 +78,16 @@ class Controller:
         self.last_change: dict[str, float] = {}  # seconds of each stage of the last change
         self.resumed_changes = 0
         self.expert_bytes = expert_bytes(spec)
-        self.ledger = WeightLedger(cluster, self.expert_bytes)
-        self.roster = Roster(cluster, self.ledger)
-        self.migrator = Migrator(cluster, self.ledger)
+        self.roster = Roster(cluster)
+        self.migrator = Migrator(cluster, self.expert_bytes)
         self.fleet = GatewayFleet(cluster, spec.name, spec.gateway)
         self.load = LoadWindow(spec.num_experts, spec.control.load_half_life_s)
         self.loop = ControlLoop(self)
         self.ops = asyncio.Lock()  # one runtime operation at a time
         self._busy: dict[tuple[str, int], asyncio.Task] = {}
         self._hot_experts: set[str] = set()  # the expert tags of the load gauge
+        self.unsaved = False  # the goal changed while the store was down
+        self._audit: collections.deque[bytes] = collections.deque(maxlen=AUDIT_BACKLOG)
 
     @property
     def spec(self) -> PoolSpec:
@@ -104,17 +107,13 @@ class Controller:
 
     # --- lifecycle ----------------------------------------------------------------------
 
-    async def start(self, placement: Placement, weights: dict[str, np.ndarray] | None) -> None:
-        """Deploy: save the goal, start every actor, load weights, wait until all serve."""
-        experts, gate = split_weights(self.spec, weights or {})
-        self.goal = self.goal.replace(placement=placement, has_rows=bool(experts))
-        self.goal.save(self.store)
-        for n in range(placement.num_shards):
-            ids = placement.shard_experts(n)
-            if experts:
-                rows = {k: np.asarray(v)[ids] for k, v in experts.items()}
-                self.ledger.set(n, ids, self.cluster.put(rows))
-        self.gate = self.cluster.put(gate) if gate else None
+    async def start(self, goal: Goal) -> None:
+        """Deploy ``goal`` (a new pool's, or a saved one after its cluster restarted): save
+        it, start every actor, load the weights from the goal's files, wait until all
+        serve."""
+        self.goal = goal
+        self.save()
+        self.gate = self._gate_ref()
         self.roster.attach(self.goal)
         await asyncio.gather(
             *(self.roster.configure_shard(n, self.goal) for n in range(len(self.shards)))
@@ -122,26 +121,26 @@ class Controller:
         await self._configure_routers()
         await self.fleet.ensure(strict=True)
 
+    def _gate_ref(self):
+        """The goal's gate weights in the object store (None: the seeded ones)."""
+        f = self.goal.gate_file
+        return self.cluster.put(durable.read_gate(f)) if f else None
+
     async def recover(self) -> None:
         """Resume after a controller restart: re-attach, rebuild what only lived in memory,
         and finish a change that was under way."""
         self.goal = Goal.load(self.store, self.spec.name)
-        spec, p = self.goal.spec, self.goal.placement
+        spec = self.goal.spec
         self.load = LoadWindow(spec.num_experts, spec.control.load_half_life_s)
         self.roster.attach(self.goal)
         gate = next((g for g in await self.poll(self.routers, "gate_weights") if g), None)
-        self.gate = self.cluster.put(gate) if gate else None
-        if self.goal.has_rows:  # the ledger died with the old controller: take rows back
-            for n, h in enumerate(self.shards):
-                try:
-                    await self.ledger.capture(n, h, p.shard_experts(n))
-                except ActorUnreachable as e:
-                    self.degraded.append(f"shard {n} lost its weights with the controller: {e}")
+        self.gate = self.cluster.put(gate) if gate else self._gate_ref()
+        p = self.goal.placement
         pending, pending_spec = self.goal.pending, self.goal.pending_spec
         if pending is not None and pending.num_experts != p.num_experts:
             # an unacknowledged add_experts: drop it (Ray retries the call, which starts over)
             self.goal = self.goal.replace(pending=None, pending_spec=None)
-            self.goal.save(self.store)
+            self.save(strict=False)
         elif pending is not None:
             log.info("finishing placement %d, cut short by a controller restart", pending.version)
             async with self.ops:
@@ -157,11 +156,66 @@ class Controller:
         self.fleet.stop()
         self.cluster.kill(self.routers + self.shards)
         Goal.forget(self.store, self.spec.name)
+        durable.forget(self.spec.name)
+
+    # --- the store ----------------------------------------------------------------------
+
+    def commit(self, **changes) -> None:
+        """Change the goal and save it, before any side effect: when the store is down this
+        raises :class:`StoreUnavailableError` and nothing changed."""
+        goal = self.goal.replace(**changes)
+        goal.save(self.store)
+        self.goal, self.unsaved = goal, False
+
+    def save(self, strict: bool = True) -> None:
+        """Save the goal. ``strict``: before side effects (a store outage raises
+        :class:`StoreUnavailableError`); otherwise after them (the change happened: the
+        update loop saves it once the store is back, and the pool reports itself degraded
+        meanwhile)."""
+        try:
+            self.goal.save(self.store)
+            self.unsaved = False
+        except StoreUnavailableError as e:
+            if strict:
+                raise
+            if not self.unsaved:
+                log.warning("goal not saved (%s); saving again on every pass", e)
+            self.unsaved = True
+
+    def problems(self) -> list[str]:
+        """What keeps the pool degraded (served, but not as its goal says)."""
+        if not self.unsaved:
+            return list(self.degraded)
+        return [
+            *self.degraded,
+            f"the metadata store ({self.store.describe()}) is unreachable: "
+            "the last change is kept in memory and saved when it is back",
+        ]
+
+    def audit(self, entry: dict) -> None:
+        """Append an admin change to the pool's audit log (kept in memory, bounded, while
+        the store is down)."""
+        self._audit.append(json.dumps({"time": time.time(), **entry}).encode())
+        self._flush_audit()
+
+    def _flush_audit(self) -> None:
+        while self._audit:
+            try:
+                self.store.append(f"{self.spec.name}/audit", self._audit[0])
+            except StoreUnavailableError:
+                return
+            self._audit.popleft()
+
+    def audit_log(self, n: int = 20) -> list[dict]:
+        return [json.loads(e) for e in self.store.tail(f"{self.spec.name}/audit", n)]
 
     # --- reconcile ----------------------------------------------------------------------
 
     async def update(self) -> None:
         """One reconcile pass (the numbered steps of the module docstring); never raises."""
+        if self.unsaved:  # 0. the store holds the goal (after an outage)
+            self.save(strict=False)
+        self._flush_audit()
         try:
             shard_status = await self.poll(self.shards, "status")
             for n, st in enumerate(shard_status):  # 1. shards hold their experts
@@ -238,20 +292,26 @@ class Controller:
         old = self.placement
         change = diff(old, target)
         t = [time.perf_counter()]
+        if gate is not None:  # durable before it serves
+            gate_file = await asyncio.to_thread(
+                durable.write_gate, self.spec.name, target.version, gate
+            )
         self.goal = self.goal.replace(pending=target, pending_spec=spec)
-        self.goal.save(self.store)  # NOTE: saved before any weight moves
+        self.save()  # NOTE: saved before any weight moves
         try:  # 1. copy
             await self.migrator.copy(
                 old, change, spec or self.spec, self.shards, self.goal.has_rows, new_rows
             )
         except Exception as e:
             self.goal = self.goal.replace(pending=None, pending_spec=None)
-            self.goal.save(self.store)
+            self.save(strict=False)
             raise PoolUnavailableError(f"could not copy weights to new places: {e}") from e
         t.append(time.perf_counter())
         if spec is not None:
             self.goal = self.goal.replace(spec=spec, routing_version=target.version)
-            self.gate = self.cluster.put(gate) if gate is not None else self.gate
+        if gate is not None:
+            self.goal = self.goal.replace(gate_file=gate_file)
+            self.gate = self.cluster.put(gate)
             self.load.resize(spec.num_experts, spec.removed_ids)
         self.goal = self.goal.replace(placement=target)
         await self.roster.publish_all(self.goal, self.gate, routing=spec is not None)  # 2.
@@ -261,10 +321,9 @@ class Controller:
         t.append(time.perf_counter())
         await self.migrator.free(change, self.shards)  # 4.
         self.goal = self.goal.replace(pending=None, pending_spec=None)
-        self.goal.save(self.store)
-        for n in range(min(old.num_shards, target.num_shards)):
-            if self.goal.has_rows:
-                await self.ledger.compact(n, self.shards[n], target.shard_experts(n))
+        self.save(strict=False)  # the change happened: a store outage only delays this
+        if gate is not None:
+            self._prune()
         t.append(time.perf_counter())
         self._record_change(op, change)
         self.last_change = dict(
@@ -305,7 +364,7 @@ class Controller:
         m.set("raymoe_shards", p.num_shards)
         m.set("raymoe_replicas", p.num_replicas)
         m.set("raymoe_imbalance", self.imbalance())
-        m.set("raymoe_degraded", len(self.degraded))
+        m.set("raymoe_degraded", len(self.problems()))
         hot = dict(top_experts(self.load.per_second()))
         for expert in self._hot_experts - hot.keys():  # no longer hot: no stale value
             m.set("raymoe_expert_load", 0.0, expert=expert)
@@ -354,15 +413,13 @@ class Controller:
         report = await self.replicate(expert, replicas, layer)
         flat = int(plans.flat_ids(self.spec, layer, [expert])[0])
         async with self.ops:
-            self.goal = self.goal.replace(spec=self.spec.with_pin(flat, replicas))
-            self.goal.save(self.store)
+            self.commit(spec=self.spec.with_pin(flat, replicas))
         return dataclasses.replace(report, pinned=plans.layer_pins(self.spec, layer))
 
     async def unpin(self, expert: int, layer: int = 0) -> OpReport:
         flat = int(plans.flat_ids(self.spec, layer, [expert])[0])
         async with self.ops:
-            self.goal = self.goal.replace(spec=self.spec.with_pin(flat, None))
-            self.goal.save(self.store)
+            self.commit(spec=self.spec.with_pin(flat, None))
         pinned = plans.layer_pins(self.spec, layer)
         return plans.unchanged(self.goal, self._load(), pinned=pinned, layer=layer)
 
@@ -370,8 +427,7 @@ class Controller:
         """Move every replica off ``shard``; it keeps running but holds nothing."""
         plans.drain_bounds(self.goal, shard)
         async with self.ops:
-            self.goal = self.goal.replace(drained=self.goal.drained | {shard})
-            self.goal.save(self.store)
+            self.commit(drained=self.goal.drained | {shard})
             return await self._replan()
 
     async def scale_shards(self, count: int, max_shards: int | None = None) -> OpReport:
@@ -386,8 +442,7 @@ class Controller:
                 self.goal = self.goal.replace(drained=frozenset())
                 await self._resize(count)
                 return await self._replan(force=True)
-            self.goal = self.goal.replace(drained=frozenset(range(count, N)))
-            self.goal.save(self.store)
+            self.commit(drained=frozenset(range(count, N)))
             report = await self._replan()
             await self._resize(count)
             return report
@@ -402,14 +457,13 @@ class Controller:
     async def _resize(self, count: int) -> None:
         """The shard count becomes ``count`` (new shards start empty; removed ones hold
         nothing by now), published to every router as the next placement version."""
-        gone = await self.roster.resize(count)
         drained = frozenset(n for n in self.goal.drained if n < count)
-        self.goal = self.goal.replace(
+        self.commit(
             placement=self.placement.bump(num_shards=count),
             spec=self.spec.with_shards(count),
             drained=drained,
         )
-        self.goal.save(self.store)
+        gone = await self.roster.resize(count)
         await self._configure_routers()
         self.cluster.kill(gone)
 
@@ -440,12 +494,16 @@ class Controller:
             gate = growth.grow_layer_gate(
                 spec, grown, layer, await self.roster.gate_weights(), gate_rows
             )
-            if expert_rows and not self.goal.has_rows:
-                for n, h in enumerate(self.shards):  # from now on the ledger keeps every row
-                    await self.ledger.capture(n, h, self.placement.shard_experts(n))
-                self.goal = self.goal.replace(has_rows=True)
             align = old_l.routing.align(old_l.num_experts)
             target = place_new(self.placement, count, align, plans.active(self.goal))
+            if expert_rows:  # durable before they serve: a file the shards reload from
+                new_flat = plans.flat_ids(
+                    grown, layer, range(old_l.num_experts, grown_l.num_experts)
+                )
+                f = await asyncio.to_thread(
+                    durable.write_rows, spec.name, target.version, new_flat, expert_rows
+                )
+                self.goal = self.goal.replace(sources=(*self.goal.sources, f))
             report = await self._apply_report(target, grown, gate, expert_rows, op="add_experts")
             new = tuple(range(old_l.num_experts, grown_l.num_experts))
             return dataclasses.replace(report, expert_ids=new, layer=layer)
@@ -468,21 +526,47 @@ class Controller:
         return plans.report(self.goal, self._load(), change, target, self.expert_bytes, before)
 
     async def save_checkpoint(self, path: str) -> dict:
-        """Write a checkpoint (:mod:`raymoe.checkpoint`) to ``path`` on this node: every live
-        expert's rows from its first replica, all under one placement version (no change
-        applies meanwhile; traffic flows). -> the manifest."""
+        """Write a checkpoint (:mod:`raymoe.checkpoint`) to ``path``: each shard writes the
+        rows of the experts whose first replica it holds, the controller the gate and the
+        manifest, all under one placement version (no change applies meanwhile; traffic
+        flows). From then on the pool reloads from it. -> the manifest."""
         async with self.ops:
             p, spec = self.placement, self.spec
-            owned = plans.first_replicas(spec, p)
-            shards = [await self.ledger.rows(self.shards[n], ids) for n, ids in enumerate(owned)]
             gate = dict(await self.roster.gate_weights())
-            return await asyncio.to_thread(checkpoint.write, path, spec, p.version, shards, gate)
+            writer = await asyncio.to_thread(checkpoint.Writer, path)
+            with writer:
+                files = {}
+                for n, ids in enumerate(plans.first_replicas(spec, p)):
+                    name = checkpoint.shard_file(n)
+                    files[name] = await self.cluster.call(
+                        self.shards[n],
+                        "write_rows",
+                        writer.file(name),
+                        ids,
+                        timeout=timeouts.CHECKPOINT_S,
+                    )
+                files[checkpoint.GATE] = await asyncio.to_thread(
+                    checkpoint.save_tensors, writer.file(checkpoint.GATE), gate
+                )
+                manifest = await asyncio.to_thread(writer.commit, spec, p.version, files)
+            self.goal = self.goal.replace(
+                sources=tuple(checkpoint.row_files(path, manifest)),
+                gate_file=str(Path(path) / checkpoint.GATE),
+            )
+            self.save(strict=False)
+            self._prune()
+            return manifest
+
+    def _prune(self) -> None:
+        """Drop the pool's weight files the goal no longer names."""
+        g = self.goal
+        durable.prune(self.spec.name, [*g.sources, *([g.gate_file] if g.gate_file else [])])
 
     # --- introspection ------------------------------------------------------------------
 
     def describe(self) -> PoolDescription:
         return plans.description(
-            self.goal, len(self.routers), self.degraded, self.last_change, self.resumed_changes
+            self.goal, len(self.routers), self.problems(), self.last_change, self.resumed_changes
         )
 
     async def stats(self, window_s: float = 60.0, load_bins: int = 0) -> PoolStats:

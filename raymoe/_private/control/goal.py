@@ -1,10 +1,16 @@
 """The goal state of a pool: what the controller converges the actual state to, and saves
 before it acts, so that a restarted controller resumes exactly.
 
-It is one frozen value (spec, placement, routing version, drained shards, whether the pool
-holds weights other than its seeded init, and the change being applied) stored under one key
+It is one frozen value (spec, placement, routing version, drained shards, where the weights
+that are not the seeded init are durable, and the change being applied) stored under one key
 as a pickle-free ``.npz``: a crash between two writes can never leave half of it updated.
-The operator's pins are the spec's (``spec.shards.replicas``): one source of truth.
+The operator's pins, and the experts added and removed, are the spec's: one source of truth.
+
+Weights live on the shards only. What a shard reloads after a restart (or a whole pool
+after its cluster restarts) is in ``sources``: safetensors files of expert rows (a
+checkpoint's row files, then files of experts added since, later files winning), read by
+memory map, only the rows the shard holds; experts in none of them have their seeded init.
+``gate_file`` holds the gate and shared-expert weights when they are not the seeded ones.
 """
 
 from __future__ import annotations
@@ -28,7 +34,8 @@ _ARRAYS = ("ptr", "shard", "local", "layer_offsets")
 class Goal:
     spec: PoolSpec
     placement: Placement
-    has_rows: bool = False  # the pool holds weights other than the seeded init
+    sources: tuple[str, ...] = ()  # files of expert rows, oldest first (see the module doc)
+    gate_file: str | None = None  # the gate weights, if not the seeded ones
     drained: frozenset[int] = frozenset()  # shards that must hold nothing
     routing_version: int = 0  # placement version that last changed spec or gate weights
     pending: Placement | None = None  # the placement being applied ...
@@ -61,6 +68,11 @@ class Goal:
     def replace(self, **changes) -> Goal:
         return dataclasses.replace(self, **changes)
 
+    @property
+    def has_rows(self) -> bool:
+        """Whether some expert's weights are not its seeded init."""
+        return bool(self.sources)
+
     # --- the store ---------------------------------------------------------------------
 
     @staticmethod
@@ -85,7 +97,8 @@ class Goal:
     def to_bytes(self) -> bytes:
         meta = {
             "spec": self.spec.model_dump(mode="json"),
-            "has_rows": self.has_rows,
+            "sources": list(self.sources),
+            "gate_file": self.gate_file,
             "drained": sorted(self.drained),
             "routing_version": self.routing_version,
             "placement": _meta(self.placement),
@@ -110,7 +123,8 @@ class Goal:
         return cls(
             spec=PoolSpec.from_dict(meta["spec"]),
             placement=_placement(meta["placement"], arrays, "placement"),
-            has_rows=meta["has_rows"],
+            sources=tuple(meta["sources"]),
+            gate_file=meta["gate_file"],
             drained=frozenset(meta["drained"]),
             routing_version=meta["routing_version"],
             pending=_placement(meta["pending"], arrays, "pending"),

@@ -23,19 +23,24 @@ import numpy as np
 from raymoe._private import timeouts
 from raymoe._private.control import growth
 from raymoe._private.control.cluster import ActorUnreachable, Cluster
-from raymoe._private.control.ledger import WeightLedger
 from raymoe.config import PoolSpec
 from raymoe.placement import Change, Placement
 
 log = logging.getLogger(__name__)
+CHUNK_BYTES = 4 << 20  # weights per copy call
+
+
+def rows_per_chunk(bytes_per_expert: int) -> int:
+    """Experts per copy call (a few MB: small calls interleave with sub-batches)."""
+    return max(1, CHUNK_BYTES // max(bytes_per_expert, 1))
 
 
 class Migrator:
     """The stages 1, 3 and 4 (publishing is the controller's: it owns the routing state)."""
 
-    def __init__(self, cluster: Cluster, ledger: WeightLedger):
+    def __init__(self, cluster: Cluster, expert_bytes: int):
         self.cluster = cluster
-        self.ledger = ledger
+        self.step = rows_per_chunk(expert_bytes)
 
     async def copy(
         self,
@@ -65,7 +70,7 @@ class Migrator:
         rows: dict[str, dict] = {}
         known = added < old.num_experts
         src = old.primary()[0][added[known]]
-        step = self.ledger.step
+        step = self.step
 
         async def export(n: int, ids: np.ndarray) -> None:
             got = await self.cluster.call(
@@ -90,18 +95,14 @@ class Migrator:
 
     async def _place(self, n: int, handle, ids, local, rows, spec) -> None:
         """Place on shard ``n`` a few MB at a time, after growing its bank once: small copies
-        interleave with the routers' sub-batches instead of stalling them. Each chunk goes
-        into the object store once: the shard reads it, and the ledger keeps it."""
+        interleave with the routers' sub-batches instead of stalling them."""
         await self.cluster.call(handle, "reserve", int(local.max()) + 1, timeout=timeouts.PLACE_S)
-        step = self.ledger.step
+        step = self.step
         for i in range(0, len(ids), step):
             chunk = ids[i : i + step]
             part = None
             if rows is not None:
-                part = self.cluster.put(
-                    {k: np.stack([v[e] for e in chunk.tolist()]) for k, v in rows.items()}
-                )
-                self.ledger.add(n, chunk, part)
+                part = {k: np.stack([v[e] for e in chunk.tolist()]) for k, v in rows.items()}
             await self.cluster.call(
                 handle, "place", local[i : i + step], chunk, part, spec, timeout=timeouts.PLACE_S
             )

@@ -1,6 +1,7 @@
 """The roster: a pool's shard and router actors, and how each one is brought to the goal
-(a shard loaded with its layout and weight increments; a router configured with the shards,
-the placement and the routing state, or sent a newer placement)."""
+(a shard loaded with its layout and its rows from the goal's weight files; a router
+configured with the shards, the placement and the routing state, or sent a newer
+placement)."""
 
 from __future__ import annotations
 
@@ -12,16 +13,14 @@ import numpy as np
 from raymoe._private import timeouts
 from raymoe._private.control.cluster import ActorUnreachable, Cluster
 from raymoe._private.control.goal import Goal
-from raymoe._private.control.ledger import WeightLedger
 from raymoe.errors import PoolUnavailableError
 
 log = logging.getLogger(__name__)
 
 
 class Roster:
-    def __init__(self, cluster: Cluster, ledger: WeightLedger):
+    def __init__(self, cluster: Cluster):
         self.cluster = cluster
-        self.ledger = ledger
         self.shards: list = []
         self.routers: list = []
 
@@ -32,17 +31,12 @@ class Roster:
 
     async def configure_shard(self, n: int, goal: Goal) -> None:
         """(Re)load shard ``n``: the layout of the goal's placement merged with the one being
-        applied (a restart mid-change keeps both), then every weight increment."""
-        increments = self.ledger.increments(n)
-        layout = layout_of(goal, n)
-        if goal.has_rows and not increments and (layout >= 0).any():
-            return  # NOTE: never serve seeded weights in place of lost ones (see degraded)
+        applied (a restart mid-change keeps both), its rows read from the goal's weight
+        files (the seeded init for experts in none). A file that is missing or broken
+        leaves the shard not ready: it never serves seeded weights in place of lost ones."""
         h = self.shards[n]
-        await self.cluster.call(
-            h, "configure", layout, None, False, goal.spec, timeout=timeouts.CONFIGURE_S
-        )
-        for ids, rows in increments:
-            await self.cluster.call(h, "restore", ids, rows, timeout=timeouts.CONFIGURE_S)
+        args = (layout_of(goal, n), None, False, goal.spec, list(goal.sources))
+        await self.cluster.call(h, "configure", *args, timeout=timeouts.CONFIGURE_S)
         await self.cluster.call(h, "mark_ready", timeout=timeouts.STATUS_S)
 
     async def configure_router(self, i: int, goal: Goal, gate) -> None:
@@ -100,8 +94,6 @@ class Roster:
         )
         gone = self.shards[count:]
         self.shards = self.shards[:count] + new
-        for n in range(count, N):
-            self.ledger.forget(n)
         return gone
 
 

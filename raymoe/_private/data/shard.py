@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from raymoe import checkpoint
 from raymoe.config import PoolSpec
 from raymoe.errors import ShardNotReadyError
 from raymoe.kernels import make_bank, seeded_bank
@@ -45,17 +46,23 @@ class ExpertShard:
         rows: dict[str, np.ndarray] | None = None,
         ready: bool = True,
         spec: PoolSpec | None = None,
+        files: list[str] | None = None,
     ) -> None:
         """Build the bank for ``expert_ids`` ([L], the global id at each local index, -1 = a
         free place) with the seeded init, then load ``rows`` (of the live ids, in local
-        order) if given. With ``ready=False`` the shard refuses work until
-        :meth:`mark_ready` (while its controller imports the rest of its weights).
-        ``spec``: the pool's current spec (experts added since the shard started)."""
+        order) if given. With ``files`` the rows come from there (:meth:`load_files`), the
+        seeded init only for experts in none of them. With ``ready=False`` the shard
+        refuses work until :meth:`mark_ready` (while its controller imports the rest of its
+        weights). ``spec``: the pool's current spec (experts added since it started)."""
         self.spec = spec or self.spec
         self.bank = None
         self.expert_ids = torch.as_tensor(np.asarray(expert_ids), dtype=torch.int64)  # [L]
-        bank = seeded_bank(self.spec, self.expert_ids.clamp(min=0), device=self.device).eval()
-        self._bank = bank
+        ids = self.expert_ids.clamp(min=0)
+        if files:  # no seeded init to overwrite: the bank is built once, rows loaded into it
+            self._bank = make_bank(self.spec, ids, device=self.device, seeded=False).eval()
+            self.load_files(files)
+        else:
+            self._bank = seeded_bank(self.spec, ids, device=self.device).eval()
         if rows:
             live = self.expert_ids[self.expert_ids >= 0].numpy()
             self.import_experts(live, rows)
@@ -68,6 +75,47 @@ class ExpertShard:
 
     def mark_ready(self) -> None:
         self.bank = self._bank
+
+    def load_files(self, files: list[str]) -> int:
+        """Load the rows of the experts held here from ``files`` (safetensors of expert
+        rows, memory-mapped: only these rows are read; a later file wins). -> rows read."""
+        live = self.expert_ids[self.expert_ids >= 0].numpy()
+        found = np.zeros(0, np.int64)
+        step = checkpoint.rows_per_piece(self._bank.row_bytes())
+        for file in files:
+            with checkpoint.RowFile(file) as rf:
+                at = np.flatnonzero(np.isin(rf.ids, live))
+                for i in range(0, len(at), step):
+                    part = at[i : i + step]
+                    self.import_experts(rf.ids[part], rf.rows(part))
+                found = np.union1d(found, rf.ids[at])
+        rest = torch.as_tensor(np.setdiff1d(live, found))  # in no file: the seeded init
+        for i in range(0, len(rest), step):
+            gid = rest[i : i + step]
+            self._bank.import_rows(self._local(gid.numpy()), self.rows_for(gid, None))
+        return len(found)
+
+    def write_rows(self, file: str, global_ids: np.ndarray) -> dict:
+        """Write experts ``global_ids`` (held here) as a safetensors file of rows (``ids``
+        and a tensor per bank name), a piece at a time. -> size and SHA-256."""
+        ids = np.asarray(global_ids, np.int64)
+        local = self._local(ids)
+        first = self._bank.export_rows(local[:1])
+        layout = {"ids": (ids.dtype, ids.shape)}
+        layout.update({k: (_np_dtype(v), (len(ids), *v.shape[1:])) for k, v in first.items()})
+        step = checkpoint.rows_per_piece(self._bank.row_bytes())
+
+        def pieces(name: str):
+            if name == "ids":
+                yield ids
+                return
+            for i in range(0, len(ids), step):
+                yield self._export(local[i : i + step])[name]
+
+        return checkpoint.write_tensors(file, layout, pieces)
+
+    def _export(self, local: torch.Tensor) -> dict[str, np.ndarray]:
+        return {k: v.cpu().numpy() for k, v in self._bank.export_rows(local).items()}
 
     def place(self, local: np.ndarray, global_ids: np.ndarray, rows=None, spec=None) -> None:
         """Put experts ``global_ids`` at local indices ``local`` ([n]; the bank grows when
@@ -153,8 +201,7 @@ class ExpertShard:
 
     def export_experts(self, global_ids: np.ndarray) -> dict[str, np.ndarray]:
         """Weights of ``global_ids`` (which must live here) as ``{name: [n, ...]}``."""
-        local = self._local(global_ids)
-        return {k: v.cpu().numpy() for k, v in self._bank.export_rows(local).items()}
+        return self._export(self._local(global_ids))
 
     def import_experts(
         self, global_ids: np.ndarray, rows: dict[str, np.ndarray], missing_ok: bool = False
@@ -179,3 +226,7 @@ class ExpertShard:
             missing = gid[self.expert_ids[local] != gid][:5].tolist()
             raise KeyError(f"shard {self.shard_id} does not hold experts {missing}")
         return local
+
+
+def _np_dtype(t: torch.Tensor) -> np.dtype:
+    return torch.empty(0, dtype=t.dtype).numpy().dtype

@@ -10,8 +10,10 @@ import numpy as np
 import torch
 
 from raymoe import MoELayer, PoolSpec
+from raymoe._private.control import durable
 from raymoe._private.control.cluster import ActorUnreachable
 from raymoe._private.control.controller import Controller
+from raymoe._private.control.goal import Goal
 from raymoe._private.data.router import Router
 from raymoe._private.data.shard import ExpertShard
 from raymoe.store import MemoryStore
@@ -117,6 +119,12 @@ LOOP = asyncio.new_event_loop()  # one loop: the routers' queues and events live
 
 def run(coro):
     return LOOP.run_until_complete(coro)
+
+
+def start(ctl, placement, weights=None) -> None:
+    """Start ``ctl``'s pool on ``placement`` with ``weights`` as ``raymoe.serve`` does."""
+    goal = Goal.initial(ctl.spec).replace(placement=placement)
+    run(ctl.start(durable.served_with(goal, weights)))
 
 
 def served(ctl, x: torch.Tensor) -> list[np.ndarray]:

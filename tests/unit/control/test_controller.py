@@ -15,7 +15,7 @@ from raymoe._private.control.goal import Goal
 from raymoe._private.metrics import RecordingMetrics
 from raymoe.placement import contiguous, with_replicas
 from raymoe.store import EmbeddedStore
-from tests.unit.control.fakes import close, run, served, settle, setup
+from tests.unit.control.fakes import close, run, served, settle, setup, start
 
 
 def test_start_saves_the_goal_before_any_actor_is_configured():
@@ -26,7 +26,7 @@ def test_start_saves_the_goal_before_any_actor_is_configured():
         seen.append(ctl.store.get(Goal.key(ctl.spec.name)) is not None)
 
     cluster.before["configure"] = check
-    run(ctl.start(contiguous(8, 2), weights))
+    start(ctl, contiguous(8, 2), weights)
     assert seen and all(seen)
     close(ctl, layer, torch.randn(9, 16))
     g = Goal.load(ctl.store, ctl.spec.name)
@@ -36,18 +36,18 @@ def test_start_saves_the_goal_before_any_actor_is_configured():
 
 def test_update_reloads_a_restarted_shard_and_router():
     ctl, cluster, layer, weights = setup()
-    run(ctl.start(contiguous(8, 2), weights))
+    start(ctl, contiguous(8, 2), weights)
     ctl.roster.shards[1] = cluster.restart("shard", 1)  # comes back empty
     ctl.roster.routers[1] = cluster.restart("router", 1)
     assert not ctl.shards[1].ready and not ctl.routers[1].ready()
     settle(ctl)
-    assert ("ExpertShard", "restore") in cluster.calls  # the weights came from the ledger
+    assert ctl.goal.sources  # rows from the weight files (the controller holds none)
     close(ctl, layer, torch.randn(9, 16))
 
 
 def test_update_publishes_a_newer_placement():
     ctl, _, _, weights = setup()
-    run(ctl.start(contiguous(8, 2), weights))
+    start(ctl, contiguous(8, 2), weights)
     ctl.goal = ctl.goal.replace(placement=ctl.placement.bump())
     settle(ctl)
     assert [r.table.version for r in ctl.routers] == [2, 2]
@@ -55,7 +55,7 @@ def test_update_publishes_a_newer_placement():
 
 def test_update_survives_a_failing_cluster(caplog):
     ctl, _, _, weights = setup()
-    run(ctl.start(contiguous(8, 2), weights))
+    start(ctl, contiguous(8, 2), weights)
     ctl.goal = None  # break the goal: update must log and return, not raise
     run(ctl.update())
     assert "controller update failed" in caplog.text
@@ -65,7 +65,7 @@ def test_polls_tell_dead_actors_from_bugs(caplog):
     """A dead actor is None quietly; an unexpected error is logged with the method's name
     (a typo in a method name must not look like an actor that does not answer)."""
     ctl, cluster, _, weights = setup()
-    run(ctl.start(contiguous(8, 2), weights))
+    start(ctl, contiguous(8, 2), weights)
     cluster.dead.add(id(ctl.shards[0]))
     with caplog.at_level(logging.ERROR):
         assert run(ctl.poll(ctl.shards, "status"))[0] is None
@@ -76,18 +76,17 @@ def test_polls_tell_dead_actors_from_bugs(caplog):
 
 def test_recover_resumes_from_the_store(tmp_path):
     ctl, cluster, layer, weights = setup(EmbeddedStore(tmp_path))
-    start = with_replicas(contiguous(8, 2), {3: [1]}).bump().bump().bump()
-    run(ctl.start(start, weights))
+    placement = with_replicas(contiguous(8, 2), {3: [1]}).bump().bump().bump()
+    start(ctl, placement, weights)
     again = Controller(ctl.spec, cluster, EmbeddedStore(tmp_path))  # the restarted one
     run(again.recover())
     assert again.placement.version == 4 and again.describe().replicas == 9
-    assert again.ledger.size(0) and again.ledger.size(1)  # rows taken back from the shards
     close(again, layer, torch.randn(9, 16))
 
 
 def test_shutdown_kills_actors_and_forgets_state():
     ctl, cluster, _, weights = setup()
-    run(ctl.start(contiguous(8, 2), weights))
+    start(ctl, contiguous(8, 2), weights)
     run(ctl.shutdown())
     assert len(cluster.killed) == 4 and ctl.store.keys() == []
     with pytest.raises(LookupError):
@@ -96,7 +95,7 @@ def test_shutdown_kills_actors_and_forgets_state():
 
 def test_describe_is_typed_and_complete():
     ctl, _, _, weights = setup()
-    run(ctl.start(contiguous(8, 2), weights))
+    start(ctl, contiguous(8, 2), weights)
     d = ctl.describe()
     assert (d.shards, d.routers, d.experts, d.live_experts, d.replicas) == (2, 2, 8, 8, 8)
     assert d.experts_per_shard == (4, 4) and d.to_dict()["spec"]["d_model"] == 16
@@ -107,7 +106,7 @@ def test_describe_is_typed_and_complete():
 def test_metrics_follow_changes_load_and_recovery():
     metrics = RecordingMetrics()
     ctl, cluster, _, weights = setup(E=16, shards=4, metrics=metrics)
-    run(ctl.start(contiguous(16, 4), weights))
+    start(ctl, contiguous(16, 4), weights)
     ctl.load.load = np.ones(16)
     ctl.load.load[:4] = 40  # a hot set on shard 0
     ctl.record_state()

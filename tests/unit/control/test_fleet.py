@@ -8,21 +8,21 @@ import pytest
 from raymoe._private import timeouts
 from raymoe.errors import PoolError
 from raymoe.placement import contiguous
-from tests.unit.control.fakes import run, settle, setup
+from tests.unit.control.fakes import run, settle, setup, start
 
 
 def test_one_gateway_unless_per_node_and_none_unless_enabled():
     for gateway, want in (({}, []), ({"port": 0}, ["any:50051"])):
         ctl, cluster, _, weights = setup(**gateway)
         cluster.node_ids = ["node-a", "node-b"]
-        run(ctl.start(contiguous(8, 2), weights))
+        start(ctl, contiguous(8, 2), weights)
         assert ctl.fleet.endpoints() == want
 
 
 def test_per_node_gateways_follow_nodes_that_join_and_leave(monkeypatch):
     monkeypatch.setattr(timeouts, "FLEET_CHECK_S", 0.0)
     ctl, cluster, _, weights = setup(per_node=True)
-    run(ctl.start(contiguous(8, 2), weights))
+    start(ctl, contiguous(8, 2), weights)
     assert ctl.fleet.endpoints() == ["node-a:50051"]
     cluster.node_ids = ["node-a", "node-b", "node-c"]  # two join; one cannot bind
     cluster.refuse = {"node-c"}
@@ -43,4 +43,4 @@ def test_a_gateway_that_cannot_start_fails_the_deploy():
     ctl, cluster, _, weights = setup(per_node=True)
     cluster.refuse = {"node-a"}
     with pytest.raises(PoolError, match=r"node node-a: .*Failed to bind"):
-        run(ctl.start(contiguous(8, 2), weights))
+        start(ctl, contiguous(8, 2), weights)

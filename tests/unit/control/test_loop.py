@@ -11,7 +11,7 @@ from raymoe._private.control.controller import Controller
 from raymoe.placement import contiguous
 from raymoe.store import MemoryStore
 from tests.helpers import spec_dict
-from tests.unit.control.fakes import FakeCluster, close, run
+from tests.unit.control.fakes import FakeCluster, close, run, start
 
 
 def _controlled(control: dict, routing: dict | None = None, shards: int = 1):
@@ -23,7 +23,7 @@ def _controlled(control: dict, routing: dict | None = None, shards: int = 1):
         }
     )
     ctl = Controller(spec, FakeCluster(spec), MemoryStore())
-    run(ctl.start(contiguous(8, shards), None))
+    start(ctl, contiguous(8, shards), None)
     return ctl
 
 

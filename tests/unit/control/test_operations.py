@@ -15,7 +15,7 @@ from raymoe.errors import NonFiniteError
 from raymoe.placement import POLICIES, contiguous
 from raymoe.store import MemoryStore
 from tests.helpers import spec_dict
-from tests.unit.control.fakes import FakeCluster, close, run, setup
+from tests.unit.control.fakes import FakeCluster, close, run, setup, start
 
 
 def _grown_reference(ctl, layer, extra: dict) -> MoELayer:
@@ -46,7 +46,7 @@ def test_add_experts_with_weights_serves_them():
         "experts.w_down": torch.randn(3, 16, 24, generator=g) * 0.2,
         "router.weight": torch.randn(3, 16, generator=g) * 3,
     }  # hot: they get chosen
-    run(ctl.start(contiguous(8, 2), weights))
+    start(ctl, contiguous(8, 2), weights)
     report = run(ctl.add_experts(3, {k: v.numpy() for k, v in extra.items()}))
     assert report.expert_ids == (8, 9, 10) and ctl.spec.num_experts == 11
     assert all(r.table.num_experts == 11 and r.spec.num_experts == 11 for r in ctl.routers)
@@ -64,7 +64,7 @@ def test_experts_added_without_weights_are_those_of_the_grown_layer():
         {**spec_dict({"kind": "topk", "k": 2, "bias": True}, E=8), "shards": {"count": 2}}
     )
     ctl = Controller(spec, FakeCluster(spec), MemoryStore())
-    run(ctl.start(contiguous(8, 2), None))
+    start(ctl, contiguous(8, 2), None)
     before = MoELayer(spec).eval()
     run(ctl.add_experts(4))
     grown = MoELayer(ctl.spec).eval()  # seeded: nothing copied from the pool
@@ -86,7 +86,7 @@ def test_product_key_pool_grows_by_whole_rows():
     layer = MoELayer(spec).eval()
     ctl = Controller(spec, FakeCluster(spec), MemoryStore())
     weights = {k: v.numpy() for k, v in layer.state_dict().items()}
-    run(ctl.start(contiguous(16, 2, align=4), weights))
+    start(ctl, contiguous(16, 2, align=4), weights)
     g = torch.Generator().manual_seed(1)
     extra = {
         "experts.u": torch.randn(8, 16, generator=g),
@@ -104,7 +104,7 @@ def test_product_key_pool_grows_by_whole_rows():
 
 def test_remove_experts_stops_routing_to_them_and_frees_their_places():
     ctl, _, layer, weights = setup()
-    run(ctl.start(contiguous(8, 2), weights))
+    start(ctl, contiguous(8, 2), weights)
     report = run(ctl.remove_experts([2, 5]))
     assert report.removed == (2, 5) and report.replicas_dropped == 2
     assert ctl.placement.replicas()[[2, 5]].tolist() == [0, 0]
@@ -143,7 +143,7 @@ BAD = [
                                                           enumerate(BAD)])  # fmt: skip
 def test_bad_operations_are_refused_and_change_nothing(op, args, error, match):
     ctl, _, _, weights = setup()
-    run(ctl.start(contiguous(8, 2), weights))
+    start(ctl, contiguous(8, 2), weights)
     before = (ctl.describe(), ctl.goal.to_bytes())
     with pytest.raises(error, match=match):
         run(getattr(ctl, op)(*args))
@@ -152,7 +152,7 @@ def test_bad_operations_are_refused_and_change_nothing(op, args, error, match):
 
 def test_removed_experts_stay_removed():
     ctl, _, _, weights = setup()
-    run(ctl.start(contiguous(8, 2), weights))
+    start(ctl, contiguous(8, 2), weights)
     run(ctl.remove_experts([3]))
     for op, args in [("remove_experts", ([3],)), ("replicate", (3, 2)), ("pin", (3, 1))]:
         with pytest.raises(ExpertIdError, match="removed"):
@@ -163,7 +163,7 @@ def test_growth_and_removal_a_kind_cannot_route_say_so():
     routing = {"kind": "hierarchical", "n_groups": 2, "k_groups": 1, "k": 2}
     spec = PoolSpec.from_dict({**spec_dict(routing, E=8), "shards": {"count": 2}})
     ctl = Controller(spec, FakeCluster(spec), MemoryStore())
-    run(ctl.start(contiguous(8, 2), None))
+    start(ctl, contiguous(8, 2), None)
     v = ctl.placement.version
     with pytest.raises(ConfigError, match="whole groups of 4 experts"):
         run(ctl.add_experts(2))
@@ -174,7 +174,7 @@ def test_growth_and_removal_a_kind_cannot_route_say_so():
 
 def test_pins_are_the_spec_and_every_plan_keeps_them():
     ctl, _, layer, weights = setup()
-    run(ctl.start(contiguous(8, 2), weights))
+    start(ctl, contiguous(8, 2), weights)
     report = run(ctl.pin(5, 2))
     assert report.pinned == {5: 2} and ctl.spec.shards.replicas == {5: 2}
     assert Goal.load(ctl.store, ctl.spec.name).spec.pins == {5: 2}  # one source of truth
@@ -187,7 +187,7 @@ def test_pins_are_the_spec_and_every_plan_keeps_them():
 
 def test_drain_and_scale_move_replicas_and_keep_serving():
     ctl, _, layer, weights = setup(E=16, shards=3)
-    run(ctl.start(contiguous(16, 3), weights))
+    start(ctl, contiguous(16, 3), weights)
     run(ctl.drain_shard(0))
     assert ctl.describe().experts_per_shard[0] == 0 and ctl.describe().drained == (0,)
     close(ctl, layer, torch.randn(20, 16))
@@ -202,7 +202,7 @@ def test_drain_and_scale_move_replicas_and_keep_serving():
 @pytest.mark.parametrize("policy", sorted(POLICIES))
 def test_rebalance_with_each_policy_follows_the_load(policy):
     ctl, _, layer, weights = setup(E=16, shards=4)
-    run(ctl.start(contiguous(16, 4), weights))
+    start(ctl, contiguous(16, 4), weights)
     ctl.load.load = np.ones(16)
     ctl.load.load[:4] = 40  # a hot set on shard 0
     dry = run(ctl.rebalance(dry_run=True, policy_name=policy))

@@ -53,7 +53,8 @@ def test_policies_give_valid_placements_and_balanced_moves_less_than_eplb(E, N, 
     for plan in plans.values():
         check_valid(plan, E, budget, current)
     base, bal = plans["eplb"], plans["balanced"]
-    assert bal.imbalance_after <= base.imbalance_after * 1.002 + 1e-9
+    # as balanced as EPLB, or within the target (where balanced stops: fewer moves)
+    assert bal.imbalance_after <= max(base.imbalance_after * 1.002, budget.target) + 1e-9
     if not pin:
         assert bal.imbalance_after <= bal.imbalance_before + 1e-9
 
