@@ -161,8 +161,9 @@ def write_tensors(
 
 
 class RowFile:
-    """A safetensors file of expert rows (``ids`` and ``{name: [n, ...]}``), memory-mapped:
-    reading some rows touches only their pages."""
+    """A safetensors file of expert rows (``ids`` and ``{name: [n, ...]}``). Rows are read
+    through a memory map made for each read and dropped after it: only the pages of those
+    rows are touched, and none stay mapped (or counted in the reader's memory)."""
 
     def __init__(self, file: str | Path):
         self.file = Path(file)
@@ -170,41 +171,45 @@ class RowFile:
             with open(self.file, "rb") as f:
                 n = int.from_bytes(f.read(8), "little")
                 header = json.loads(f.read(n))
+            size = self.file.stat().st_size
         except FileNotFoundError:
             raise CheckpointError(f"weight file {file} is missing") from None
         except (OSError, ValueError) as e:
             raise CheckpointError(f"weight file {file} is unreadable: {e}") from None
         header.pop("__metadata__", None)
-        self._maps = {}
+        self._layout: dict[str, tuple[np.dtype, int, tuple[int, ...]]] = {}
         try:
             for name, t in header.items():
                 begin, end = t["data_offsets"]
-                dtype, shape = _NUMPY[t["dtype"]], tuple(t["shape"])
-                if 8 + n + end > self.file.stat().st_size:
+                if 8 + n + end > size:
                     raise CheckpointError(f"weight file {file} is truncated")
-                self._maps[name] = np.memmap(self.file, dtype, "r", 8 + n + begin, shape)
+                self._layout[name] = (_NUMPY[t["dtype"]], 8 + n + begin, tuple(t["shape"]))
         except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"weight file {file} has a malformed header: {e}") from None
-        if "ids" not in self._maps:
+        if "ids" not in self._layout:
             raise CheckpointError(f"weight file {file} holds no expert ids")
-        self.ids = np.array(self._maps.pop("ids"), np.int64)
+        self.ids = np.array(self._map("ids"), np.int64)
+        del self._layout["ids"]
+
+    def _map(self, name: str) -> np.ndarray:
+        dtype, offset, shape = self._layout[name]
+        if not int(np.prod(shape)):
+            return np.zeros(shape, dtype)
+        return np.memmap(self.file, dtype, "r", offset, shape)
 
     @property
     def names(self) -> list[str]:
-        return list(self._maps)
+        return list(self._layout)
 
     def rows(self, index: np.ndarray) -> dict[str, np.ndarray]:
         """``{name: [len(index), ...]}``: copies of the rows at positions ``index``."""
-        return {k: np.asarray(v[index]) for k, v in self._maps.items()}
-
-    def close(self) -> None:
-        self._maps.clear()  # unmapped once the last view is gone
+        return {k: np.asarray(self._map(k)[index]) for k in self._layout}
 
     def __enter__(self) -> RowFile:
         return self
 
     def __exit__(self, *exc) -> None:
-        self.close()
+        pass
 
 
 def rows_per_piece(row_bytes: int) -> int:
