@@ -10,9 +10,12 @@ A checkpoint directory holds:
   placement version the rows were read under, and each file's size and SHA-256.
 
 It is written into a temporary directory beside the target and renamed into place, so a
-reader sees a whole checkpoint or none. Reading checks the manifest, every file's size
-and hash, and that the rows cover every live expert, before anything is returned: a
-truncated, corrupted or mismatched checkpoint raises :class:`CheckpointError`.
+reader sees a whole checkpoint or none; each shard writes its own file, streamed and hashed
+as it goes (:func:`write_tensors`). :func:`verify` checks the manifest, every file's size
+and hash, and that the rows cover every live expert, reading no rows: a truncated,
+corrupted or mismatched checkpoint raises :class:`CheckpointError`. A pool's shards read
+their own rows in place (:class:`RowFile`); the same row files hold experts added since
+the last checkpoint (see ``raymoe._private.control.durable``).
 """
 
 from __future__ import annotations

@@ -310,14 +310,14 @@ class ControllerActor:
         try:
             report = await getattr(ctl, name)(*args, **kwargs)
         except Exception as e:
-            ctl.audit({**entry, "error": f"{type(e).__name__}: {e}"})
+            ctl.journal.audit({**entry, "error": f"{type(e).__name__}: {e}"})
             raise
-        ctl.audit({**entry, "version": report.version})
+        ctl.journal.audit({**entry, "version": report.version})
         return report
 
     async def audit_log(self, n: int = 20) -> list[dict]:
         await self._ensure()
-        return self.controller.audit_log(n)
+        return self.controller.journal.tail(n)
 
     async def shutdown(self) -> None:
         await self._ensure()

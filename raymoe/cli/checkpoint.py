@@ -38,7 +38,7 @@ def save(args: argparse.Namespace) -> int:
 def verify(args: argparse.Namespace) -> int:
     from raymoe import checkpoint
 
-    _, _, manifest = checkpoint.read(args.dir)
+    _, manifest = checkpoint.verify(args.dir)
     _common.emit(args, _summary(args.dir, manifest), _text(args.dir, manifest) + "  (verified)")
     return 0
 

@@ -219,3 +219,20 @@ def test_gcs_fault_tolerance_has_a_durable_redis():
     password = ft["redisPassword"]["valueFrom"]["secretKeyRef"]
     env = redis["spec"]["template"]["spec"]["containers"][0]["env"]
     assert {"name": "REDIS_PASSWORD", "valueFrom": {"secretKeyRef": password}} in env
+
+
+def test_the_pool_keeps_its_metadata_in_that_redis():
+    from raymoe.store import open_store
+    from raymoe.store.redis import RedisStore
+
+    docs = base()
+    cluster = one(docs, "RayCluster", "raymoe")
+    ft = cluster["spec"]["gcsFaultToleranceOptions"]
+    head = cluster["spec"]["headGroupSpec"]["template"]["spec"]
+    serve = next(c for c in head["containers"] if c["name"] == "raymoe")
+    env = {e["name"]: e for e in serve["env"]}
+    url = env["RAYMOE_REDIS_URL"]["value"]
+    assert url.startswith(f"redis://{ft['redisAddress']}/") and not url.endswith("/0")
+    secret = ft["redisPassword"]["valueFrom"]["secretKeyRef"]
+    assert env["RAYMOE_REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == secret
+    assert isinstance(open_store({"RAYMOE_REDIS_URL": url}), RedisStore)  # no connection yet

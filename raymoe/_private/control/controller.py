@@ -18,18 +18,17 @@ Runtime operations run one at a time: each is planned by a pure function of
 Serving never pauses. The pending change is saved first, so a controller that dies midway
 finishes it when it comes back.
 
-The controller owns its helpers and hands them their dependencies: the
-:class:`~.ledger.WeightLedger` (what restarted shards reload), the
-:class:`~.migration.Migrator`, the :class:`~.fleet.GatewayFleet` and the
-:class:`~.load.LoadWindow`. All Ray calls go through a :class:`~.cluster.Cluster`.
+The controller holds no expert weights: shards hold them, and what a restarted shard (or a
+restarted cluster) reloads is in files the goal names (:mod:`.durable`). It owns its
+helpers and hands them their dependencies: the :class:`~.journal.Journal` (its writes to
+the metadata store), the :class:`~.migration.Migrator`, the :class:`~.fleet.GatewayFleet`
+and the :class:`~.load.LoadWindow`. All Ray calls go through a :class:`~.cluster.Cluster`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import dataclasses
-import json
 import logging
 import time
 from pathlib import Path
@@ -43,6 +42,7 @@ from raymoe._private.control import durable, growth, plans
 from raymoe._private.control.cluster import ActorUnreachable, Cluster
 from raymoe._private.control.fleet import GatewayFleet
 from raymoe._private.control.goal import Goal
+from raymoe._private.control.journal import Journal
 from raymoe._private.control.load import LoadWindow
 from raymoe._private.control.loop import ControlLoop
 from raymoe._private.control.migration import Migrator
@@ -50,7 +50,7 @@ from raymoe._private.control.roster import Roster
 from raymoe._private.data.stats import check_load_bins, load_map, merge
 from raymoe._private.metrics import Metrics, NullMetrics, top_experts
 from raymoe.config import PoolSpec
-from raymoe.errors import PoolUnavailableError, StoreUnavailableError
+from raymoe.errors import PoolUnavailableError
 from raymoe.kernels import expert_bytes
 from raymoe.layer import check_layer
 from raymoe.placement import Change, Placement, diff, get_policy, place_new
@@ -58,7 +58,6 @@ from raymoe.reports import OpReport, PoolDescription, PoolStats
 from raymoe.store import MetadataStore
 
 log = logging.getLogger(__name__)
-AUDIT_BACKLOG = 1000  # audit entries kept in memory while the store is down
 
 
 class Controller:
@@ -73,6 +72,7 @@ class Controller:
         self.metrics = metrics or NullMetrics()
         self.cluster = cluster
         self.store = store
+        self.journal = Journal(store, spec.name)
         self.gate = None  # object ref of the gate / shared-expert weights
         self.degraded: list[str] = []
         self.last_change: dict[str, float] = {}  # seconds of each stage of the last change
@@ -86,8 +86,6 @@ class Controller:
         self.ops = asyncio.Lock()  # one runtime operation at a time
         self._busy: dict[tuple[str, int], asyncio.Task] = {}
         self._hot_experts: set[str] = set()  # the expert tags of the load gauge
-        self.unsaved = False  # the goal changed while the store was down
-        self._audit: collections.deque[bytes] = collections.deque(maxlen=AUDIT_BACKLOG)
 
     @property
     def spec(self) -> PoolSpec:
@@ -164,58 +162,23 @@ class Controller:
         """Change the goal and save it, before any side effect: when the store is down this
         raises :class:`StoreUnavailableError` and nothing changed."""
         goal = self.goal.replace(**changes)
-        goal.save(self.store)
-        self.goal, self.unsaved = goal, False
+        self.journal.save(goal)
+        self.goal = goal
 
     def save(self, strict: bool = True) -> None:
-        """Save the goal. ``strict``: before side effects (a store outage raises
-        :class:`StoreUnavailableError`); otherwise after them (the change happened: the
-        update loop saves it once the store is back, and the pool reports itself degraded
-        meanwhile)."""
-        try:
-            self.goal.save(self.store)
-            self.unsaved = False
-        except StoreUnavailableError as e:
-            if strict:
-                raise
-            if not self.unsaved:
-                log.warning("goal not saved (%s); saving again on every pass", e)
-            self.unsaved = True
+        """Save the goal (see :class:`~.journal.Journal`: ``strict`` before side effects)."""
+        self.journal.save(self.goal, strict)
 
     def problems(self) -> list[str]:
         """What keeps the pool degraded (served, but not as its goal says)."""
-        if not self.unsaved:
-            return list(self.degraded)
-        return [
-            *self.degraded,
-            f"the metadata store ({self.store.describe()}) is unreachable: "
-            "the last change is kept in memory and saved when it is back",
-        ]
-
-    def audit(self, entry: dict) -> None:
-        """Append an admin change to the pool's audit log (kept in memory, bounded, while
-        the store is down)."""
-        self._audit.append(json.dumps({"time": time.time(), **entry}).encode())
-        self._flush_audit()
-
-    def _flush_audit(self) -> None:
-        while self._audit:
-            try:
-                self.store.append(f"{self.spec.name}/audit", self._audit[0])
-            except StoreUnavailableError:
-                return
-            self._audit.popleft()
-
-    def audit_log(self, n: int = 20) -> list[dict]:
-        return [json.loads(e) for e in self.store.tail(f"{self.spec.name}/audit", n)]
+        problem = self.journal.problem()
+        return [*self.degraded, *([problem] if problem else [])]
 
     # --- reconcile ----------------------------------------------------------------------
 
     async def update(self) -> None:
         """One reconcile pass (the numbered steps of the module docstring); never raises."""
-        if self.unsaved:  # 0. the store holds the goal (after an outage)
-            self.save(strict=False)
-        self._flush_audit()
+        self.journal.retry(self.goal)  # 0. the store holds the goal (after an outage)
         try:
             shard_status = await self.poll(self.shards, "status")
             for n, st in enumerate(shard_status):  # 1. shards hold their experts

@@ -62,12 +62,12 @@ def test_a_change_under_way_is_saved_once_the_store_is_back():
     report = run(ctl.replicate(3, 2))
     assert report.version == 2 and ctl.placement.replicas()[3] == 2
     assert any("metadata store" in p for p in ctl.describe().degraded)
-    ctl.audit({"op": "replicate"})  # kept in memory meanwhile
+    ctl.journal.audit({"op": "replicate"})  # kept in memory meanwhile
     del cluster.before["drained"]
     store.down = False
     assert Goal.load(store, ctl.spec.name).pending is not None  # not saved yet
     settle(ctl)
     saved = Goal.load(store, ctl.spec.name)
     assert saved.pending is None and saved.placement.version == 2
-    assert ctl.describe().degraded == () and ctl.audit_log()[-1]["op"] == "replicate"
+    assert ctl.describe().degraded == () and ctl.journal.tail()[-1]["op"] == "replicate"
     close(ctl, layer, torch.randn(9, 16))
