@@ -23,6 +23,7 @@ from raymoe.errors import (
     PoolUnavailableError,
     RaymoeError,
     RequestTooLargeError,
+    ResourceLimitError,
     ShapeError,
     StoreUnavailableError,
 )
@@ -63,6 +64,7 @@ __all__ = [
     "PoolUnavailableError",
     "RaymoeError",
     "RequestTooLargeError",
+    "ResourceLimitError",
     "ShapeError",
     "StoreUnavailableError",
     "connect",

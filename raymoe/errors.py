@@ -96,6 +96,12 @@ class PoolOverloadedError(PoolError):
     """The pool's bounded request queue is full; retry later (gRPC RESOURCE_EXHAUSTED)."""
 
 
+class ResourceLimitError(PoolError):
+    """An admin request would take the pool past a limit of its spec (its memory budget,
+    ``limits.max_pool_bytes``, or ``control.max_shards``); nothing changed (gRPC
+    RESOURCE_EXHAUSTED)."""
+
+
 class ShardNotReadyError(PoolError):
     """A shard is (re)loading its experts; the router retries the sub-batch."""
 

@@ -233,6 +233,9 @@ class RayCluster:
     def nodes(self) -> list[str]:
         return [n["NodeID"] for n in ray.nodes() if n["Alive"]]
 
+    def memory_bytes(self) -> int:
+        return int(ray.cluster_resources().get("memory", 0))
+
     def put(self, value):
         return ray.put(value)
 

@@ -147,6 +147,9 @@ class LimitsSpec(_Section):
     max_queued_requests: PositiveInt = 1024
     request_timeout_s: PositiveFloat = 60.0
     allow_nonfinite: bool = False
+    # expert bytes the pool may hold over all replicas; an admin change past it is refused
+    # (ResourceLimitError). None: 80% of the memory Ray reports for the cluster's nodes
+    max_pool_bytes: PositiveInt | None = None
 
 
 class GatewaySpec(_Section):

@@ -227,3 +227,41 @@ def test_stats_show_the_balance_of_the_traffic_right_after_a_rebalance(ray_clust
         assert after.window_s <= 2 and after.requests < long.requests
     finally:
         pool.shutdown()
+
+
+def test_admin_calls_past_the_pools_limits_are_refused_through_the_gateway(ray_cluster, tokens):
+    """Regression (issue 15): AddExperts with a valid token and a count of 100,000 big
+    experts (300 GB) used to make a shard die in reserve(); now the memory budget (80% of
+    what Ray reports for the nodes) refuses it as RESOURCE_EXHAUSTED before anything
+    changes, and the pool serves on, healthy."""
+    from tests.integration.gateway_common import ADMIN, gateway_section
+
+    spec = PoolSpec.from_dict(
+        {
+            **spec_dict({"kind": "topk", "k": 2}, E=8, d=64, H=4096),
+            "name": "t-limits",
+            "shards": {"count": 2},
+            "control": {"max_shards": 3},
+            "gateway": gateway_section(tokens),
+        }
+    )
+    pool = raymoe.serve(spec)
+    try:
+        (endpoint,) = pool.gateways()
+        before = pool.describe()
+        with raymoe.Client(endpoint, token=ADMIN) as c:
+            with pytest.raises(raymoe.ResourceLimitError, match="memory budget"):
+                c.add_experts(100_000)
+            with pytest.raises(raymoe.ResourceLimitError, match="max_shards"):
+                c.scale_shards(4)
+            after = pool.describe()
+            assert (after.experts, after.shards) == (before.experts, before.shards)
+            assert after.placement_version == before.placement_version
+            x = torch.randn(8, 64)
+            with torch.no_grad():
+                assert (c.forward(x) - MoELayer(spec)(x)).abs().max() <= 1e-5
+            assert c.health() == "SERVING"
+        assert [e["op"] for e in pool.audit(2)] == ["add_experts", "scale_shards"]
+        assert all("ResourceLimitError" in e["error"] for e in pool.audit(2))
+    finally:
+        pool.shutdown()

@@ -24,4 +24,5 @@ class Cluster(Protocol):
 
     def kill(self, handles: list) -> None: ...
     def nodes(self) -> list[str]: ...  # ids of the alive nodes
+    def memory_bytes(self) -> int: ...  # memory of the alive nodes, for tasks and actors
     def gateway(self, key: str, node: str | None) -> Any: ...  # get or create, on ``node``

@@ -50,7 +50,7 @@ from raymoe._private.control.roster import Roster
 from raymoe._private.data.stats import check_load_bins, load_map, merge
 from raymoe._private.metrics import Metrics, NullMetrics, top_experts
 from raymoe.config import PoolSpec
-from raymoe.errors import PoolUnavailableError
+from raymoe.errors import PoolUnavailableError, ResourceLimitError
 from raymoe.kernels import expert_bytes
 from raymoe.layer import check_layer
 from raymoe.placement import Change, Placement, diff, get_policy, place_new
@@ -58,6 +58,7 @@ from raymoe.reports import OpReport, PoolDescription, PoolStats
 from raymoe.store import MetadataStore
 
 log = logging.getLogger(__name__)
+BUDGET_SHARE = 0.8  # of the cluster's memory: the default memory budget
 
 
 class Controller:
@@ -169,6 +170,19 @@ class Controller:
         """Save the goal (see :class:`~.journal.Journal`: ``strict`` before side effects)."""
         self.journal.save(self.goal, strict)
 
+    def check_budget(self, replicas: int, op: str) -> None:
+        """Refuse ``op`` (:class:`ResourceLimitError`, before it changes anything) if the
+        pool would hold more than its memory budget in ``replicas`` expert replicas."""
+        limit = self.spec.limits.max_pool_bytes
+        budget = limit or int(BUDGET_SHARE * self.cluster.memory_bytes())
+        need = replicas * self.expert_bytes
+        if need > budget:
+            where = "limits.max_pool_bytes" if limit else "80% of the cluster's memory"
+            raise ResourceLimitError(
+                f"{op} would hold {replicas:,} expert replicas ({need / 2**30:.2f} GiB), over "
+                f"the pool's memory budget of {budget / 2**30:.2f} GiB ({where}); nothing changed"
+            )
+
     def problems(self) -> list[str]:
         """What keeps the pool degraded (served, but not as its goal says)."""
         problem = self.journal.problem()
@@ -252,6 +266,7 @@ class Controller:
         change) the routing state moves with it: experts added (``new_rows``: their weights
         by name, in id order) or removed; ``op`` names the operation (metrics). Callers hold
         ``self.ops``. -> what it copied and freed."""
+        self.check_budget(target.num_replicas, op)
         old = self.placement
         change = diff(old, target)
         t = [time.perf_counter()]
@@ -396,7 +411,12 @@ class Controller:
     async def scale_shards(self, count: int, max_shards: int | None = None) -> OpReport:
         """Grow or shrink the pool to ``count`` active shards; experts are redistributed.
         Scaling ends maintenance: shards drained before are active again afterwards."""
-        plans.scale_bounds(self.goal, count, max_shards)
+        limit = max_shards or self.spec.control.max_shards
+        if limit is not None and count > limit:
+            raise ResourceLimitError(
+                f"{count} shards is over control.max_shards ({limit}); nothing changed"
+            )
+        plans.scale_bounds(self.goal, count, None)
         N = self.placement.num_shards
         if count == N:
             return plans.unchanged(self.goal, self._load())
@@ -449,6 +469,7 @@ class Controller:
         spec = self.spec
         check_layer(spec, layer)
         grown = spec.with_experts_added(count, layer)
+        self.check_budget(self.placement.num_replicas + count, "add_experts")
         old_l, grown_l = spec.layer(layer), grown.layer(layer)
         expert_rows, gate_rows = growth.new_weights(
             grown_l, old_l.num_experts, count, weights or {}

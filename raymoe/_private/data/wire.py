@@ -98,6 +98,7 @@ _CODE_OF: dict[type, grpc.StatusCode] = {
     errors.InvalidInputError: Code.INVALID_ARGUMENT,
     errors.ConfigError: Code.INVALID_ARGUMENT,
     errors.PoolOverloadedError: Code.RESOURCE_EXHAUSTED,
+    errors.ResourceLimitError: Code.RESOURCE_EXHAUSTED,
     errors.DeadlineExceededError: Code.DEADLINE_EXCEEDED,
     errors.PoolUnavailableError: Code.UNAVAILABLE,
     errors.ShardNotReadyError: Code.UNAVAILABLE,

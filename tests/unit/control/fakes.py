@@ -49,6 +49,7 @@ class FakeCluster:
         self.dead: set[int] = set()  # id() of handles that do not answer
         self.calls: list[tuple[str, str]] = []  # (actor kind, method), in order
         self.node_ids = ["node-a"]
+        self.memory = 1 << 34  # what the nodes report (the default memory budget's base)
         self.refuse: set[str] = set()  # nodes where a gateway cannot bind its port
         self.before: dict[str, object] = {}  # method -> coroutine fn awaited before it runs
 
@@ -80,6 +81,9 @@ class FakeCluster:
 
     def nodes(self):
         return list(self.node_ids)
+
+    def memory_bytes(self):
+        return self.memory
 
     def gateway(self, key, node):
         return self.actors.setdefault(("gateway", key), FakeGateway(node, self))

@@ -8,7 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from raymoe import ConfigError, DTypeError, ExpertIdError, MoELayer, PoolSpec, ShapeError
+from raymoe import (
+    ConfigError,
+    DTypeError,
+    ExpertIdError,
+    MoELayer,
+    PoolSpec,
+    ResourceLimitError,
+    ShapeError,
+)
 from raymoe._private.control.controller import Controller
 from raymoe._private.control.goal import Goal
 from raymoe.errors import NonFiniteError
@@ -212,3 +220,40 @@ def test_rebalance_with_each_policy_follows_the_load(policy):
     assert report.version == ctl.placement.version == 2 and report.policy == policy
     assert report.imbalance_after == pytest.approx(ctl.imbalance())
     close(ctl, layer, torch.randn(20, 16))
+
+
+def test_admin_changes_past_the_memory_budget_or_max_shards_are_refused():
+    """An admin call cannot ask for more memory than the pool may hold (its
+    ``limits.max_pool_bytes``, or 80% of what the nodes report) nor more shards than
+    ``control.max_shards``: a typed refusal, and nothing changes."""
+    ctl, cluster, layer, weights = setup(shards=2)
+    start(ctl, contiguous(8, 2), weights)
+    before = (ctl.placement.version, ctl.spec)
+    cluster.memory = int(9.5 * ctl.expert_bytes / 0.8)  # room for 9 replicas
+    with pytest.raises(ResourceLimitError, match="80% of the cluster's memory"):
+        run(ctl.add_experts(3))
+    run(ctl.replicate(1, 2))  # 9 replicas: within it
+    with pytest.raises(ResourceLimitError, match="memory budget"):
+        run(ctl.pin(2, 2))
+    cluster.memory = 1 << 34
+    ctl.goal = ctl.goal.replace(
+        spec=ctl.spec.model_copy(
+            update={
+                "limits": ctl.spec.limits.model_copy(
+                    update={"max_pool_bytes": 9 * ctl.expert_bytes}
+                )
+            }
+        )
+    )
+    with pytest.raises(ResourceLimitError, match=r"limits\.max_pool_bytes"):
+        run(ctl.add_experts(1))
+    ctl.goal = ctl.goal.replace(
+        spec=ctl.spec.model_copy(
+            update={"control": ctl.spec.control.model_copy(update={"max_shards": 3})}
+        )
+    )
+    with pytest.raises(ResourceLimitError, match="max_shards"):
+        run(ctl.scale_shards(4))
+    assert ctl.placement.version == before[0] + 1 and ctl.spec.num_experts == 8
+    assert ctl.spec.pins == {} and len(ctl.shards) == 2
+    close(ctl, layer, torch.randn(9, 16))
