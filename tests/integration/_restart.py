@@ -1,7 +1,7 @@
 """Run as a subprocess by test_durable.py, twice, each time with a Ray cluster of its own
 (a whole-cluster restart between the two): ``first`` serves a pool with its weights, changes
 it (experts added with their weights before and after a checkpoint, one removed, a pin) and
-records what it serves; ``second`` brings it back with ``raymoe.resume`` and checks the same
+records what it serves; ``second`` brings it back with ``raymoe serve --resume`` and checks the same
 ids, pins, placement version and bit-identical weights.
 
     python -m tests.integration._restart first|second OUT_DIR
@@ -78,8 +78,11 @@ def first(out: Path) -> None:
 
 
 def second(out: Path) -> None:
+    from raymoe.cli import main
+
     _, weights, new1, new0 = model()
-    pool = raymoe.resume(NAME)
+    assert main(["serve", "--resume", NAME, "--keep", "--duration", "0"]) == 0
+    pool = raymoe.connect(NAME)
     try:
         record(pool, out, "after")
         pool.save(out / "again")

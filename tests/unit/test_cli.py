@@ -37,3 +37,10 @@ def test_reports_are_plain_json():
     assert json.loads(json.dumps(s.to_dict()))["latency"] == {"p50_ms": 1, "p99_ms": 2}
     r = OpReport(version=3, pinned={5: 2}, expert_ids=(8, 9))
     assert json.loads(json.dumps(r.to_dict()))["pinned"] == {"5": 2}
+
+
+def test_resume_brings_a_pool_back_as_saved(capsys):
+    """--resume takes no spec changes (it would not be the saved pool), and says so before
+    anything starts."""
+    assert main(["serve", "--resume", "p", "--shards", "3"]) == 2
+    assert "--resume" in capsys.readouterr().err
