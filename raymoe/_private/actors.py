@@ -30,6 +30,8 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from raymoe._private.control.cluster import ActorUnreachable
 from raymoe._private.control.controller import Controller
+from raymoe._private.control.goal import Goal
+from raymoe._private.control.roster import layout_of
 from raymoe._private.data.gateway import Gateway, GatewayThread
 from raymoe._private.data.router import Router
 from raymoe._private.data.shard import ExpertShard
@@ -40,6 +42,7 @@ from raymoe.errors import PoolUnavailableError, RaymoeError, ShardNotReadyError
 from raymoe.reports import OpReport, PoolDescription, PoolStats
 from raymoe.store import open_store, store_env
 
+log = logging.getLogger(__name__)
 NAMESPACE = "raymoe"
 OPERATIONS = (
     "rebalance",
@@ -77,7 +80,7 @@ class ShardActor(ExpertShard):
     bank, seeded rows) is built outside ``_lock`` from a bank nobody else changes meanwhile.
     """
 
-    def __init__(self, spec: PoolSpec, shard_id: int):
+    def __init__(self, spec: PoolSpec, shard_id: int, env: dict[str, str] | None = None):
         torch.set_num_threads(spec.shards.shard_threads)
         super().__init__(spec, shard_id, device=_device(spec))
         self._lock = threading.RLock()  # configure() calls mark_ready()
@@ -86,6 +89,31 @@ class ShardActor(ExpertShard):
         if spec.shards.transport == "grpc":
             host = ray.util.get_node_ip_address()
             self._server, self._endpoint = serve_shard(self, self._lock, spec, host)
+        self.loading, self.loaded_by = False, "controller"
+        if _reconstructed():  # restarted by Ray: reload without waiting for the controller
+            self.loading = True
+            threading.Thread(target=self._reload, args=(env or {},), daemon=True).start()
+
+    def _reload(self, env: dict[str, str]) -> None:
+        """Load this shard's experts as the saved goal places them (the placement and the
+        change being applied), their rows from the goal's weight files. The controller
+        may be down too; if the goal cannot be read here (an embedded store on another
+        node), the controller configures the shard when it sees it."""
+        try:
+            goal = Goal.load(open_store({**os.environ, **env}), self.spec.name)
+            layout = layout_of(goal, self.shard_id)
+            self.configure(layout, None, True, goal.spec, list(goal.sources))
+            self.loaded_by = "self"
+            log.info("shard %d reloaded itself: %d experts", self.shard_id, (layout >= 0).sum())
+        except Exception as e:
+            log.warning(
+                "shard %d could not reload itself (%s); the controller will", self.shard_id, e
+            )
+        finally:
+            self.loading = False
+
+    def status(self):
+        return {**super().status(), "loading": self.loading, "loaded_by": self.loaded_by}
 
     def endpoint(self) -> str | None:
         return self._endpoint
@@ -145,6 +173,12 @@ class ShardActor(ExpertShard):
             return super().write_rows(file, global_ids)
 
 
+def _reconstructed() -> bool:
+    with warnings.catch_warnings():  # Ray's own property trips its deprecation warning
+        warnings.simplefilter("ignore")
+        return ray.get_runtime_context().was_current_actor_reconstructed
+
+
 class RouterActor(Router):
     """An asyncio actor: thousands of concurrent forward calls wait in its bounded queue."""
 
@@ -193,8 +227,8 @@ def shard_calls(spec: PoolSpec, handles: list):
 class RayCluster:
     """:class:`raymoe._private.controller.Cluster` on Ray: creates and calls pool actors."""
 
-    def __init__(self, spec: PoolSpec):
-        self.spec = spec
+    def __init__(self, spec: PoolSpec, env: dict[str, str] | None = None):
+        self.spec, self.env = spec, env or {}
 
     def _opts(self, role: str, index: int, **extra) -> dict:
         name = actor_name(self.spec.name, role, index)
@@ -212,7 +246,7 @@ class RayCluster:
         gpus = s.num_gpus if s.device != "cpu" else 0.0
         opts = self._opts("shard", index, max_task_retries=0, num_cpus=s.num_cpus, num_gpus=gpus)
         actor = ray.remote(concurrency_groups=SHARD_GROUPS)(ShardActor)
-        return actor.options(**opts).remote(self.spec, index)
+        return actor.options(**opts).remote(self.spec, index, self.env)
 
     def router(self, index: int):
         opts = self._opts(
@@ -257,11 +291,9 @@ class ControllerActor:
 
     def __init__(self, spec: PoolSpec, env: dict[str, str]):
         store, metrics = open_store({**os.environ, **env}), RayMetrics(spec.name)
-        self.controller = Controller(spec, RayCluster(spec), store, metrics)
+        self.controller = Controller(spec, RayCluster(spec, env), store, metrics)
         self._loop: asyncio.Task | None = None
-        with warnings.catch_warnings():  # Ray's own property trips its deprecation warning
-            warnings.simplefilter("ignore")
-            self._recovering = ray.get_runtime_context().was_current_actor_reconstructed
+        self._recovering = _reconstructed()
         self._started = asyncio.Event()
 
     async def _ensure(self) -> None:

@@ -196,7 +196,13 @@ class Controller:
         try:
             shard_status = await self.poll(self.shards, "status")
             for n, st in enumerate(shard_status):  # 1. shards hold their experts
-                if st is not None and not st["ready"] and self._idle(("shard", n)):
+                reloading = st is not None and st.get("loading")  # by itself, from the store
+                if (
+                    st is not None
+                    and not st["ready"]
+                    and not reloading
+                    and self._idle(("shard", n))
+                ):
                     self._spawn(("shard", n), self.roster.configure_shard(n, self.goal))
                     self.metrics.inc("raymoe_recoveries_total", role="shard")
             router_status = await self.poll(self.routers, "describe")

@@ -34,10 +34,8 @@ class Roster:
         applied (a restart mid-change keeps both), its rows read from the goal's weight
         files (the seeded init for experts in none). A file that is missing or broken
         leaves the shard not ready: it never serves seeded weights in place of lost ones."""
-        h = self.shards[n]
-        args = (layout_of(goal, n), None, False, goal.spec, list(goal.sources))
-        await self.cluster.call(h, "configure", *args, timeout=timeouts.CONFIGURE_S)
-        await self.cluster.call(h, "mark_ready", timeout=timeouts.STATUS_S)
+        args = (layout_of(goal, n), None, True, goal.spec, list(goal.sources))  # one call
+        await self.cluster.call(self.shards[n], "configure", *args, timeout=timeouts.CONFIGURE_S)
 
     async def configure_router(self, i: int, goal: Goal, gate) -> None:
         args = (self.shards, goal.placement, gate, goal.spec, goal.routing_version)
