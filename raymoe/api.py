@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import time
 from pathlib import Path
 
 import numpy as np
 import ray
 import torch
 
-from raymoe._private import actors
+from raymoe._private import actors, timeouts
 from raymoe._private.control import durable
 from raymoe._private.control.goal import Goal
 from raymoe.config import PoolSpec, load_spec
@@ -61,16 +62,18 @@ class PoolHandle:
         wait (at most the spec's ``limits.request_timeout_s``). Raises typed raymoe errors
         (:class:`~raymoe.errors.LayerIndexError` for a layer the pool does not have).
         """
-        ref = self.forward_async(
-            x,
-            layer=layer,
-            expert_ids=expert_ids,
-            weights=weights,
-            token_ids=token_ids,
-            timeout_s=timeout_s,
-        )
-        out = np.array(_get(ref))  # results come read-only out of the object store: copy
-        return torch.from_numpy(out) if isinstance(x, torch.Tensor) else out
+        routes = {"expert_ids": expert_ids, "weights": weights, "token_ids": token_ids}
+        deadline = time.monotonic() + (timeout_s or timeouts.RESEND_S)
+        for attempt in itertools.count():
+            ref = self.forward_async(x, layer=layer, timeout_s=timeout_s, **routes)
+            try:
+                out = np.array(_get(ref))  # read-only out of the object store: copy
+                return torch.from_numpy(out) if isinstance(x, torch.Tensor) else out
+            except ray.exceptions.RayActorError as e:  # that router is gone for good
+                if time.monotonic() >= deadline:
+                    raise PoolUnavailableError(f"no router of {self.name!r} answered") from e
+                time.sleep(min(timeouts.BACKOFF_S[0] * 2**attempt, timeouts.BACKOFF_S[1]))
+                self._routers = _get(self._controller.routers.remote())  # forward: idempotent
 
     def describe(self) -> PoolDescription:
         """Spec, shards, routers, placement and routing versions, experts per shard, pins."""

@@ -488,7 +488,10 @@ class RayPoolBackend:
         states = await asyncio.gather(
             *(wait_async(r.ready.remote()) for r in self._routers), return_exceptions=True
         )
-        return any(s is True for s in states)
+        ok = any(s is True for s in states)
+        if not ok:
+            self._controller = None  # routers replaced meanwhile: fetched again next time
+        return ok
 
 
 class GatewayActor:

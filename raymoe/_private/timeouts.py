@@ -25,6 +25,10 @@ HEALTH_FIRST_S = 30.0  # the first check (it attaches to the pool's actors)
 MAX_ATTEMPTS = 64
 BACKOFF_S = (0.005, 0.5)  # the first and the largest wait between attempts
 
+# A PoolHandle resends a forward whose router died for good (to a router it fetches again
+# from the controller), for at most the call's timeout_s or this:
+RESEND_S = 30.0
+
 # The control loop:
 UPDATE_INTERVAL_S = 0.25  # between reconcile passes
 LOAD_INTERVAL_S = 1.0  # between control steps (load collection, bias, autoscale, rebalance)

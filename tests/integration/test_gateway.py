@@ -403,3 +403,35 @@ def test_a_call_deadline_reaches_the_routers_of_a_real_pool(ray_cluster, tokens)
         assert pool.stats(window_s=60).counters.get("retries", 0) > 0
     finally:
         pool.shutdown()
+
+
+def test_health_tells_the_truth_through_a_full_outage(ray_cluster, tokens):
+    """Health on a real pool: SERVING while a router can serve; every router killed for
+    good is a full outage (NOT_SERVING, within the gateway's check interval); the
+    controller starts new routers, and health is SERVING again, the SDK and the
+    PoolHandle answering, equal to MoELayer."""
+    spec = gateway_spec("gw-outage", tokens)
+    pool = raymoe.serve(spec)
+    layer = raymoe.MoELayer(spec).eval()
+    try:
+        (endpoint,) = pool.gateways()
+        x = torch.randn(8, D)
+        with raymoe.Client(endpoint, token=DATA, retries=0) as c:
+            assert c.health() == "SERVING"
+            for i in range(spec.shards.routers):
+                ray.kill(
+                    ray.get_actor(f"gw-outage:router:{i}", namespace="raymoe"), no_restart=True
+                )
+            went_down, end = False, time.monotonic() + 30
+            while True:
+                health = c.health()
+                went_down |= health == "NOT_SERVING"
+                if went_down and health == "SERVING":
+                    break
+                assert time.monotonic() < end, f"health: {health}, went down: {went_down}"
+                time.sleep(0.05)
+        with raymoe.Client(endpoint, token=DATA) as c:
+            assert (c.forward(x) - want(layer, x)).abs().max() <= 1e-5
+        assert (pool.forward(x) - want(layer, x)).abs().max() <= 1e-5  # the handle refetched
+    finally:
+        pool.shutdown()

@@ -207,7 +207,8 @@ class Controller:
                     self.metrics.inc("raymoe_recoveries_total", role="shard")
             router_status = await self.poll(self.routers, "describe")
             for i, st in enumerate(router_status):  # 2. routers configured
-                if st is None:
+                if st is None:  # killed for good: a new one (configured on the next pass)
+                    self.roster.revive_router(i)
                     continue
                 if not st["ready"] or st.get("routing_version") != self.goal.routing_version:
                     if not st["ready"] and self._idle(("router", i)):

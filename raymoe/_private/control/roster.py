@@ -37,6 +37,14 @@ class Roster:
         args = (layout_of(goal, n), None, True, goal.spec, list(goal.sources))  # one call
         await self.cluster.call(self.shards[n], "configure", *args, timeout=timeouts.CONFIGURE_S)
 
+    def revive_router(self, i: int) -> None:
+        """Router ``i`` did not answer: if it was killed for good (not restarting), start a
+        new one under its name (it starts unconfigured; clients fetch the new handle)."""
+        h = self.cluster.router(i)  # NOTE: get-or-create: the same actor while it restarts
+        if h != self.routers[i]:
+            log.warning("router %d was gone for good: started a new one", i)
+            self.routers[i] = h
+
     async def configure_router(self, i: int, goal: Goal, gate) -> None:
         args = (self.shards, goal.placement, gate, goal.spec, goal.routing_version)
         await self.cluster.call(

@@ -128,3 +128,16 @@ def test_metrics_follow_changes_load_and_recovery():
     assert metrics.total("raymoe_recoveries_total", role="shard") == 1
     run(ctl.rebalance(dry_run=True))
     assert metrics.total("raymoe_changes_total") == 1  # a dry run changes and counts nothing
+
+
+def test_a_router_gone_for_good_is_replaced_and_configured():
+    ctl, cluster, layer, weights = setup()
+    start(ctl, contiguous(8, 2), weights)
+    old = ctl.routers[1]
+    cluster.dead.add(id(old))
+    cluster.actors.pop(("router", 1))  # killed for good: its name is free again
+    settle(ctl)  # the new one is started ...
+    assert ctl.routers[1] is not old
+    settle(ctl)  # ... and configured
+    assert ctl.routers[1].ready()
+    close(ctl, layer, torch.randn(9, 16))
