@@ -435,3 +435,60 @@ def test_health_tells_the_truth_through_a_full_outage(ray_cluster, tokens):
         assert (pool.forward(x) - want(layer, x)).abs().max() <= 1e-5  # the handle refetched
     finally:
         pool.shutdown()
+
+
+ints = st.sampled_from([-(2**63), -(2**31), -1, 0, 1, 2, 3, 7, 9, 2**31, 2**62, 2**63 - 1])
+ADMIN_CALLS = {
+    "Replicate": st.builds(admin_pb2.ReplicaRequest, expert_id=ints, replicas=ints, layer=ints),
+    "Pin": st.builds(admin_pb2.ReplicaRequest, expert_id=ints, replicas=ints, layer=ints),
+    "Unpin": st.builds(admin_pb2.ExpertRequest, expert_id=ints, layer=ints),
+    "DrainShard": st.builds(admin_pb2.DrainShardRequest, shard=ints),
+    "ScaleShards": st.builds(admin_pb2.ScaleShardsRequest, count=ints),
+    "AddExperts": st.builds(admin_pb2.AddExpertsRequest, count=ints, layer=ints),
+    "RemoveExperts": st.builds(
+        admin_pb2.RemoveExpertsRequest, expert_ids=st.lists(ints, max_size=4), layer=ints
+    ),
+    "Rebalance": st.builds(admin_pb2.RebalanceRequest, dry_run=st.booleans()),
+}
+
+
+def test_fuzz_admin_calls_with_the_admin_token(ray_cluster, tokens):
+    """Every admin method with the admin token and wild numbers (huge counts and ids,
+    negative ones, 2^63 - 1): each reply is OK or a clean, typed refusal; afterwards the
+    pool answers equal to MoELayer of its current spec, and health is SERVING."""
+    spec = gateway_spec("gw-admin-fuzz", tokens)
+    pool = raymoe.serve(spec)
+    outcomes: collections.Counter = collections.Counter()
+    try:
+        (endpoint,) = pool.gateways()
+        stub = admin_pb2_grpc.AdminServiceStub(channel(endpoint))
+
+        @settings(
+            max_examples=50,
+            deadline=None,
+            derandomize=True,
+            database=None,
+            suppress_health_check=list(HealthCheck),
+        )
+        @given(data=st.data())
+        def fuzz(data):
+            method = data.draw(st.sampled_from(sorted(ADMIN_CALLS)))
+            req = data.draw(ADMIN_CALLS[method])
+            try:
+                getattr(stub, method)(req, metadata=bearer(ADMIN), timeout=60)
+                outcomes["OK"] += 1
+            except grpc.RpcError as e:
+                outcomes[e.code().name] += 1
+                assert e.code().name in CLEAN | {"NOT_FOUND"}, (method, req, e.details())
+                assert e.details() and "Traceback" not in e.details()
+
+        fuzz()
+        assert outcomes["OK"] >= 5 and outcomes["INVALID_ARGUMENT"] >= 5, outcomes
+        now = raymoe.PoolSpec.from_dict(pool.describe().spec)
+        x = torch.randn(16, D, generator=torch.Generator().manual_seed(4))
+        with raymoe.Client(endpoint, token=DATA) as c:
+            assert (c.forward(x) - want(raymoe.MoELayer(now).eval(), x)).abs().max() <= 1e-5
+            assert c.health() == "SERVING"
+        assert pool.describe().degraded == ()
+    finally:
+        pool.shutdown()
