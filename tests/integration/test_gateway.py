@@ -437,7 +437,8 @@ def test_health_tells_the_truth_through_a_full_outage(ray_cluster, tokens):
         pool.shutdown()
 
 
-ints = st.sampled_from([-(2**63), -(2**31), -1, 0, 1, 2, 3, 7, 9, 2**31, 2**62, 2**63 - 1])
+wild_ints = st.sampled_from([-(2**63), -(2**31), -1, 0, 9, 2**31, 2**62, 2**63 - 1])
+ints = st.one_of(st.integers(0, 3), wild_ints)  # valid calls too, about half of the time
 ADMIN_CALLS = {
     "Replicate": st.builds(admin_pb2.ReplicaRequest, expert_id=ints, replicas=ints, layer=ints),
     "Pin": st.builds(admin_pb2.ReplicaRequest, expert_id=ints, replicas=ints, layer=ints),
@@ -483,7 +484,7 @@ def test_fuzz_admin_calls_with_the_admin_token(ray_cluster, tokens):
                 assert e.details() and "Traceback" not in e.details()
 
         fuzz()
-        assert outcomes["OK"] >= 5 and outcomes["INVALID_ARGUMENT"] >= 5, outcomes
+        assert outcomes["OK"] >= 3 and outcomes["INVALID_ARGUMENT"] >= 5, outcomes
         now = raymoe.PoolSpec.from_dict(pool.describe().spec)
         x = torch.randn(16, D, generator=torch.Generator().manual_seed(4))
         with raymoe.Client(endpoint, token=DATA) as c:
