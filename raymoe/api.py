@@ -34,17 +34,32 @@ class PoolHandle:
         self._controller = controller
         self._routers = routers
         self._next = itertools.count()
+        self._no_retry: dict = {}  # router -> its forward method that Ray does not retry
+
+    def __getstate__(self) -> dict:  # sent to tasks and actors: handles, not their methods
+        return {**self.__dict__, "_no_retry": {}}
 
     def forward_async(
         self, x, *, layer=0, expert_ids=None, weights=None, token_ids=None, timeout_s=None
     ):
-        """Start a forward pass; returns a Ray ObjectRef of the numpy result."""
+        """Start a forward pass; returns a Ray ObjectRef of the numpy result (Ray resends it
+        to the same router if that one restarts)."""
+        return self._send(x, layer, expert_ids, weights, token_ids, timeout_s, resend=False)
+
+    def _send(self, x, layer, expert_ids, weights, token_ids, timeout_s, resend: bool):
+        """A forward call to the next router; with ``resend`` the caller resends a call
+        whose router died (Ray does not wait for that router to restart)."""
         if not self._routers:  # connected while the pool was starting
             self._routers = _get(self._controller.routers.remote())
             if not self._routers:
                 raise PoolUnavailableError(f"pool {self.name!r} is starting: no routers yet")
         router = self._routers[next(self._next) % len(self._routers)]
-        return router.forward.remote(
+        method = router.forward
+        if resend:  # NOTE: options() costs ~0.5 ms a call: made once per router
+            method = self._no_retry.get(router) or self._no_retry.setdefault(
+                router, router.forward.options(max_task_retries=0)
+            )
+        return method.remote(
             _np(x),
             expert_ids=_np(expert_ids),
             weights=_np(weights),
@@ -62,18 +77,19 @@ class PoolHandle:
         wait (at most the spec's ``limits.request_timeout_s``). Raises typed raymoe errors
         (:class:`~raymoe.errors.LayerIndexError` for a layer the pool does not have).
         """
-        routes = {"expert_ids": expert_ids, "weights": weights, "token_ids": token_ids}
         deadline = time.monotonic() + (timeout_s or timeouts.RESEND_S)
         for attempt in itertools.count():
-            ref = self.forward_async(x, layer=layer, timeout_s=timeout_s, **routes)
+            ref = self._send(x, layer, expert_ids, weights, token_ids, timeout_s, resend=True)
             try:
                 out = np.array(_get(ref))  # read-only out of the object store: copy
                 return torch.from_numpy(out) if isinstance(x, torch.Tensor) else out
-            except ray.exceptions.RayActorError as e:  # that router is gone for good
+            except ray.exceptions.RayActorError as e:  # that router died or restarts
                 if time.monotonic() >= deadline:
                     raise PoolUnavailableError(f"no router of {self.name!r} answered") from e
+                if (attempt + 1) % len(self._routers):
+                    continue  # forward is idempotent: the next router takes it now
                 time.sleep(min(timeouts.BACKOFF_S[0] * 2**attempt, timeouts.BACKOFF_S[1]))
-                self._routers = _get(self._controller.routers.remote())  # forward: idempotent
+                self._routers = _get(self._controller.routers.remote())  # every one failed
 
     def describe(self) -> PoolDescription:
         """Spec, shards, routers, placement and routing versions, experts per shard, pins."""

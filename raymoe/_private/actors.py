@@ -457,19 +457,22 @@ class RayPoolBackend:
             raise
 
     async def forward(self, x, expert_ids, weights, token_ids, timeout_s, layer=0):
-        def router():
-            return self._routers[next(self._next) % len(self._routers)]
-
-        return await self._call(
-            router,
-            "forward",
-            x,
-            expert_ids=expert_ids,
-            weights=weights,
-            token_ids=token_ids,
-            timeout_s=timeout_s,
-            layer=layer,
-        )
+        """On the next router; a call whose router dies is resent to the next one at once
+        (forward is idempotent), each router tried once."""
+        await self._attach()
+        routes = {"expert_ids": expert_ids, "weights": weights, "token_ids": token_ids}
+        for attempt in range(len(self._routers)):
+            router = self._routers[next(self._next) % len(self._routers)]
+            ref = router.forward.options(max_task_retries=0).remote(
+                x, timeout_s=timeout_s, layer=layer, **routes
+            )
+            try:
+                return await wait_async(ref)
+            except PoolUnavailableError as e:
+                router_died = isinstance(e.__cause__, ray.exceptions.RayActorError)
+                if not router_died or attempt == len(self._routers) - 1:
+                    self._controller = None  # routers may have been replaced: fetch again
+                    raise
 
     async def stats(self, window_s: float, load_bins: int = 0) -> PoolStats:
         return await self._call(lambda: self._controller, "stats", window_s, load_bins)

@@ -265,3 +265,54 @@ def test_admin_calls_past_the_pools_limits_are_refused_through_the_gateway(ray_c
         assert all("ResourceLimitError" in e["error"] for e in pool.audit(2))
     finally:
         pool.shutdown()
+
+
+def test_a_router_killed_under_load_fails_no_request(ray_cluster):
+    """A router SIGKILLed (as a node fault would) under 4 clients: its in-flight forwards
+    are resent to the other router at once, through the PoolHandle and the gateway alike;
+    none fails and every answer equals MoELayer."""
+    import os
+    import signal
+
+    spec = PoolSpec.from_dict(
+        {
+            **spec_dict({"kind": "topk", "k": 2}, E=8),
+            "name": "t-router-kill",
+            "shards": {"count": 2, "routers": 2},
+            "gateway": {"enabled": True, "host": "127.0.0.1", "port": 0},
+        }
+    )
+    pool = raymoe.serve(spec)
+    ref = MoELayer(spec).eval()
+    stop, failures, done = threading.Event(), [], [0, 0]
+
+    def client(i: int) -> None:
+        rng = np.random.default_rng(i)
+        with raymoe.Client(pool.gateways()[0]) as c:
+            while not stop.is_set():
+                x = rng.standard_normal((8, 16)).astype(np.float32)
+                try:
+                    y = pool.forward(x) if i % 2 else c.forward(x)
+                    with torch.no_grad():
+                        assert (
+                            np.abs(np.asarray(y) - ref(torch.from_numpy(x)).numpy()).max() <= 1e-5
+                        )
+                    done[i % 2] += 1
+                except Exception as e:  # the test asserts there are none
+                    failures.append(e)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(4)]
+    try:
+        for t in threads:
+            t.start()
+        time.sleep(1)
+        router = ray.get_actor("t-router-kill:router:0", namespace="raymoe")
+        os.kill(ray.get(router.__ray_call__.remote(lambda self: os.getpid())), signal.SIGKILL)
+        time.sleep(4)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+        pool.shutdown()
+    assert not failures, failures[:1]
+    assert all(done), done
