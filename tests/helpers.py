@@ -98,3 +98,12 @@ class ClientThreads:
         self.stop.set()
         for t in self.threads:
             t.join(timeout=120)
+
+
+def randomized(module: torch.nn.Module, seed: int, scale: float = 0.3) -> torch.nn.Module:
+    """``module`` with every parameter drawn anew (unlike its seeded init), in place."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * scale)
+    return module

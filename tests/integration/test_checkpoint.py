@@ -13,7 +13,7 @@ import torch
 import raymoe
 from raymoe import CheckpointError, MoEStack, PoolSpec
 from raymoe import checkpoint as ck
-from tests.helpers import spec_dict
+from tests.helpers import randomized, spec_dict
 from tests.integration.gateway_common import gateway_section
 
 pytestmark = pytest.mark.integration
@@ -28,11 +28,8 @@ def test_save_under_traffic_and_restore_on_other_shards(ray_cluster, tmp_path):
             "shards": {"count": 2, "routers": 2},
         }
     )
-    stack = MoEStack(spec).eval()
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in stack.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    stack = randomized(MoEStack(spec).eval(), seed=0)
+    g = torch.Generator().manual_seed(1)
     pool = raymoe.serve(spec, weights=stack.state_dict())
     new = {
         "experts.w_gate": torch.randn(2, 24, 16, generator=g),

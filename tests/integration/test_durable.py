@@ -27,7 +27,7 @@ import raymoe
 from raymoe import MoELayer, PoolSpec, StoreUnavailableError
 from raymoe._private.control.goal import Goal
 from raymoe.store import open_store
-from tests.helpers import spec_dict
+from tests.helpers import randomized, spec_dict
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -119,11 +119,8 @@ def test_redis_down_for_10_s_under_8_clients(redis_server, ray_cluster, monkeypa
 
 def test_a_restarted_shard_reloads_its_rows_from_the_weight_files(ray_cluster, tmp_path):
     spec = _spec("t-reload")
-    layer = MoELayer(spec).eval()
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for p in layer.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    layer = randomized(MoELayer(spec).eval(), seed=3)
+    g = torch.Generator().manual_seed(4)
     pool = raymoe.serve(spec, weights=layer.state_dict())
     try:
         new = {  # scaled as trained weights are (outputs of order 1: fp32 error ~1e-7)
@@ -161,11 +158,7 @@ def test_a_shard_that_dies_with_the_controller_reloads_itself(ray_cluster, tmp_p
     saved goal and its rows itself; forwards succeed again within seconds, equal to
     MoELayer, with the controller still restarting."""
     spec = _spec("t-selfload")
-    layer = MoELayer(spec).eval()
-    g = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for p in layer.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    layer = randomized(MoELayer(spec).eval(), seed=5)
     pool = raymoe.serve(spec, weights=layer.state_dict())
     try:
         shard = ray.get_actor("t-selfload:shard:1", namespace="raymoe")
