@@ -16,8 +16,8 @@ import torch
 
 import raymoe
 from raymoe import MoELayer, PoolSpec
-from raymoe._private.actors import RayPoolBackend
 from raymoe._private.data.gateway import Gateway, GatewayThread
+from raymoe._private.gateway_actor import RayPoolBackend
 from raymoe.cli import main
 from raymoe.config import GatewaySpec
 from tests.helpers import free_port, spec_dict

@@ -31,12 +31,10 @@ import asyncio
 import dataclasses
 import logging
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from raymoe import checkpoint
 from raymoe._private import timeouts
 from raymoe._private.control import durable, growth, plans
 from raymoe._private.control.cluster import ActorUnreachable, Cluster
@@ -517,33 +515,21 @@ class Controller:
         return plans.report(self.goal, self._load(), change, target, self.expert_bytes, before)
 
     async def save_checkpoint(self, path: str) -> dict:
-        """Write a checkpoint (:mod:`raymoe.checkpoint`) to ``path``: each shard writes the
-        rows of the experts whose first replica it holds, the controller the gate and the
-        manifest, all under one placement version (no change applies meanwhile; traffic
-        flows). From then on the pool reloads from it. -> the manifest."""
+        """Write a checkpoint (:mod:`raymoe.checkpoint`) to ``path`` under one placement
+        version (no change applies meanwhile; traffic flows). From then on the pool reloads
+        from it. -> the manifest."""
         async with self.ops:
-            p, spec = self.placement, self.spec
             gate = dict(await self.roster.gate_weights())
-            writer = await asyncio.to_thread(checkpoint.Writer, path)
-            with writer:
-                files = {}
-                for n, ids in enumerate(plans.first_replicas(spec, p)):
-                    name = checkpoint.shard_file(n)
-                    files[name] = await self.cluster.call(
-                        self.shards[n],
-                        "write_rows",
-                        writer.file(name),
-                        ids,
-                        timeout=timeouts.CHECKPOINT_S,
-                    )
-                files[checkpoint.GATE] = await asyncio.to_thread(
-                    checkpoint.save_tensors, writer.file(checkpoint.GATE), gate
+
+            async def write_rows(n: int, file, ids):
+                return await self.cluster.call(
+                    self.shards[n], "write_rows", file, ids, timeout=timeouts.CHECKPOINT_S
                 )
-                manifest = await asyncio.to_thread(writer.commit, spec, p.version, files)
-            self.goal = self.goal.replace(
-                sources=tuple(checkpoint.row_files(path, manifest)),
-                gate_file=str(Path(path) / checkpoint.GATE),
+
+            manifest, sources, gate_file = await durable.write_checkpoint(
+                path, self.spec, self.placement, gate, write_rows
             )
+            self.goal = self.goal.replace(sources=sources, gate_file=gate_file)
             self.save(strict=False)
             self._prune()
             return manifest

@@ -15,6 +15,7 @@ the goal no longer names are removed (:func:`prune`).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import shutil
 from pathlib import Path
@@ -23,6 +24,7 @@ import numpy as np
 from safetensors.numpy import load_file
 
 from raymoe import checkpoint
+from raymoe._private.control import plans
 from raymoe._private.control.goal import Goal
 from raymoe._private.data.gates import split_weights
 from raymoe.config import PoolSpec
@@ -102,3 +104,21 @@ def prune(pool: str, keep: list[str]) -> None:
 
 def forget(pool: str) -> None:
     shutil.rmtree(pool_dir(pool), ignore_errors=True)
+
+
+async def write_checkpoint(path: str, spec: PoolSpec, placement, gate: dict, write_rows):
+    """Write a checkpoint of a pool to ``path``: each shard writes the rows of the experts
+    whose first replica it holds (``await write_rows(shard, file, ids)`` -> that file's
+    entry), then the gate and the manifest. -> (manifest, the goal's sources, gate file)."""
+    writer = await asyncio.to_thread(checkpoint.Writer, path)
+    with writer:
+        files = {}
+        for n, ids in enumerate(plans.first_replicas(spec, placement)):
+            name = checkpoint.shard_file(n)
+            files[name] = await write_rows(n, writer.file(name), ids)
+        files[checkpoint.GATE] = await asyncio.to_thread(
+            checkpoint.save_tensors, writer.file(checkpoint.GATE), gate
+        )
+        manifest = await asyncio.to_thread(writer.commit, spec, placement.version, files)
+    sources = tuple(checkpoint.row_files(path, manifest))
+    return manifest, sources, str(Path(path) / checkpoint.GATE)

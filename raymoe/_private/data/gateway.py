@@ -1,5 +1,5 @@
 """Gateway: the pool's public gRPC server (``grpc.aio``), a plain class over a
-:class:`PoolBackend` (``actors.RayPoolBackend`` in a pool; ``ray.remote`` is applied in
+:class:`PoolBackend` (``gateway_actor.RayPoolBackend`` in a pool; ``ray.remote`` is applied in
 actors.py). Replies are the typed values of :mod:`raymoe.reports`, converted in ``wire``.
 
 - ``raymoe.v1.PoolService`` (data plane) and ``raymoe.v1.AdminService`` (admin plane), from
