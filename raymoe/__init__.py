@@ -28,7 +28,7 @@ from raymoe.errors import (
     StoreUnavailableError,
 )
 from raymoe.layer import MoEInfo, MoELayer, MoEStack
-from raymoe.reports import Latency, OpReport, PoolDescription, PoolStats
+from raymoe.reports import ForwardInfo, Latency, OpReport, PoolDescription, PoolStats
 
 __version__ = "0.1.0"
 
@@ -43,6 +43,7 @@ __all__ = [
     "DeadlineExceededError",
     "EmptyBatchError",
     "ExpertIdError",
+    "ForwardInfo",
     "InvalidInputError",
     "Latency",
     "LayerIndexError",

@@ -22,7 +22,7 @@ from raymoe.errors import (
     PoolNotFoundError,
     PoolUnavailableError,
 )
-from raymoe.reports import OpReport, PoolDescription, PoolStats
+from raymoe.reports import ForwardInfo, OpReport, PoolDescription, PoolStats
 from raymoe.store import open_store
 
 
@@ -46,7 +46,7 @@ class PoolHandle:
         to the same router if that one restarts)."""
         return self._send(x, layer, expert_ids, weights, token_ids, timeout_s, resend=False)
 
-    def _send(self, x, layer, expert_ids, weights, token_ids, timeout_s, resend: bool):
+    def _send(self, x, layer, expert_ids, weights, token_ids, timeout_s, resend: bool, info=False):
         """A forward call to the next router; with ``resend`` the caller resends a call
         whose router died (Ray does not wait for that router to restart)."""
         if not self._routers:  # connected while the pool was starting
@@ -66,23 +66,39 @@ class PoolHandle:
             token_ids=_np(token_ids),
             timeout_s=timeout_s,
             layer=layer,
+            **({"info": True} if info else {}),
         )
 
-    def forward(self, x, *, layer=0, expert_ids=None, weights=None, token_ids=None, timeout_s=None):
+    def forward(
+        self,
+        x,
+        *,
+        layer=0,
+        expert_ids=None,
+        weights=None,
+        token_ids=None,
+        timeout_s=None,
+        return_info=False,
+    ):
         """``x`` [..., d] (torch or numpy) through MoE layer ``layer`` -> output of the same
         kind and shape.
 
         ``expert_ids`` and ``weights`` ([T, S]) are client routes (the layer's expert ids;
         -1 = empty slot); ``token_ids`` ([T]) feed hash routing; ``timeout_s`` bounds the
-        wait (at most the spec's ``limits.request_timeout_s``). Raises typed raymoe errors
+        wait (at most the spec's ``limits.request_timeout_s``). With ``return_info``:
+        (output, :class:`~raymoe.reports.ForwardInfo`). Raises typed raymoe errors
         (:class:`~raymoe.errors.LayerIndexError` for a layer the pool does not have).
         """
         deadline = time.monotonic() + (timeout_s or timeouts.RESEND_S)
         for attempt in itertools.count():
-            ref = self._send(x, layer, expert_ids, weights, token_ids, timeout_s, resend=True)
+            args = (x, layer, expert_ids, weights, token_ids, timeout_s)
+            ref = self._send(*args, resend=True, info=return_info)
             try:
-                out = np.array(_get(ref))  # read-only out of the object store: copy
-                return torch.from_numpy(out) if isinstance(x, torch.Tensor) else out
+                got = _get(ref)
+                y, info = got if return_info else (got, None)
+                out = np.array(y)  # read-only out of the object store: copy
+                out = torch.from_numpy(out) if isinstance(x, torch.Tensor) else out
+                return (out, ForwardInfo(info["degraded_tokens"])) if return_info else out
             except ray.exceptions.RayActorError as e:  # that router died or restarts
                 if time.monotonic() >= deadline:
                     raise PoolUnavailableError(f"no router of {self.name!r} answered") from e

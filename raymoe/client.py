@@ -34,6 +34,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from raymoe._private.data import wire
 from raymoe._private.data.stats import check_load_bins
 from raymoe.errors import LayerIndexError, RaymoeError
+from raymoe.reports import ForwardInfo
 from raymoe.v1 import admin_pb2, admin_pb2_grpc, pool_pb2, pool_pb2_grpc
 
 TOKEN_ENV = "RAYMOE_TOKEN"
@@ -96,12 +97,28 @@ class _Base:
 
     # --- the methods of PoolHandle
 
-    def forward(self, x, *, layer=0, expert_ids=None, weights=None, token_ids=None, timeout_s=None):
+    def forward(
+        self,
+        x,
+        *,
+        layer=0,
+        expert_ids=None,
+        weights=None,
+        token_ids=None,
+        timeout_s=None,
+        return_info=False,
+    ):
         """``x`` [..., d] (torch or numpy) through MoE layer ``layer`` -> output of the same
         kind and shape; optional client routes ``expert_ids``/``weights`` [T, S] (the
-        layer's expert ids) and ``token_ids`` [T]."""
+        layer's expert ids) and ``token_ids`` [T]. With ``return_info``: (output,
+        :class:`~raymoe.reports.ForwardInfo`)."""
         req = _request(x, expert_ids, weights, token_ids, layer=layer)
-        return self._unary(self._pool.Forward, req, lambda r: _output(r, x), timeout_s)
+
+        def convert(reply):
+            y = _output(reply, x)
+            return (y, ForwardInfo(reply.degraded_tokens)) if return_info else y
+
+        return self._unary(self._pool.Forward, req, convert, timeout_s)
 
     def stats(self, window_s: float = 60.0, load_bins: int = 0):
         """Throughput, latency p50/p99, per-shard pairs, imbalance, per-expert load; with

@@ -5,7 +5,8 @@ conversion lives in one module (``raymoe._private.data.wire``).
 - :class:`OpReport`: the answer of every runtime operation (rebalance, replicate, pin,
   unpin, drain, scale, add and remove experts);
 - :class:`PoolStats`: traffic over a window ending now;
-- :class:`PoolDescription`: the pool's layout and state.
+- :class:`PoolDescription`: the pool's layout and state;
+- :class:`ForwardInfo`: what a forward pass says beside its output (``return_info=True``).
 """
 
 from __future__ import annotations
@@ -34,6 +35,15 @@ def _plain(value: Any) -> Any:
 class _Report:
     def to_dict(self) -> dict[str, Any]:
         return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+
+@dataclass(frozen=True)
+class ForwardInfo(_Report):
+    """Beside a forward pass's output: ``degraded_tokens``, the rows served without some of
+    their experts (``faults.on_unreachable: degrade`` and every replica of those experts
+    unreachable; their remaining weights were renormalised). 0 for a full answer."""
+
+    degraded_tokens: int = 0
 
 
 @dataclass(frozen=True)

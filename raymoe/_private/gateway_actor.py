@@ -52,10 +52,11 @@ class RayPoolBackend:
         for attempt in range(len(self._routers)):
             router = self._routers[next(self._next) % len(self._routers)]
             ref = router.forward.options(max_task_retries=0).remote(
-                x, timeout_s=timeout_s, layer=layer, **routes
+                x, timeout_s=timeout_s, layer=layer, info=True, **routes
             )
             try:
-                return await wait_async(ref)
+                y, info = await wait_async(ref)
+                return y, info["degraded_tokens"]
             except PoolUnavailableError as e:
                 router_died = isinstance(e.__cause__, ray.exceptions.RayActorError)
                 if not router_died or attempt == len(self._routers) - 1:

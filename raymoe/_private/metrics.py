@@ -53,6 +53,9 @@ CATALOG = {m.name: m for m in (
     Metric("raymoe_shard_pairs_total", "counter", "(token, expert) pairs sent to each shard",
            ("shard",)),
     Metric("raymoe_retries_total", "counter", "sub-batches sent again (shard down or loading)"),
+    Metric("raymoe_hedges_total", "counter", "sub-batches sent to other replicas (shard silent)"),
+    Metric("raymoe_degraded_requests_total", "counter",
+           "requests served without some of their experts (faults.on_unreachable: degrade)"),
     # the controller: layout, load, changes, recovery
     Metric("raymoe_placement_version", "gauge", "placement version in service"),
     Metric("raymoe_shards", "gauge", "shards of the pool"),

@@ -152,6 +152,24 @@ class LimitsSpec(_Section):
     max_pool_bytes: PositiveInt | None = None
 
 
+class FaultSpec(_Section):
+    """What the data path does when shards fail or go silent (a dead node's shards answer
+    nothing until Ray declares the node dead, which takes many seconds)."""
+
+    # a sub-batch whose shard has not answered within this, and within 4x the slowest of
+    # its batch's answered sub-batches and of the router's typical call, is sent again to
+    # other replicas of its experts (the first answer counts)
+    hedge_after_s: float = Field(0.1, gt=0.0, le=60.0)
+    # a shard that failed or went silent gets no pairs another replica can take for this
+    # long (or until it answers)
+    suspect_s: float = Field(2.0, ge=0.0, le=600.0)
+    # every replica of an expert unreachable: "fail" waits for one until the request's
+    # deadline, then fails the request; "degrade" drops the expert from the tokens that
+    # chose it after degrade_after_s, renormalises their remaining weights, and flags them
+    on_unreachable: Literal["fail", "degrade"] = "fail"
+    degrade_after_s: float = Field(1.0, gt=0.0, le=600.0)
+
+
 class GatewaySpec(_Section):
     """The pool's public gRPC gateway (data plane and admin plane; see ``protos/``).
 

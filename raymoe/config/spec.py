@@ -23,6 +23,7 @@ from raymoe.config.routing import ROUTING_KINDS, RoutingSpec, SpecProblem, _Sect
 from raymoe.config.sections import (
     ControlSpec,
     ExpertSpec,
+    FaultSpec,
     GatewaySpec,
     LimitsSpec,
     ShardSpec,
@@ -58,6 +59,7 @@ class PoolSpec(_Section):
     shards: ShardSpec = ShardSpec()
     limits: LimitsSpec = LimitsSpec()
     control: ControlSpec = ControlSpec()
+    faults: FaultSpec = FaultSpec()
     gateway: GatewaySpec = GatewaySpec()
     layers: tuple[LayerSpec, ...] = ()
     id_blocks: tuple[tuple[NonNegativeInt, PositiveInt], ...] = ()

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from raymoe.v1 import tensor_pb2 as raymoe_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14raymoe/v1/pool.proto\x12\traymoe.v1\x1a\x16raymoe/v1/tensor.proto\"\xc2\x01\n\x0e\x46orwardRequest\x12\x1c\n\x01x\x18\x01 \x01(\x0b\x32\x11.raymoe.v1.Tensor\x12%\n\nexpert_ids\x18\x02 \x01(\x0b\x32\x11.raymoe.v1.Tensor\x12\"\n\x07weights\x18\x03 \x01(\x0b\x32\x11.raymoe.v1.Tensor\x12$\n\ttoken_ids\x18\x04 \x01(\x0b\x32\x11.raymoe.v1.Tensor\x12\x12\n\nrequest_id\x18\x05 \x01(\x04\x12\r\n\x05layer\x18\x06 \x01(\r\"4\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\"o\n\x0c\x46orwardReply\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\x1e\n\x01y\x18\x02 \x01(\x0b\x32\x11.raymoe.v1.TensorH\x00\x12!\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x10.raymoe.v1.ErrorH\x00\x42\x08\n\x06result\"3\n\x0cStatsRequest\x12\x10\n\x08window_s\x18\x01 \x01(\x01\x12\x11\n\tload_bins\x18\x02 \x01(\r\"\xb0\x04\n\nStatsReply\x12\x10\n\x08requests\x18\x01 \x01(\x04\x12\x19\n\x0ctokens_per_s\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\x1b\n\x0elatency_p50_ms\x18\x03 \x01(\x01H\x01\x88\x01\x01\x12\x1b\n\x0elatency_p99_ms\x18\x04 \x01(\x01H\x02\x88\x01\x01\x12\x1e\n\x11\x62\x61tch_tokens_mean\x18\x05 \x01(\x01H\x03\x88\x01\x01\x12\x1d\n\x10\x62\x61tch_tokens_max\x18\x06 \x01(\x03H\x04\x88\x01\x01\x12\x17\n\x0fpairs_per_shard\x18\x07 \x03(\x03\x12\x11\n\timbalance\x18\x08 \x01(\x01\x12&\n\x0b\x65xpert_load\x18\t \x01(\x0b\x32\x11.raymoe.v1.Tensor\x12\x35\n\x08\x63ounters\x18\n \x03(\x0b\x32#.raymoe.v1.StatsReply.CountersEntry\x12\x10\n\x08window_s\x18\x0b \x01(\x01\x12\x0e\n\x06tokens\x18\x0c \x01(\x04\x12#\n\x08load_map\x18\r \x01(\x0b\x32\x11.raymoe.v1.Tensor\x12\x17\n\x0flayer_imbalance\x18\x0e \x03(\x01\x1a/\n\rCountersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\x42\x0f\n\r_tokens_per_sB\x11\n\x0f_latency_p50_msB\x11\n\x0f_latency_p99_msB\x14\n\x12_batch_tokens_meanB\x13\n\x11_batch_tokens_max2\xce\x01\n\x0bPoolService\x12=\n\x07\x46orward\x12\x19.raymoe.v1.ForwardRequest\x1a\x17.raymoe.v1.ForwardReply\x12G\n\rForwardStream\x12\x19.raymoe.v1.ForwardRequest\x1a\x17.raymoe.v1.ForwardReply(\x01\x30\x01\x12\x37\n\x05Stats\x12\x17.raymoe.v1.StatsRequest\x1a\x15.raymoe.v1.StatsReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14raymoe/v1/pool.proto\x12\traymoe.v1\x1a\x16raymoe/v1/tensor.proto\"\xc2\x01\n\x0e\x46orwardRequest\x12\x1c\n\x01x\x18\x01 \x01(\x0b\x32\x11.raymoe.v1.Tensor\x12%\n\nexpert_ids\x18\x02 \x01(\x0b\x32\x11.raymoe.v1.Tensor\x12\"\n\x07weights\x18\x03 \x01(\x0b\x32\x11.raymoe.v1.Tensor\x12$\n\ttoken_ids\x18\x04 \x01(\x0b\x32\x11.raymoe.v1.Tensor\x12\x12\n\nrequest_id\x18\x05 \x01(\x04\x12\r\n\x05layer\x18\x06 \x01(\r\"4\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\"\x88\x01\n\x0c\x46orwardReply\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\x1e\n\x01y\x18\x02 \x01(\x0b\x32\x11.raymoe.v1.TensorH\x00\x12!\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x10.raymoe.v1.ErrorH\x00\x12\x17\n\x0f\x64\x65graded_tokens\x18\x04 \x01(\rB\x08\n\x06result\"3\n\x0cStatsRequest\x12\x10\n\x08window_s\x18\x01 \x01(\x01\x12\x11\n\tload_bins\x18\x02 \x01(\r\"\xb0\x04\n\nStatsReply\x12\x10\n\x08requests\x18\x01 \x01(\x04\x12\x19\n\x0ctokens_per_s\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\x1b\n\x0elatency_p50_ms\x18\x03 \x01(\x01H\x01\x88\x01\x01\x12\x1b\n\x0elatency_p99_ms\x18\x04 \x01(\x01H\x02\x88\x01\x01\x12\x1e\n\x11\x62\x61tch_tokens_mean\x18\x05 \x01(\x01H\x03\x88\x01\x01\x12\x1d\n\x10\x62\x61tch_tokens_max\x18\x06 \x01(\x03H\x04\x88\x01\x01\x12\x17\n\x0fpairs_per_shard\x18\x07 \x03(\x03\x12\x11\n\timbalance\x18\x08 \x01(\x01\x12&\n\x0b\x65xpert_load\x18\t \x01(\x0b\x32\x11.raymoe.v1.Tensor\x12\x35\n\x08\x63ounters\x18\n \x03(\x0b\x32#.raymoe.v1.StatsReply.CountersEntry\x12\x10\n\x08window_s\x18\x0b \x01(\x01\x12\x0e\n\x06tokens\x18\x0c \x01(\x04\x12#\n\x08load_map\x18\r \x01(\x0b\x32\x11.raymoe.v1.Tensor\x12\x17\n\x0flayer_imbalance\x18\x0e \x03(\x01\x1a/\n\rCountersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\x42\x0f\n\r_tokens_per_sB\x11\n\x0f_latency_p50_msB\x11\n\x0f_latency_p99_msB\x14\n\x12_batch_tokens_meanB\x13\n\x11_batch_tokens_max2\xce\x01\n\x0bPoolService\x12=\n\x07\x46orward\x12\x19.raymoe.v1.ForwardRequest\x1a\x17.raymoe.v1.ForwardReply\x12G\n\rForwardStream\x12\x19.raymoe.v1.ForwardRequest\x1a\x17.raymoe.v1.ForwardReply(\x01\x30\x01\x12\x37\n\x05Stats\x12\x17.raymoe.v1.StatsRequest\x1a\x15.raymoe.v1.StatsReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,14 +38,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_FORWARDREQUEST']._serialized_end=254
   _globals['_ERROR']._serialized_start=256
   _globals['_ERROR']._serialized_end=308
-  _globals['_FORWARDREPLY']._serialized_start=310
-  _globals['_FORWARDREPLY']._serialized_end=421
-  _globals['_STATSREQUEST']._serialized_start=423
-  _globals['_STATSREQUEST']._serialized_end=474
-  _globals['_STATSREPLY']._serialized_start=477
-  _globals['_STATSREPLY']._serialized_end=1037
-  _globals['_STATSREPLY_COUNTERSENTRY']._serialized_start=892
-  _globals['_STATSREPLY_COUNTERSENTRY']._serialized_end=939
-  _globals['_POOLSERVICE']._serialized_start=1040
-  _globals['_POOLSERVICE']._serialized_end=1246
+  _globals['_FORWARDREPLY']._serialized_start=311
+  _globals['_FORWARDREPLY']._serialized_end=447
+  _globals['_STATSREQUEST']._serialized_start=449
+  _globals['_STATSREQUEST']._serialized_end=500
+  _globals['_STATSREPLY']._serialized_start=503
+  _globals['_STATSREPLY']._serialized_end=1063
+  _globals['_STATSREPLY_COUNTERSENTRY']._serialized_start=918
+  _globals['_STATSREPLY_COUNTERSENTRY']._serialized_end=965
+  _globals['_POOLSERVICE']._serialized_start=1066
+  _globals['_POOLSERVICE']._serialized_end=1272
 # @@protoc_insertion_point(module_scope)

@@ -34,14 +34,16 @@ class Error(_message.Message):
     def __init__(self, code: _Optional[int] = ..., type: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
 
 class ForwardReply(_message.Message):
-    __slots__ = ("request_id", "y", "error")
+    __slots__ = ("request_id", "y", "error", "degraded_tokens")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     Y_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    DEGRADED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     request_id: int
     y: _tensor_pb2.Tensor
     error: Error
-    def __init__(self, request_id: _Optional[int] = ..., y: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
+    degraded_tokens: int
+    def __init__(self, request_id: _Optional[int] = ..., y: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., degraded_tokens: _Optional[int] = ...) -> None: ...
 
 class StatsRequest(_message.Message):
     __slots__ = ("window_s", "load_bins")

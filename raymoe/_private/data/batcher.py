@@ -35,6 +35,7 @@ class Request:
     future: asyncio.Future
     layer: int = 0  # the MoE layer of a multi-layer pool
     started: float = field(default_factory=time.perf_counter)
+    degraded: int = 0  # rows served without some of their experts (degrade mode)
 
     @property
     def tokens(self) -> int:

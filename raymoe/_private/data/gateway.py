@@ -58,7 +58,10 @@ class PoolBackend(Protocol):
 
     async def forward(
         self, x, expert_ids, weights, token_ids, timeout_s, layer: int = 0
-    ) -> np.ndarray: ...
+    ) -> tuple[np.ndarray, int]:
+        """-> (output, rows served without some of their experts: degrade mode)"""
+        ...
+
     async def stats(self, window_s: float, load_bins: int = 0) -> PoolStats: ...
     async def describe(self) -> PoolDescription: ...
     async def op(self, name: str, *args, **kwargs) -> OpReport: ...
@@ -230,8 +233,10 @@ class Gateway:
             work = self.backend.forward(
                 x, opt["expert_ids"], opt["weights"], opt["token_ids"], time_left, req.layer
             )
-            y = await asyncio.wait_for(work, time_left)
-            return pool_pb2.ForwardReply(request_id=req.request_id, y=wire.to_tensor(y))
+            y, degraded = await asyncio.wait_for(work, time_left)
+            return pool_pb2.ForwardReply(
+                request_id=req.request_id, y=wire.to_tensor(y), degraded_tokens=degraded
+            )
         finally:
             self._inflight -= 1
 

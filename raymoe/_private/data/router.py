@@ -7,10 +7,11 @@ The data path of one batch, as named stages (vLLM's modular MoE kernel):
    take the callers' own routes;
 2. *dispatch*: split into one sub-batch per shard under one placement version
    (:mod:`.dispatch`) and send them through a :class:`ShardCalls` transport; a sub-batch
-   whose shard died or is reloading goes to another replica of its experts where there is
-   one, else to the same shard once it is back, until the request's deadline;
-3. *combine*: scatter-add the shards' partial sums, add the shared experts; each caller
-   gets its own rows.
+   whose shard died, is reloading or is silent goes to another replica of its experts
+   where there is one, else to the same shard once it is back, until the request's
+   deadline, or is dropped in degrade mode (:mod:`.attempts`, ``spec.faults``);
+3. *combine*: scatter-add the shards' partial sums (renormalised on rows that lost
+   experts in degrade mode), add the shared experts; each caller gets its own rows.
 
 Requests are validated in their caller's coroutine (bad input fails that caller only) and
 coalesced by a :class:`.batcher.Batcher`. Tensors cross actor boundaries as numpy arrays.
@@ -26,9 +27,9 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from raymoe._private import timeouts
+from raymoe._private.data.attempts import Attempts
 from raymoe._private.data.batcher import Batcher, Request
-from raymoe._private.data.dispatch import DispatchTable, SubBatch, combine, resplit, split_by_shard
+from raymoe._private.data.dispatch import DispatchTable, SubBatch, combine
 from raymoe._private.data.gates import Gates
 from raymoe._private.data.stats import RouterStats
 from raymoe._private.metrics import Metrics, NullMetrics
@@ -67,6 +68,7 @@ class Router:
         self._ready = asyncio.Event()
         self.batcher = Batcher(spec.limits, self._run_batch)
         self.traffic = RouterStats(spec.num_experts, spec.shards.count)
+        self.attempts = Attempts(spec.faults, self.traffic.counters, self.metrics)
         self._running = collections.Counter()  # placement version -> batches running under it
         self._stage_s = collections.Counter()  # seconds spent per stage of the data path
 
@@ -104,6 +106,7 @@ class Router:
             self.gates = Gates(spec, weights, old=self.gates)
             self.spec = spec
             self.routing_version = placement.version if routing_version is None else routing_version
+            self.attempts.faults = spec.faults
         self.traffic.resize(self.spec.num_experts, placement.num_shards)
         self.table = DispatchTable(placement)
 
@@ -139,11 +142,14 @@ class Router:
         token_ids: np.ndarray | None = None,
         timeout_s: float | None = None,
         layer: int = 0,
-    ) -> np.ndarray:
+        info: bool = False,
+    ):
         """``x`` [..., d] -> [..., d] through MoE layer ``layer``; optional client routes
-        [T, S] (the layer's expert ids) or token ids [T]."""
+        [T, S] (the layer's expert ids) or token ids [T]. With ``info``: (output,
+        {"degraded_tokens": rows served without some of their experts})."""
         try:
-            return await self._forward(x, expert_ids, weights, token_ids, timeout_s, layer)
+            out, degraded = await self._forward(x, expert_ids, weights, token_ids, timeout_s, layer)
+            return (out, {"degraded_tokens": degraded}) if info else out
         except Exception as e:
             self.metrics.inc("raymoe_request_errors_total", error=type(e).__name__)
             raise
@@ -154,7 +160,7 @@ class Router:
         deadline = time.monotonic() + timeout
         req = self._check(x, expert_ids, weights, token_ids, deadline, layer)
         if req.tokens == 0:
-            return np.zeros(req.x.shape, dtype=np.asarray(x).dtype)
+            return np.zeros(req.x.shape, dtype=np.asarray(x).dtype), 0
         try:
             await asyncio.wait_for(self._ready.wait(), timeout)
         except TimeoutError:
@@ -175,7 +181,10 @@ class Router:
         self.metrics.inc("raymoe_requests_total")
         self.metrics.inc("raymoe_tokens_total", req.tokens)
         self.metrics.observe("raymoe_request_latency_seconds", latency)
-        return out
+        if req.degraded:
+            self.traffic.counters["degraded_requests"] += 1
+            self.metrics.inc("raymoe_degraded_requests_total")
+        return out, req.degraded
 
     def _check(self, x, expert_ids, weights, token_ids, deadline, layer) -> Request:
         spec = self.spec
@@ -217,10 +226,18 @@ class Router:
             flat, ids, w, mixes = await self._offload(_route, batch, gates)  # 1. route
             t1 = time.perf_counter()
             deadline = max(r.deadline for r in batch)
-            parts = await self._dispatch(flat, ids, w, table, deadline)  # 2. dispatch
+            done = await self.attempts.run(  # 2. dispatch
+                lambda sub, delay: self._call(sub, flat, delay),
+                self.shards.retryable,
+                ids,
+                w,
+                table,
+                deadline,
+            )
+            parts, (scale, degraded) = done.parts, _renormalise(w, done.dropped)
             t2 = time.perf_counter()
             spans = _spans(batch, mixes)
-            y = await self._offload(self._combine, flat, parts, gates, spans)  # 3. combine
+            y = await self._offload(self._combine, flat, parts, gates, spans, scale)  # 3. combine
             stages = {"route": t1 - t0, "dispatch": t2 - t1, "combine": time.perf_counter() - t2}
             self._stage_s.update(stages)
         except BaseException as e:  # every caller of the batch hears about it
@@ -236,10 +253,14 @@ class Router:
         tokens = sum(r.tokens for r in batch)
         self.traffic.batch(ids[ids >= 0].numpy(), shard_pairs, tokens)
         self._record_batch(stages, shard_pairs, tokens)
+        if degraded is not None:
+            self.traffic.counters["degraded_rows"] += int(degraded.sum())
         start = 0
         for r, mix in zip(batch, mixes, strict=True):
             rows = r.tokens if mix is None else mix.x.shape[0]
             out = y[start : start + rows]
+            if degraded is not None:
+                r.degraded = int(degraded[start : start + rows].sum())
             start += rows
             if mix is not None:
                 out = gates.layers[r.layer].router.unmix(out, mix)
@@ -264,37 +285,9 @@ class Router:
             return fn(batch_or_flat, *args)
         return await asyncio.to_thread(fn, batch_or_flat, *args)
 
-    async def _dispatch(self, flat, ids, w, table: DispatchTable, deadline: float):
-        """Run every sub-batch to completion (retrying failed ones); -> (sub-batch, partial)."""
-        avoid = torch.zeros(table.num_shards, dtype=torch.bool)
-        todo = split_by_shard(ids, w, table)
-        parts: list[tuple[SubBatch, torch.Tensor]] = []
-        backoff = timeouts.BACKOFF_S[0]
-        for _ in range(timeouts.MAX_ATTEMPTS):
-            results = await asyncio.gather(
-                *(self._call(s, flat) for s in todo), return_exceptions=True
-            )
-            failed = []
-            for sub, res in zip(todo, results, strict=True):
-                if not isinstance(res, BaseException):
-                    parts.append((sub, torch.from_numpy(res)))
-                elif self.shards.retryable(res):
-                    failed.append(sub)
-                    avoid[sub.shard] = True
-                else:
-                    raise res
-            if not failed:
-                return parts
-            self.traffic.counters["retries"] += len(failed)
-            self.metrics.inc("raymoe_retries_total", len(failed))
-            if time.monotonic() + backoff >= deadline:
-                raise DeadlineExceededError("shards unavailable until the request's deadline")
-            await asyncio.sleep(backoff)
-            backoff = min(2 * backoff, timeouts.BACKOFF_S[1])
-            todo = [s for sub in failed for s in resplit(sub, table, avoid)]
-        raise PoolUnavailableError(f"shards still failing after {timeouts.MAX_ATTEMPTS} attempts")
-
-    async def _call(self, sub: SubBatch, flat: torch.Tensor) -> np.ndarray:
+    async def _call(self, sub: SubBatch, flat: torch.Tensor, delay: float = 0.0) -> np.ndarray:
+        if delay > 0:
+            await asyncio.sleep(delay)
         return await self.shards.compute(
             sub.shard,
             flat[sub.tokens].numpy(),
@@ -303,10 +296,12 @@ class Router:
         )
 
     @torch.no_grad()
-    def _combine(self, flat, parts, gates: Gates, spans: dict) -> torch.Tensor:
-        """The shards' partial sums, plus each layer's shared experts on its rows
-        (``spans``: layer -> [rows of its requests])."""
+    def _combine(self, flat, parts, gates: Gates, spans: dict, scale=None) -> torch.Tensor:
+        """The shards' partial sums (times ``scale`` [R, 1] in degrade mode), plus each
+        layer's shared experts on its rows (``spans``: layer -> [rows of its requests])."""
         y = combine(flat.shape[0], self.spec.d_model, parts, flat)
+        if scale is not None:
+            y *= scale.to(y.dtype)
         for layer, rows in spans.items():
             gate = gates.layers[layer]
             if gate.shared is None:
@@ -387,6 +382,23 @@ def _route_layer(batch, mine: list[int], layer: MoELayer, rows, mixes, routes) -
         t = batch[i].tokens
         routes[i] = (rt.ids[start : start + t], rt.weights[start : start + t])
         start += t
+
+
+def _renormalise(w: torch.Tensor, dropped: list[SubBatch]):
+    """When pairs were dropped (degrade mode): ([R, 1] scale of each row's routed output,
+    [R] bool rows that lost pairs). The scale is a row's weight sum over what remains of
+    it, so its remaining experts carry its whole weight (0 for a row that lost every
+    expert). (None, None) when nothing was dropped."""
+    if not dropped:
+        return None, None
+    total = w.sum(1, dtype=torch.float64)
+    lost = torch.zeros_like(total)
+    for sub in dropped:
+        lost.index_add_(0, sub.tokens, sub.weights.sum(1, dtype=torch.float64))
+    kept = total - lost
+    ok = kept.abs() > 1e-12 * total.abs().clamp(min=1e-30)
+    scale = torch.where(ok, total / torch.where(ok, kept, 1.0), 0.0)
+    return scale.unsqueeze(1), lost != 0
 
 
 def _spans(batch: list[Request], mixes: list) -> dict[int, torch.Tensor]:

@@ -54,7 +54,7 @@ class FakePool:
             await asyncio.sleep(0.005)
         if x.shape[-1] != 4:
             raise raymoe.ShapeError(f"x must have shape [..., 4], got {list(x.shape)}")
-        return x * 2
+        return x * 2, 0
 
     async def stats(self, window_s, load_bins=0):
         return PoolStats(
