@@ -111,7 +111,13 @@ class ShardActor(ExpertShard):
             self.loading = False
 
     def status(self):
-        return {**super().status(), "loading": self.loading, "loaded_by": self.loaded_by}
+        node = ray.get_runtime_context().get_node_id()
+        return {
+            **super().status(),
+            "loading": self.loading,
+            "loaded_by": self.loaded_by,
+            "node": node,
+        }
 
     def endpoint(self) -> str | None:
         return self._endpoint
@@ -243,6 +249,8 @@ class RayCluster:
         s = self.spec.shards
         gpus = s.num_gpus if s.device != "cpu" else 0.0
         opts = self._opts("shard", index, max_task_retries=0, num_cpus=s.num_cpus, num_gpus=gpus)
+        if s.min_replicas > 1:  # failure domains: shards on as many nodes as there are
+            opts["scheduling_strategy"] = "SPREAD"
         actor = ray.remote(concurrency_groups=SHARD_GROUPS)(ShardActor)
         return actor.options(**opts).remote(self.spec, index, self.env)
 

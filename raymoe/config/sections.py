@@ -99,6 +99,10 @@ class ShardSpec(_Section):
     # ``count``), kept by every plan (``pool.pin`` changes them at runtime); the extra
     # replicas start on the shards after the expert's own
     replicas: dict[NonNegativeInt, PositiveInt] = Field(default_factory=dict)
+    # failure domains: every expert not pinned keeps at least this many replicas, on
+    # distinct shards and on as many distinct Ray nodes as hold shards (shards are then
+    # spread over the nodes), so one shard's or one node's failure leaves it served
+    min_replicas: int = Field(1, ge=1, le=16)
 
 
 class ControlSpec(_Section):

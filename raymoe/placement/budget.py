@@ -21,6 +21,7 @@ class Budget:
     target:       imbalance that is good enough: a policy may stop moving replicas there
     exclude:      shards being drained
     max_moves:    replicas a plan may create at new places (None: no limit)
+    min_replicas: replicas every expert not pinned keeps at least (failure domains)
     """
 
     num_shards: int
@@ -30,12 +31,18 @@ class Budget:
     target: float = 1.0
     exclude: frozenset[int] = frozenset()
     max_moves: int | None = None
+    min_replicas: int = 1
 
     def active(self) -> np.ndarray:
         """[N] bool: the shards that may hold replicas."""
         mask = np.ones(self.num_shards, bool)
         mask[list(self.exclude)] = False
         return mask
+
+    def floor(self) -> int:
+        """The fewest replicas an expert not pinned may have: ``min_replicas``, at most
+        one per active shard."""
+        return max(1, min(self.min_replicas, int(self.active().sum())))
 
     def replica_limit(self) -> int:
         """Replicas a plan may hold in all: ``max_replicas``, and no more than the places."""

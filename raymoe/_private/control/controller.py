@@ -10,9 +10,12 @@ raises:
    configured again, its rows read from the goal's weight files);
 2. every router is up, configured with the shards, the gate weights and the placement;
 3. every router runs the current placement version;
-4. the gateways run: one, or one per alive node (:class:`~.fleet.GatewayFleet`).
+4. the gateways run: one, or one per alive node (:class:`~.fleet.GatewayFleet`);
+5. every expert is on ``shards.min_replicas`` shards and as many nodes (failure domains,
+   :class:`~.nodes.ShardNodes`): repaired when a node died and its shards restarted on
+   others.
 
-Runtime operations run one at a time: each is planned by a pure function of
+Runtime operations (:mod:`.operations`) run one at a time: each is planned by a pure function of
 :mod:`.plans` and applied make before break (:meth:`Controller.apply`, the stages of
 :class:`~.migration.Migrator`).
 Serving never pauses. The pending change is saved first, so a controller that dies midway
@@ -36,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from raymoe._private import timeouts
-from raymoe._private.control import durable, growth, plans
+from raymoe._private.control import durable, plans
 from raymoe._private.control.cluster import ActorUnreachable, Cluster
 from raymoe._private.control.fleet import GatewayFleet
 from raymoe._private.control.goal import Goal
@@ -44,22 +47,23 @@ from raymoe._private.control.journal import Journal
 from raymoe._private.control.load import LoadWindow
 from raymoe._private.control.loop import ControlLoop
 from raymoe._private.control.migration import Migrator
+from raymoe._private.control.nodes import ShardNodes
+from raymoe._private.control.operations import Operations
 from raymoe._private.control.roster import Roster
 from raymoe._private.data.stats import check_load_bins, load_map, merge
 from raymoe._private.metrics import Metrics, NullMetrics, top_experts
 from raymoe.config import PoolSpec
 from raymoe.errors import PoolUnavailableError, ResourceLimitError
 from raymoe.kernels import expert_bytes
-from raymoe.layer import check_layer
-from raymoe.placement import Change, Placement, diff, get_policy, place_new
-from raymoe.reports import OpReport, PoolDescription, PoolStats
+from raymoe.placement import Change, Placement, diff, domains
+from raymoe.reports import PoolDescription, PoolStats
 from raymoe.store import MetadataStore
 
 log = logging.getLogger(__name__)
 BUDGET_SHARE = 0.8  # of the cluster's memory: the default memory budget
 
 
-class Controller:
+class Controller(Operations):
     def __init__(
         self,
         spec: PoolSpec,
@@ -82,6 +86,7 @@ class Controller:
         self.fleet = GatewayFleet(cluster, spec.name, spec.gateway)
         self.load = LoadWindow(spec.num_experts, spec.control.load_half_life_s)
         self.loop = ControlLoop(self)
+        self.nodes = ShardNodes()
         self.ops = asyncio.Lock()  # one runtime operation at a time
         self._busy: dict[tuple[str, int], asyncio.Task] = {}
         self._hot_experts: set[str] = set()  # the expert tags of the load gauge
@@ -193,6 +198,7 @@ class Controller:
         self.journal.retry(self.goal)  # 0. the store holds the goal (after an outage)
         try:
             shard_status = await self.poll(self.shards, "status")
+            self.nodes.observe(shard_status)
             for n, st in enumerate(shard_status):  # 1. shards hold their experts
                 reloading = st is not None and st.get("loading")  # by itself, from the store
                 if (
@@ -218,6 +224,8 @@ class Controller:
                     self._spawn(("router", i), self.roster.publish(i, self.goal))
             if self.fleet.due():  # 4. gateways
                 self._spawn(("gateways", 0), self.fleet.ensure())
+            if self._spread_due():  # 5. every expert on its failure domains
+                self._spawn(("spread", 0), self._respread())
         except Exception:
             log.exception("controller update failed; retrying on the next pass")
 
@@ -271,6 +279,7 @@ class Controller:
         change) the routing state moves with it: experts added (``new_rows``: their weights
         by name, in id order) or removed; ``op`` names the operation (metrics). Callers hold
         ``self.ops``. -> what it copied and freed."""
+        target = self.spread(target)
         self.check_budget(target.num_replicas, op)
         old = self.placement
         change = diff(old, target)
@@ -319,6 +328,37 @@ class Controller:
         )
         return change
 
+    # --- failure domains ----------------------------------------------------------------
+
+    def spread(self, target: Placement) -> Placement:
+        """``target`` with every expert on ``shards.min_replicas`` shards and as many nodes
+        (:mod:`raymoe.placement.domains`); itself when it already is."""
+        m = self.spec.shards.min_replicas
+        if m <= 1:
+            return target
+        doms = self.nodes.domains(target.num_shards)
+        return domains.spread(target, doms, m, self.spec.pins, self._active(target.num_shards))
+
+    def _active(self, num_shards: int) -> np.ndarray:
+        active = np.ones(num_shards, bool)
+        active[[d for d in self.goal.drained if d < num_shards]] = False
+        return active
+
+    def _spread_due(self) -> bool:
+        p, m = self.placement, self.spec.shards.min_replicas
+        if m <= 1 or self.ops.locked() or not self._idle(("spread", 0)):
+            return False
+        return self.nodes.due(p, m, self.spec.pins, self._active(p.num_shards))
+
+    async def _respread(self) -> None:
+        """Repair the placement after the shards' nodes changed (a node died and its shards
+        restarted on others)."""
+        async with self.ops:
+            target = self.spread(self.placement)
+            if target is not self.placement:
+                log.info("spreading replicas over the shards' nodes again")
+                await self.apply(target.bump(), op="spread")
+
     def _record_change(self, op: str, change: Change) -> None:
         m = self.metrics
         m.inc("raymoe_changes_total", op=op)
@@ -360,159 +400,6 @@ class Controller:
 
     def _load(self) -> np.ndarray:
         return self.load.or_uniform(self.spec.removed_ids)
-
-    # --- runtime operations: each idempotent, each returns an OpReport -------------------
-
-    async def rebalance(
-        self, dry_run: bool = False, policy_name: str | None = None, trigger: str = "manual"
-    ) -> OpReport:
-        """Plan with the spec's policy (or ``policy_name``) over the load window; apply."""
-        name = policy_name or self.spec.control.policy
-        policy = get_policy(name)
-        async with self.ops:
-            await self.collect_load()
-            plan = plans.plan(policy, self.goal, self._load(), self.expert_bytes)
-            report = plans.planned(plan, self.placement, dry_run, name)
-            if report.changed and not dry_run:
-                await self.apply(plan.placement, op="rebalance")
-                self.metrics.inc("raymoe_rebalances_total", trigger=trigger)
-            return report
-
-    async def replicate(self, expert: int, replicas: int, layer: int = 0) -> OpReport:
-        """Give ``layer``'s ``expert`` exactly ``replicas`` replicas (more on the least
-        loaded shards, fewer by dropping from the most loaded); a pin set later or before
-        wins in plans."""
-        flat = int(plans.flat_ids(self.spec, layer, [expert])[0])
-        async with self.ops:
-            target = plans.replicated(self.goal, self._load(), flat, replicas)
-            if target is None:
-                return plans.unchanged(self.goal, self._load(), layer=layer)
-            report = await self._apply_report(target, op="replicate")
-            return dataclasses.replace(report, layer=layer)
-
-    async def pin(self, expert: int, replicas: int, layer: int = 0) -> OpReport:
-        """An operator's replica target for ``layer``'s ``expert`` that every later plan
-        keeps."""
-        report = await self.replicate(expert, replicas, layer)
-        flat = int(plans.flat_ids(self.spec, layer, [expert])[0])
-        async with self.ops:
-            self.commit(spec=self.spec.with_pin(flat, replicas))
-        return dataclasses.replace(report, pinned=plans.layer_pins(self.spec, layer))
-
-    async def unpin(self, expert: int, layer: int = 0) -> OpReport:
-        flat = int(plans.flat_ids(self.spec, layer, [expert])[0])
-        async with self.ops:
-            self.commit(spec=self.spec.with_pin(flat, None))
-        pinned = plans.layer_pins(self.spec, layer)
-        return plans.unchanged(self.goal, self._load(), pinned=pinned, layer=layer)
-
-    async def drain_shard(self, shard: int) -> OpReport:
-        """Move every replica off ``shard``; it keeps running but holds nothing."""
-        plans.drain_bounds(self.goal, shard)
-        async with self.ops:
-            self.commit(drained=self.goal.drained | {shard})
-            return await self._replan()
-
-    async def scale_shards(self, count: int, max_shards: int | None = None) -> OpReport:
-        """Grow or shrink the pool to ``count`` active shards; experts are redistributed.
-        Scaling ends maintenance: shards drained before are active again afterwards."""
-        limit = max_shards or self.spec.control.max_shards
-        if limit is not None and count > limit:
-            raise ResourceLimitError(
-                f"{count} shards is over control.max_shards ({limit}); nothing changed"
-            )
-        plans.scale_bounds(self.goal, count, None)
-        N = self.placement.num_shards
-        if count == N:
-            return plans.unchanged(self.goal, self._load())
-        async with self.ops:
-            if count > N:
-                self.goal = self.goal.replace(drained=frozenset())
-                await self._resize(count)
-                return await self._replan(force=True)
-            self.commit(drained=frozenset(range(count, N)))
-            report = await self._replan()
-            await self._resize(count)
-            return report
-
-    async def _replan(self, force: bool = False) -> OpReport:
-        policy = get_policy(self.spec.control.policy)
-        plan = plans.plan(policy, self.goal, self._load(), self.expert_bytes)
-        if not (plan.replicas_added or plan.replicas_dropped or force):
-            return plans.unchanged(self.goal, self._load())
-        return await self._apply_report(plan.placement, op="replan")
-
-    async def _resize(self, count: int) -> None:
-        """The shard count becomes ``count`` (new shards start empty; removed ones hold
-        nothing by now), published to every router as the next placement version."""
-        drained = frozenset(n for n in self.goal.drained if n < count)
-        self.commit(
-            placement=self.placement.bump(num_shards=count),
-            spec=self.spec.with_shards(count),
-            drained=drained,
-        )
-        gone = await self.roster.resize(count)
-        await self._configure_routers()
-        self.cluster.kill(gone)
-
-    async def _configure_routers(self) -> None:
-        await asyncio.gather(
-            *(
-                self.roster.configure_router(i, self.goal, self.gate)
-                for i in range(len(self.routers))
-            )
-        )
-
-    async def add_experts(
-        self, count: int, weights: dict | None = None, layer: int = 0
-    ) -> OpReport:
-        """Grow ``layer`` by ``count`` experts with ids ``E .. E+count-1`` (of the layer):
-        their weights (``experts.*`` rows, stacked over the new experts) and gate rows
-        (``router.weight`` etc. for ``topk``; ``router.keys`` [heads, rows, d_key/2] for the
-        new sub-key rows of ``product_key``), or the seeded init of those ids where not
-        given."""
-        spec = self.spec
-        check_layer(spec, layer)
-        grown = spec.with_experts_added(count, layer)
-        self.check_budget(self.placement.num_replicas + count, "add_experts")
-        old_l, grown_l = spec.layer(layer), grown.layer(layer)
-        expert_rows, gate_rows = growth.new_weights(
-            grown_l, old_l.num_experts, count, weights or {}
-        )
-        async with self.ops:
-            gate = growth.grow_layer_gate(
-                spec, grown, layer, await self.roster.gate_weights(), gate_rows
-            )
-            align = old_l.routing.align(old_l.num_experts)
-            target = place_new(self.placement, count, align, plans.active(self.goal))
-            if expert_rows:  # durable before they serve: a file the shards reload from
-                new_flat = plans.flat_ids(
-                    grown, layer, range(old_l.num_experts, grown_l.num_experts)
-                )
-                f = await asyncio.to_thread(
-                    durable.write_rows, spec.name, target.version, new_flat, expert_rows
-                )
-                self.goal = self.goal.replace(sources=(*self.goal.sources, f))
-            report = await self._apply_report(target, grown, gate, expert_rows, op="add_experts")
-            new = tuple(range(old_l.num_experts, grown_l.num_experts))
-            return dataclasses.replace(report, expert_ids=new, layer=layer)
-
-    async def remove_experts(self, ids, layer: int = 0) -> OpReport:
-        """Never route to ``layer``'s experts ``ids`` again from the next placement
-        version; their places are freed once no batch runs under an older one. Ids are
-        never reused."""
-        flat = plans.flat_ids(self.spec, layer, ids)
-        spec, target, flat = plans.removed(self.goal, flat)
-        async with self.ops:
-            report = await self._apply_report(target, spec, op="remove_experts")
-            return dataclasses.replace(
-                report, removed=plans.layer_ids(spec, layer, flat), layer=layer
-            )
-
-    async def _apply_report(self, target: Placement, *routing, op: str) -> OpReport:
-        before = self.imbalance()
-        change = await self.apply(target, *routing, op=op)
-        return plans.report(self.goal, self._load(), change, target, self.expert_bytes, before)
 
     async def save_checkpoint(self, path: str) -> dict:
         """Write a checkpoint (:mod:`raymoe.checkpoint`) to ``path`` under one placement

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from raymoe.config import PoolSpec
-from raymoe.placement import Placement, initial
+from raymoe.placement import Placement, domains, initial
 from raymoe.placement.layered import initial_layers
 from raymoe.store import MetadataStore
 
@@ -54,7 +54,7 @@ class Goal:
                 spec.pins,
                 spec.removed_ids,
             )
-            return cls(spec, placement)
+            return cls(spec, _spread(spec, placement))
         E = spec.num_experts
         placement = initial(
             E,
@@ -63,7 +63,7 @@ class Goal:
             replicas=spec.pins,
             removed=spec.experts.removed,
         )
-        return cls(spec, placement)
+        return cls(spec, _spread(spec, placement))
 
     def replace(self, **changes) -> Goal:
         return dataclasses.replace(self, **changes)
@@ -142,3 +142,12 @@ def _placement(meta: dict | None, arrays: dict, prefix: str) -> Placement | None
     return Placement(
         meta["version"], meta["num_shards"], *(arrays[f"{prefix}.{k}"] for k in _ARRAYS)
     )
+
+
+def _spread(spec: PoolSpec, placement: Placement) -> Placement:
+    """``placement`` with ``shards.min_replicas`` replicas of each expert on distinct shards
+    (the nodes are not known yet: the controller spreads them over nodes once shards run)."""
+    m = spec.shards.min_replicas
+    if m <= 1:
+        return placement
+    return domains.spread(placement, np.arange(placement.num_shards), m, spec.pins)

@@ -105,7 +105,8 @@ def budget(goal: Goal, num_shards: int | None = None) -> Budget:
     ``control.capacity`` places a shard, the pins, the drained shards, and the target
     (``plan_margin`` of the way to ``target_imbalance``)."""
     spec, c = goal.spec, goal.spec.control
-    E = spec.live_experts
+    floor = spec.shards.min_replicas
+    E = spec.live_experts * floor
     pins = spec.pins
     extra = max(
         num_shards or goal.placement.num_shards,
@@ -121,6 +122,7 @@ def budget(goal: Goal, num_shards: int | None = None) -> Budget:
         {**zero, **pins},
         target,
         frozenset(goal.drained),
+        min_replicas=floor,
     )
 
 

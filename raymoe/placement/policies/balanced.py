@@ -168,8 +168,8 @@ def _searched(load, expert, shard, budget, aim, steps, max_moves, big: bool, old
 
 def _count_vectors(load, budget: Budget):
     """Replica counts to pack: water-filling at each total of :func:`_totals`; for small
-    pools also every count (1..active shards) of the ``HOT`` hottest experts, the rest
-    water-filled around them or at one replica each (the counts that pair well are not
+    pools also every count (floor..active shards) of the ``HOT`` hottest experts, the rest
+    water-filled around them or at the floor (the counts that pair well are not
     always the even ones)."""
     seen = set()
     for total in _totals(load, budget):
@@ -185,12 +185,12 @@ def _count_vectors(load, budget: Budget):
         for e in np.argsort(-load, kind="stable")[:HOT]
         if load[e] > mean / 4 and e not in budget.pins
     ]
-    for counts in itertools.product(range(1, A + 1), repeat=len(hot)):
+    for counts in itertools.product(range(budget.floor(), A + 1), repeat=len(hot)):
         pins = {**budget.pins, **dict(zip(hot, counts, strict=True))}
         if sum(pins.values()) + len(load) - len(pins) > budget.replica_limit():
             continue
         filled = water_fill(load, dataclasses.replace(budget, pins=pins))
-        single = np.ones(len(load), np.int64)  # the rest at one replica each
+        single = np.full(len(load), budget.floor(), np.int64)  # the rest at the floor
         single[list(pins)] = list(pins.values())
         for r in (filled, single):
             if r.tobytes() not in seen:
@@ -200,7 +200,7 @@ def _count_vectors(load, budget: Budget):
 
 def _totals(load, budget: Budget) -> list[int]:
     """Replica totals to try: every one for small pools, else the budget's and a few less."""
-    live = len(load) - sum(1 for c in budget.pins.values() if c == 0)
+    live = (len(load) - sum(1 for c in budget.pins.values() if c == 0)) * budget.floor()
     top = budget.replica_limit()
     if top - live <= 0:
         return [top]

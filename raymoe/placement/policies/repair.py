@@ -16,16 +16,17 @@ def wanted_counts(load, have, budget: Budget, limit: float) -> np.ndarray:
     """[E] replicas each expert should have: only an expert too hot for one shard's
     ``limit`` gets more; the rest as :func:`kept_counts`."""
     N = int(budget.active().sum())
-    need = np.clip(np.ceil(load / max(limit, 1e-12)), 1, N).astype(np.int64)
+    need = np.clip(np.ceil(load / max(limit, 1e-12)), budget.floor(), N).astype(np.int64)
     return kept_counts(load, need, have, budget)
 
 
 def kept_counts(load, want, have, budget: Budget) -> np.ndarray:
     """``want`` with hysteresis against the replicas experts ``have``: a count within a
     factor of two of the wanted one is kept. Pins exactly; trimmed to the budget (least
-    loaded per replica first, never below 1 or a pin)."""
+    loaded per replica first, never below the floor or a pin)."""
     E, N = len(load), int(budget.active().sum())
-    want = np.maximum(want, 1)
+    floor = budget.floor()
+    want = np.maximum(want, floor)
     keep = (have > want) & (have <= 2 * want)  # NOTE: only surplus is kept, never refused
     want = np.where(keep, np.minimum(have, N), want)
     pinned = np.zeros(E, bool)
@@ -33,7 +34,7 @@ def kept_counts(load, want, have, budget: Budget) -> np.ndarray:
         want[e], pinned[e] = c, True
     over = int(want.sum()) - budget.replica_limit()
     if over > 0:
-        extra = np.where(pinned, 0, want - 1)
+        extra = np.where(pinned, 0, want - floor)
         order = np.argsort(load / np.maximum(want, 1), kind="stable")
         order = order[extra[order] > 0]
         done = np.cumsum(extra[order]) - extra[order]

@@ -52,6 +52,7 @@ class FakeCluster:
         self.memory = 1 << 34  # what the nodes report (the default memory budget's base)
         self.refuse: set[str] = set()  # nodes where a gateway cannot bind its port
         self.before: dict[str, object] = {}  # method -> coroutine fn awaited before it runs
+        self.shard_nodes: dict[int, str] = {}  # the node each shard reports (failure domains)
 
     def shard(self, i):
         return self.actors.setdefault(("shard", i), ExpertShard(self.spec, i))
@@ -74,7 +75,10 @@ class FakeCluster:
         if hook is not None:
             await hook()
         out = getattr(handle, method)(*args)
-        return await out if inspect.isawaitable(out) else out
+        out = await out if inspect.isawaitable(out) else out
+        if method == "status" and isinstance(handle, ExpertShard):
+            out = {**out, "node": self.shard_nodes.get(handle.shard_id)}
+        return out
 
     def kill(self, handles):
         self.killed += handles
@@ -99,13 +103,13 @@ class FakeGateway:
         return f"{self.node or 'any'}:50051"
 
 
-def setup(store=None, E=8, shards=2, routers=2, metrics=None, **gateway):
+def setup(store=None, E=8, shards=2, routers=2, metrics=None, min_replicas=1, **gateway):
     """(controller, cluster, reference layer, its weights): a topk pool whose weights are
     unlike its seeded init."""
     spec = PoolSpec.from_dict(
         {
             **spec_dict({"kind": "topk", "k": 2}, E=E),
-            "shards": {"count": shards, "routers": routers},
+            "shards": {"count": shards, "routers": routers, "min_replicas": min_replicas},
             "gateway": {"enabled": bool(gateway), **gateway},
         }
     )

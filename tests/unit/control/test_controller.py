@@ -141,3 +141,26 @@ def test_a_router_gone_for_good_is_replaced_and_configured():
     settle(ctl)  # ... and configured
     assert ctl.routers[1].ready()
     close(ctl, layer, torch.randn(9, 16))
+
+
+def test_replicas_are_spread_over_the_shards_nodes_and_again_after_a_node_dies():
+    ctl, cluster, layer, weights = setup(shards=4, min_replicas=2)
+    cluster.shard_nodes = {0: "a", 1: "b", 2: "c", 3: "c"}
+    start(ctl, Goal.initial(ctl.spec).placement, weights)
+    settle(ctl)  # learns the nodes: experts on shards 2 and 3 share node c
+    settle(ctl)
+
+    def nodes_of(e):
+        p = ctl.placement
+        return {cluster.shard_nodes[int(s)] for s in p.shard[p.ptr[e] : p.ptr[e + 1]]}
+
+    assert all(len(nodes_of(e)) == 2 for e in range(8))
+    version = ctl.placement.version
+    cluster.shard_nodes = {0: "a", 1: "b", 2: "a", 3: "b"}  # node c died; its shards moved
+    settle(ctl)
+    settle(ctl)
+    assert ctl.placement.version > version
+    assert all(len(nodes_of(e)) == 2 for e in range(8))
+    close(ctl, layer, torch.randn(9, 16))
+    settle(ctl)
+    assert ctl.placement.version == version + 1  # repaired once, then left alone
