@@ -14,6 +14,7 @@ import torch
 from raymoe._private import actors, timeouts
 from raymoe._private.control import durable
 from raymoe._private.control.goal import Goal
+from raymoe._private.data.attempts import Picker
 from raymoe.config import PoolSpec, load_spec
 from raymoe.errors import (
     CheckpointError,
@@ -33,27 +34,31 @@ class PoolHandle:
         self.name = name
         self._controller = controller
         self._routers = routers
-        self._next = itertools.count()
+        self._picker = Picker()  # which router next; silent ones are hedged
         self._no_retry: dict = {}  # router -> its forward method that Ray does not retry
 
     def __getstate__(self) -> dict:  # sent to tasks and actors: handles, not their methods
-        return {**self.__dict__, "_no_retry": {}}
+        return {**self.__dict__, "_no_retry": {}, "_picker": Picker()}
 
     def forward_async(
         self, x, *, layer=0, expert_ids=None, weights=None, token_ids=None, timeout_s=None
     ):
         """Start a forward pass; returns a Ray ObjectRef of the numpy result (Ray resends it
         to the same router if that one restarts)."""
-        return self._send(x, layer, expert_ids, weights, token_ids, timeout_s, resend=False)
+        i = self._pick()
+        return self._send(i, x, layer, expert_ids, weights, token_ids, timeout_s, resend=False)
 
-    def _send(self, x, layer, expert_ids, weights, token_ids, timeout_s, resend: bool, info=False):
-        """A forward call to the next router; with ``resend`` the caller resends a call
-        whose router died (Ray does not wait for that router to restart)."""
+    def _pick(self, avoid: int | None = None) -> int:
         if not self._routers:  # connected while the pool was starting
             self._routers = _get(self._controller.routers.remote())
             if not self._routers:
                 raise PoolUnavailableError(f"pool {self.name!r} is starting: no routers yet")
-        router = self._routers[next(self._next) % len(self._routers)]
+        return self._picker.pick(len(self._routers), avoid)
+
+    def _send(self, i, x, layer, expert_ids, weights, token_ids, timeout_s, resend, info=False):
+        """A forward call to router ``i``; with ``resend`` the caller resends a call whose
+        router died (Ray does not wait for that router to restart)."""
+        router = self._routers[i]
         method = router.forward
         if resend:  # NOTE: options() costs ~0.5 ms a call: made once per router
             method = self._no_retry.get(router) or self._no_retry.setdefault(
@@ -88,24 +93,54 @@ class PoolHandle:
         wait (at most the spec's ``limits.request_timeout_s``). With ``return_info``:
         (output, :class:`~raymoe.reports.ForwardInfo`). Raises typed raymoe errors
         (:class:`~raymoe.errors.LayerIndexError` for a layer the pool does not have).
+
+        A router that dies gets the call resent to the next one at once; one that stays
+        silent (its node died) gets it hedged to another (forward is idempotent).
         """
-        deadline = time.monotonic() + (timeout_s or timeouts.RESEND_S)
+        args = (x, layer, expert_ids, weights, token_ids, timeout_s)
+        got = self._forward(args, int(np.prod(np.shape(x)[:-1])), return_info)
+        y, info = got if return_info else (got, None)
+        out = np.array(y)  # read-only out of the object store: copy
+        out = torch.from_numpy(out) if isinstance(x, torch.Tensor) else out
+        return (out, ForwardInfo(info["degraded_tokens"])) if return_info else out
+
+    def _forward(self, args: tuple, tokens: int, info: bool):
+        deadline = time.monotonic() + (args[-1] or timeouts.RESEND_S)
+        calls: dict = {}  # ref -> (router index, sent at)
+        hedged = False
         for attempt in itertools.count():
-            args = (x, layer, expert_ids, weights, token_ids, timeout_s)
-            ref = self._send(*args, resend=True, info=return_info)
+            if not calls:
+                i = self._pick()
+                calls[self._send(i, *args, resend=True, info=info)] = (i, time.monotonic())
+            wait_s = None
+            if not hedged and len(self._routers) > 1:
+                sent = min(t for _, t in calls.values())
+                wait_s = max(sent + self._picker.budget(tokens) - time.monotonic(), 0.0)
+            ready, _ = ray.wait(list(calls), num_returns=1, timeout=wait_s)
+            if not ready:  # silent: hedged once, to another router
+                (i, _), hedged = next(iter(calls.values())), True
+                self._picker.suspect(i)
+                j = self._pick(avoid=i)
+                calls[self._send(j, *args, resend=True, info=info)] = (j, time.monotonic())
+                continue
+            i, sent = calls.pop(ready[0])
             try:
-                got = _get(ref)
-                y, info = got if return_info else (got, None)
-                out = np.array(y)  # read-only out of the object store: copy
-                out = torch.from_numpy(out) if isinstance(x, torch.Tensor) else out
-                return (out, ForwardInfo(info["degraded_tokens"])) if return_info else out
+                got = _get(ready[0])
             except ray.exceptions.RayActorError as e:  # that router died or restarts
+                self._picker.suspect(i)
+                if calls:
+                    continue  # the hedge may still answer
                 if time.monotonic() >= deadline:
                     raise PoolUnavailableError(f"no router of {self.name!r} answered") from e
                 if (attempt + 1) % len(self._routers):
                     continue  # forward is idempotent: the next router takes it now
                 time.sleep(min(timeouts.BACKOFF_S[0] * 2**attempt, timeouts.BACKOFF_S[1]))
                 self._routers = _get(self._controller.routers.remote())  # every one failed
+                self._picker = Picker()
+                continue
+            self._picker.answered(i, time.monotonic() - sent, tokens)
+            return got
+        raise AssertionError("unreachable")
 
     def describe(self) -> PoolDescription:
         """Spec, shards, routers, placement and routing versions, experts per shard, pins."""

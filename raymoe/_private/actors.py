@@ -245,12 +245,21 @@ class RayCluster:
             **extra,
         }
 
+    def _spread(self, index: int):
+        """Actor ``index`` of a kind on the alive node ``index`` mod their count (soft: a
+        restart after that node died goes anywhere). Ray's "SPREAD" is best effort and
+        leaves actors that ask for no CPU together on one node."""
+        nodes = sorted(self.nodes())  # NOTE: ray.nodes() comes in no fixed order
+        if len(nodes) < 2:
+            return "DEFAULT"
+        return NodeAffinitySchedulingStrategy(nodes[index % len(nodes)], soft=True)
+
     def shard(self, index: int):
         s = self.spec.shards
         gpus = s.num_gpus if s.device != "cpu" else 0.0
         opts = self._opts("shard", index, max_task_retries=0, num_cpus=s.num_cpus, num_gpus=gpus)
         if s.min_replicas > 1:  # failure domains: shards on as many nodes as there are
-            opts["scheduling_strategy"] = "SPREAD"
+            opts["scheduling_strategy"] = self._spread(index)
         actor = ray.remote(concurrency_groups=SHARD_GROUPS)(ShardActor)
         return actor.options(**opts).remote(self.spec, index, self.env)
 
@@ -261,6 +270,8 @@ class RayCluster:
             max_task_retries=-1,
             num_cpus=0,
             max_concurrency=4 * self.spec.limits.max_queued_requests,
+            # one node's failure leaves a router on another (clients hedge to it)
+            scheduling_strategy=self._spread(index),
         )
         return ray.remote(RouterActor).options(**opts).remote(self.spec, index)
 

@@ -4,12 +4,15 @@
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
+import time
 
+import numpy as np
 import ray
 
+from raymoe._private import timeouts
 from raymoe._private.actors import get_controller, wait_async
+from raymoe._private.data.attempts import Picker
 from raymoe._private.data.gateway import Gateway, GatewayThread
 from raymoe._private.metrics import RayMetrics
 from raymoe.config import PoolSpec
@@ -24,7 +27,7 @@ class RayPoolBackend:
         self.pool = pool
         self._controller = None
         self._routers: list = []
-        self._next = itertools.count()
+        self._picker = Picker()  # which router next; silent ones are hedged
 
     async def _attach(self):
         if self._controller is None:
@@ -33,6 +36,7 @@ class RayPoolBackend:
             except ValueError:
                 raise PoolUnavailableError(f"no raymoe pool named {self.pool!r} runs") from None
             self._routers = await wait_async(controller.routers.remote())
+            self._picker = Picker()
             self._controller = controller
         return self._controller
 
@@ -45,23 +49,58 @@ class RayPoolBackend:
             raise
 
     async def forward(self, x, expert_ids, weights, token_ids, timeout_s, layer=0):
-        """On the next router; a call whose router dies is resent to the next one at once
-        (forward is idempotent), each router tried once."""
+        """On the next router; a call whose router dies is resent to the next one at once,
+        one whose router stays silent (its node died) is hedged to another (forward is
+        idempotent)."""
         await self._attach()
         routes = {"expert_ids": expert_ids, "weights": weights, "token_ids": token_ids}
-        for attempt in range(len(self._routers)):
-            router = self._routers[next(self._next) % len(self._routers)]
-            ref = router.forward.options(max_task_retries=0).remote(
-                x, timeout_s=timeout_s, layer=layer, info=True, **routes
+        tokens = int(np.prod(np.shape(x)[:-1]))
+        n = len(self._routers)
+
+        def send(i: int) -> asyncio.Future:
+            ref = (
+                self._routers[i]
+                .forward.options(max_task_retries=0)
+                .remote(x, timeout_s=timeout_s, layer=layer, info=True, **routes)
             )
-            try:
-                y, info = await wait_async(ref)
-                return y, info["degraded_tokens"]
-            except PoolUnavailableError as e:
-                router_died = isinstance(e.__cause__, ray.exceptions.RayActorError)
-                if not router_died or attempt == len(self._routers) - 1:
+            return asyncio.ensure_future(wait_async(ref))
+
+        calls = {}  # future -> (router index, sent at)
+        tried, hedged = 0, False
+        try:
+            while True:
+                if not calls:
+                    i = self._picker.pick(n)
+                    calls[send(i)] = (i, time.monotonic())
+                    tried += 1
+                wait_s = None
+                if not hedged and n > 1:
+                    sent = min(t for _, t in calls.values())
+                    wait_s = max(sent + self._picker.budget(tokens) - time.monotonic(), 0.0)
+                done, _ = await asyncio.wait(calls, timeout=wait_s, return_when="FIRST_COMPLETED")
+                if not done:  # silent: hedged once, to another router
+                    (i, _), hedged = next(iter(calls.values())), True
+                    self._picker.suspect(i)
+                    j = self._picker.pick(n, avoid=i)
+                    calls[send(j)] = (j, time.monotonic())
+                    continue
+                fut = done.pop()
+                i, sent = calls.pop(fut)
+                try:
+                    y, info = fut.result()
+                except PoolUnavailableError as e:
+                    if not isinstance(e.__cause__, ray.exceptions.RayActorError):
+                        raise
+                    self._picker.suspect(i)
+                    if calls or tried < n:
+                        continue  # the hedge may still answer; else the next router
                     self._controller = None  # routers may have been replaced: fetch again
                     raise
+                self._picker.answered(i, time.monotonic() - sent, tokens)
+                return y, info["degraded_tokens"]
+        finally:
+            for fut in calls:
+                fut.cancel()
 
     async def stats(self, window_s: float, load_bins: int = 0) -> PoolStats:
         return await self._call(lambda: self._controller, "stats", window_s, load_bins)
@@ -77,8 +116,12 @@ class RayPoolBackend:
 
     async def ready(self) -> bool:
         await self._attach()
-        states = await asyncio.gather(
-            *(wait_async(r.ready.remote()) for r in self._routers), return_exceptions=True
+        states = await asyncio.gather(  # NOTE: a router on a dead node answers nothing
+            *(
+                asyncio.wait_for(wait_async(r.ready.remote()), timeouts.STATUS_S)
+                for r in self._routers
+            ),
+            return_exceptions=True,
         )
         ok = any(s is True for s in states)
         if not ok:

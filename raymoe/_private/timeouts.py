@@ -25,6 +25,12 @@ HEALTH_FIRST_S = 30.0  # the first check (it attaches to the pool's actors)
 MAX_ATTEMPTS = 64
 BACKOFF_S = (0.005, 0.5)  # the first and the largest wait between attempts
 
+# A client (PoolHandle, gateway) hedges a forward to another router when its router has
+# not answered within this, or 4x a typical call of its size (data/attempts.Picker); the
+# silent router then gets no requests for SUSPECT_S
+ROUTER_HEDGE_S = 0.25
+SUSPECT_S = 2.0
+
 # A PoolHandle resends a forward whose router died for good (to a router it fetches again
 # from the controller), for at most the call's timeout_s or this:
 RESEND_S = 30.0

@@ -257,3 +257,48 @@ class _Run:
                 since = f.since if f.since is not None else f.sent
                 wake = min(wake, since + self.faults.degrade_after_s)
         return wake
+
+
+class Picker:
+    """Which of a pool's routers a client (``PoolHandle``, the gateway) sends the next
+    forward to, and when a call to one is *silent* (a router on a node that died answers
+    nothing until Ray declares the node dead): round robin, skipping suspect routers; a
+    call silent past :meth:`budget` is hedged once to another router (forward is
+    idempotent) and its router is suspect for ``timeouts.SUSPECT_S``."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic):
+        self.clock = clock
+        self.suspects = Suspects(clock)
+        self._next = 0
+        self.typical_s = 0.0  # moving averages of answered calls: seconds ...
+        self.per_token_s = 0.0  # ... and seconds per token
+
+    def pick(self, n: int, avoid: int | None = None) -> int:
+        """The next router of ``n`` that is not suspect (nor ``avoid``), else the next."""
+        mask = self.suspects.mask(n)
+        for _ in range(n):
+            i = self._next % n
+            self._next += 1
+            if i != avoid and (mask is None or not bool(mask[i])):
+                return i
+        i = self._next % n
+        self._next += 1
+        return (i + 1) % n if i == avoid and n > 1 else i
+
+    def budget(self, tokens: int) -> float:
+        """Seconds a call of ``tokens`` may take before it counts as silent."""
+        typical = max(self.typical_s, tokens * self.per_token_s)
+        return max(timeouts.ROUTER_HEDGE_S, HEDGE_FACTOR * typical)
+
+    def answered(self, i: int, took_s: float, tokens: int) -> None:
+        self.suspects.clear(i)
+        per_token = took_s / max(tokens, 1)
+        if self.typical_s == 0.0:
+            self.typical_s, self.per_token_s = took_s, per_token
+            return
+        a = 1 - TYPICAL_DECAY
+        self.typical_s += a * (took_s - self.typical_s)
+        self.per_token_s += a * (per_token - self.per_token_s)
+
+    def suspect(self, i: int) -> None:
+        self.suspects.mark(i, timeouts.SUSPECT_S)
