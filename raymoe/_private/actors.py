@@ -246,13 +246,14 @@ class RayCluster:
         }
 
     def _spread(self, index: int):
-        """Actor ``index`` of a kind on the alive node ``index`` mod their count (soft: a
-        restart after that node died goes anywhere). Ray's "SPREAD" is best effort and
-        leaves actors that ask for no CPU together on one node."""
+        """Actor ``index`` of a kind on the alive node ``index`` mod their count. Strict: an
+        actor whose node died is dead for good, and the controller starts a new one on an
+        alive node (``Roster.revive``). NOTE: Ray's "SPREAD", and soft node affinity, left
+        actors that ask for no CPU together on one node."""
         nodes = sorted(self.nodes())  # NOTE: ray.nodes() comes in no fixed order
         if len(nodes) < 2:
             return "DEFAULT"
-        return NodeAffinitySchedulingStrategy(nodes[index % len(nodes)], soft=True)
+        return NodeAffinitySchedulingStrategy(nodes[index % len(nodes)], soft=False)
 
     def shard(self, index: int):
         s = self.spec.shards

@@ -89,6 +89,7 @@ class Controller(Operations):
         self.nodes = ShardNodes()
         self.ops = asyncio.Lock()  # one runtime operation at a time
         self._busy: dict[tuple[str, int], asyncio.Task] = {}
+        self._reconfigure: set[int] = set()  # routers to send new shard handles
         self._hot_experts: set[str] = set()  # the expert tags of the load gauge
 
     @property
@@ -199,6 +200,11 @@ class Controller(Operations):
         try:
             shard_status = await self.poll(self.shards, "status")
             self.nodes.observe(shard_status)
+            revived = [n for n, st in enumerate(shard_status) if st is None]
+            revived = [n for n in revived if self.roster.revive("shard", n)]
+            for n in revived:  # gone for good (its node died): a new, empty one
+                shard_status[n] = {"ready": False}
+                self._reconfigure.update(range(len(self.routers)))  # the new handle
             for n, st in enumerate(shard_status):  # 1. shards hold their experts
                 reloading = st is not None and st.get("loading")  # by itself, from the store
                 if (
@@ -212,11 +218,14 @@ class Controller(Operations):
             router_status = await self.poll(self.routers, "describe")
             for i, st in enumerate(router_status):  # 2. routers configured
                 if st is None:  # killed for good: a new one (configured on the next pass)
-                    self.roster.revive_router(i)
+                    self.roster.revive("router", i)
                     continue
-                if not st["ready"] or st.get("routing_version") != self.goal.routing_version:
-                    if not st["ready"] and self._idle(("router", i)):
-                        self.metrics.inc("raymoe_recoveries_total", role="router")
+                stale = st.get("routing_version") != self.goal.routing_version
+                if not st["ready"] or stale or i in self._reconfigure:
+                    if self._idle(("router", i)):
+                        self._reconfigure.discard(i)
+                        if not st["ready"]:
+                            self.metrics.inc("raymoe_recoveries_total", role="router")
                     self._spawn(
                         ("router", i), self.roster.configure_router(i, self.goal, self.gate)
                     )

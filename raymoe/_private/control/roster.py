@@ -37,13 +37,17 @@ class Roster:
         args = (layout_of(goal, n), None, True, goal.spec, list(goal.sources))  # one call
         await self.cluster.call(self.shards[n], "configure", *args, timeout=timeouts.CONFIGURE_S)
 
-    def revive_router(self, i: int) -> None:
-        """Router ``i`` did not answer: if it was killed for good (not restarting), start a
-        new one under its name (it starts unconfigured; clients fetch the new handle)."""
-        h = self.cluster.router(i)  # NOTE: get-or-create: the same actor while it restarts
-        if h != self.routers[i]:
-            log.warning("router %d was gone for good: started a new one", i)
-            self.routers[i] = h
+    def revive(self, role: str, i: int) -> bool:
+        """Actor ``i`` of ``role`` ("shard" or "router") did not answer: if it was gone for
+        good (killed, or its node died), start a new one under its name; it starts empty
+        (a shard) or unconfigured (a router). -> whether it is a new one."""
+        actors = self.shards if role == "shard" else self.routers
+        h = getattr(self.cluster, role)(i)  # NOTE: get-or-create: the same while it restarts
+        if h == actors[i]:
+            return False
+        log.warning("%s %d was gone for good: started a new one", role, i)
+        actors[i] = h
+        return True
 
     async def configure_router(self, i: int, goal: Goal, gate) -> None:
         args = (self.shards, goal.placement, gate, goal.spec, goal.routing_version)

@@ -164,3 +164,16 @@ def test_replicas_are_spread_over_the_shards_nodes_and_again_after_a_node_dies()
     close(ctl, layer, torch.randn(9, 16))
     settle(ctl)
     assert ctl.placement.version == version + 1  # repaired once, then left alone
+
+
+def test_a_shard_gone_for_good_is_replaced_and_the_routers_get_its_handle():
+    ctl, cluster, layer, weights = setup(shards=3, min_replicas=2)
+    start(ctl, Goal.initial(ctl.spec).placement, weights)
+    old = ctl.shards[1]
+    cluster.dead.add(id(old))  # its node died: Ray will not restart it
+    cluster.actors.pop(("shard", 1))
+    settle(ctl)
+    settle(ctl)
+    assert ctl.shards[1] is not old and ctl.shards[1].ready
+    assert all(r.shards.shards[1] is ctl.shards[1] for r in ctl.routers)
+    close(ctl, layer, torch.randn(9, 16))
