@@ -5,10 +5,11 @@ One local Ray cluster, started here; a mixtral-tiny-style pool (16 experts, 4 sh
 expert on 2 shards, 2 routers, a gRPC gateway, Redis as its metadata store when
 ``redis-server`` is installed). Over ``--seconds`` (60): a shard every 5 s (round robin), a
 router, the controller and the gateway once each, Redis down for 10 s; one admin change
-(``replicate``) after the controller came back. Prints failed requests, the worst error vs
-MoELayer, latency, recovery time per kill (death -> every expert served again: a request
-routed to every expert succeeds; and death -> that process serves again), and
-whether the pool's experts and placement are those before plus the admin change.
+(``replicate``: one more replica of expert 0) after the controller came back. Prints failed
+requests, the worst error vs MoELayer, latency, recovery time per kill (death -> every
+expert served again: a request routed to every expert succeeds; and death -> that process
+serves again), and whether the pool's experts and placement are those before plus the
+admin change.
 
     .venv/bin/python benchmarks/bench_chaos.py [--seconds 60] [--replicas 2]
 """
@@ -56,8 +57,13 @@ class Redis:
 
 
 def pid_of(name: str) -> int:
-    actor = ray.get_actor(name, namespace="raymoe")
-    return ray.get(actor.__ray_call__.remote(lambda self: os.getpid()), timeout=30)
+    for _ in range(600):  # while it restarts (killed a moment ago)
+        try:
+            actor = ray.get_actor(name, namespace="raymoe")
+            return ray.get(actor.__ray_call__.remote(lambda self: os.getpid()), timeout=30)
+        except ray.exceptions.RayActorError:
+            time.sleep(0.05)
+    raise TimeoutError(f"{name} did not come back")
 
 
 def serving(name: str) -> bool:
@@ -176,14 +182,15 @@ def main() -> None:
         probe = None if ":gateway:" in name else every_expert
         threading.Thread(target=kill, args=(name, kills, probe)).start()
         if admin is None and at > 22.5:
-            admin = pool.replicate(0, 1)  # after the controller came back: 1 replica of 0
+            # after the controller came back: one more replica of expert 0
+            admin = pool.replicate(0, args.replicas + 1)
     time.sleep(max(0.0, args.seconds - (time.monotonic() - t0)))
     stop.set()
     for t in threads:
         t.join()
     time.sleep(3)
     after = pool.describe()
-    want_replicas = before.replicas - (args.replicas - 1) if args.replicas > 1 else before.replicas
+    want_replicas = before.replicas + 1
     same = after.experts == before.experts and after.removed == before.removed
     report(lat, failures, errs[0], kills, same and after.replicas == want_replicas, args)
     pool.shutdown()

@@ -5,6 +5,7 @@ Calls the controller makes to its actors (seconds):
 
 STATUS_S = 5.0  # a status/describe/stats/take_load call slower than this: "not answering"
 EXPORT_S = 120.0  # a shard exporting a few MB of expert rows (a copy's source)
+SOURCE_S = 60.0  # for some replica of an expert to be copied to answer (shards restart)
 PLACE_S = 300.0  # a shard growing its bank and importing a few MB of rows
 FREE_S = 30.0  # a shard forgetting old places
 GATE_READ_S = 30.0  # a router handing back its gate weights

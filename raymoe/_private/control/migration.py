@@ -24,6 +24,7 @@ from raymoe._private import timeouts
 from raymoe._private.control import growth
 from raymoe._private.control.cluster import ActorUnreachable, Cluster
 from raymoe.config import PoolSpec
+from raymoe.errors import ShardNotReadyError
 from raymoe.placement import Change, Placement
 
 log = logging.getLogger(__name__)
@@ -69,22 +70,7 @@ class Migrator:
         """{name: {expert: row}} of every expert in ``added``."""
         rows: dict[str, dict] = {}
         known = added < old.num_experts
-        src = old.primary()[0][added[known]]
-        step = self.step
-
-        async def export(n: int, ids: np.ndarray) -> None:
-            got = await self.cluster.call(
-                shards[n], "export_experts", ids, timeout=timeouts.EXPORT_S
-            )
-            for k, v in got.items():
-                rows.setdefault(k, {}).update(zip(ids.tolist(), v, strict=True))
-
-        # NOTE: source shards export at once; each one's calls queue in its copy group
-        chunks = []
-        for n in np.unique(src).tolist():
-            mine = np.unique(added[known][src == n])
-            chunks += [(n, mine[i : i + step]) for i in range(0, len(mine), step)]
-        await asyncio.gather(*(export(n, ids) for n, ids in chunks))
+        await self._export(old, np.unique(added[known]), shards, rows)
         fresh = np.unique(added[~known])  # added experts: given rows, or the seeded init
         if len(fresh):
             given = new_rows or growth.seeded_rows(spec, fresh)
@@ -92,6 +78,45 @@ class Migrator:
             for k, v in given.items():
                 rows.setdefault(k, {}).update(zip(fresh.tolist(), v[at], strict=True))
         return rows
+
+    async def _export(self, old: Placement, ids: np.ndarray, shards: list, rows: dict) -> None:
+        """Fill ``rows`` with experts ``ids`` read from a replica of each in ``old``: the
+        first one, else (a shard down or reloading) the next, for up to
+        ``timeouts.SOURCE_S`` (a shard comes back in seconds)."""
+        end = asyncio.get_running_loop().time() + timeouts.SOURCE_S
+        turn = 0
+        while len(ids):
+            count = old.replicas()[ids]
+            src = old.shard[old.ptr[ids] + turn % count]
+            chunks = [
+                (n, mine[i : i + self.step])
+                for n in np.unique(src).tolist()
+                for mine in [ids[src == n]]
+                for i in range(0, len(mine), self.step)
+            ]
+            # NOTE: source shards export at once; each one's calls queue in its copy group
+            got = await asyncio.gather(
+                *(
+                    self.cluster.call(shards[n], "export_experts", c, timeout=timeouts.EXPORT_S)
+                    for n, c in chunks
+                ),
+                return_exceptions=True,
+            )
+            failed = []
+            for (_, c), g in zip(chunks, got, strict=True):
+                if isinstance(g, ActorUnreachable | ShardNotReadyError):
+                    failed.append(c)
+                    continue
+                if isinstance(g, BaseException):
+                    raise g
+                for k, v in g.items():
+                    rows.setdefault(k, {}).update(zip(c.tolist(), v, strict=True))
+            ids = np.concatenate(failed) if failed else ids[:0]
+            turn += 1
+            if len(ids) and asyncio.get_running_loop().time() > end:
+                raise ShardNotReadyError(f"no replica of experts {ids[:5].tolist()} answered")
+            if len(ids) and turn % int(old.replicas()[ids].max()) == 0:
+                await asyncio.sleep(0.5)  # every replica tried: wait for one to come back
 
     async def _place(self, n: int, handle, ids, local, rows, spec) -> None:
         """Place on shard ``n`` a few MB at a time, after growing its bank once: small copies

@@ -67,6 +67,7 @@ class _Flight:
     sent: float  # when its call goes out (after any backoff)
     since: float | None  # when its pairs first got no answer (the degrade clock)
     hedged: bool = False
+    tries: int = 0  # failed attempts of the pairs it carries
 
 
 @dataclass
@@ -134,7 +135,6 @@ class _Run:
         self.pending: dict[asyncio.Future, _Flight] = {}
         self.out = Outcome()
         self.slowest = 0.0  # of this batch's answered calls
-        self.attempts = 0
         self.backoff = timeouts.BACKOFF_S[0]
 
     async def until_done(self, ids, weights) -> Outcome:
@@ -176,16 +176,16 @@ class _Run:
             return
         if not self.retryable(err):
             raise err
-        self.attempts += 1
+        tries = flight.tries + 1
         self.rules.counters["retries"] += 1
         self.rules.metrics.inc("raymoe_retries_total")
-        if self.attempts > timeouts.MAX_ATTEMPTS:
+        if tries > timeouts.MAX_ATTEMPTS:
             raise PoolUnavailableError(
                 f"shards still failing after {timeouts.MAX_ATTEMPTS} attempts"
             ) from err
         since = flight.since if flight.since is not None else self.clock()
         moved, stuck = self._away(flight.sub)
-        self._send(moved, since)
+        self._send(moved, since, tries=tries)
         if not stuck:
             return
         if self._degrade_due(_Flight(flight.sub, 0.0, since), self.clock()):
@@ -196,7 +196,7 @@ class _Run:
             delay = min(delay, max(since + self.faults.degrade_after_s - self.clock(), 0.0))
         if self.clock() + delay >= self.deadline:
             raise DeadlineExceededError("shards unavailable until the request's deadline")
-        self._send(stuck, since, delay)
+        self._send(stuck, since, delay, tries=tries)
         self.backoff = min(2 * self.backoff, timeouts.BACKOFF_S[1])
 
     def _hedge(self, task: asyncio.Future, flight: _Flight) -> None:
@@ -211,8 +211,8 @@ class _Run:
         self.rules.counters["hedges"] += 1
         self.rules.metrics.inc("raymoe_hedges_total")
         since = flight.since if flight.since is not None else flight.sent
-        self._send(moved, since)
-        self._send(stuck, since, hedged=True)
+        self._send(moved, since, tries=flight.tries)
+        self._send(stuck, since, hedged=True, tries=flight.tries)
 
     # --- helpers ------------------------------------------------------------------------
 
@@ -227,10 +227,10 @@ class _Run:
         parts = resplit(sub, self.table, avoid)
         return [s for s in parts if not avoid[s.shard]], [s for s in parts if avoid[s.shard]]
 
-    def _send(self, subs, since, delay: float = 0.0, hedged: bool = False) -> None:
+    def _send(self, subs, since, delay=0.0, hedged=False, tries=0) -> None:
         for s in subs:
             task = asyncio.ensure_future(self.call(s, delay))
-            self.pending[task] = _Flight(s, self.clock() + delay, since, hedged)
+            self.pending[task] = _Flight(s, self.clock() + delay, since, hedged, tries)
 
     def _drop(self, subs: list[SubBatch]) -> None:
         self.out.dropped.extend(subs)

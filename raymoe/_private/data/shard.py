@@ -156,8 +156,11 @@ class ExpertShard:
         return {k: torch.as_tensor(np.asarray(v)) for k, v in rows.items()}
 
     def free(self, local: np.ndarray) -> None:
-        """Forget the experts at ``local`` (their places may be reused by a later ``place``)."""
-        self.expert_ids[torch.as_tensor(np.asarray(local), dtype=torch.int64)] = -1
+        """Forget the experts at ``local`` (their places may be reused by a later ``place``).
+        Places past the bank are skipped: a shard that restarted meanwhile has not (or not
+        yet) loaded them."""
+        local = torch.as_tensor(np.asarray(local), dtype=torch.int64)
+        self.expert_ids[local[local < len(self.expert_ids)]] = -1
 
     def _grown(self, size: int):
         """A bank of ``size`` places holding the current rows; reads the bank, changes
@@ -201,6 +204,8 @@ class ExpertShard:
 
     def export_experts(self, global_ids: np.ndarray) -> dict[str, np.ndarray]:
         """Weights of ``global_ids`` (which must live here) as ``{name: [n, ...]}``."""
+        if not self.ready:  # restarted: its rows are not (all) loaded yet
+            raise ShardNotReadyError(f"shard {self.shard_id} is loading its experts")
         return self._export(self._local(global_ids))
 
     def import_experts(

@@ -98,3 +98,29 @@ def test_a_change_cut_short_by_a_crash_is_finished_by_the_restarted_controller(t
     assert again.placement.replicas()[3] == 2 and again.goal.pending is None
     assert Goal.load(EmbeddedStore(tmp_path), ctl.spec.name).pending is None
     close(again, layer, torch.randn(30, 16))
+
+
+def test_free_on_a_shard_that_restarted_empty_changes_nothing():
+    ctl, cluster, _, weights = setup()
+    start(ctl, contiguous(8, 2), weights)
+    old, new = ctl.placement, _moved(ctl)
+    change = diff(old, new)
+    run(ctl.migrator.copy(old, change, ctl.spec, ctl.shards, has_rows=True))
+    ctl.roster.shards[1] = cluster.restart("shard", 1)  # restarted, not reloaded yet
+    run(ctl.migrator.free(change, ctl.shards))  # no IndexError on the empty bank
+    assert len(ctl.shards[1].expert_ids) == 0
+
+
+def test_copy_reads_from_another_replica_when_the_first_is_down():
+    ctl, cluster, layer, weights = setup(shards=3)
+    p = contiguous(8, 3)
+    e, s = p.pairs()
+    start(ctl, realize(p, np.append(e, 0), np.append(s, 2)), weights)  # expert 0 on 0 and 2
+    cluster.dead.add(id(ctl.shards[0]))  # expert 0's first replica does not answer
+    old = ctl.placement
+    e, s = old.pairs()
+    new = realize(old, np.append(e, 0), np.append(s, 1))  # a third replica, on shard 1
+    run(ctl.migrator.copy(old, diff(old, new), ctl.spec, ctl.shards, has_rows=True))
+    got = ctl.shards[1].export_experts(np.array([0]))
+    want = ctl.shards[2].export_experts(np.array([0]))
+    assert all(np.array_equal(got[k], want[k]) for k in want)
