@@ -96,7 +96,7 @@ def kill(name: str, kills: list, probe=None) -> None:
         except Exception:
             pass
         time.sleep(0.05)
-    kills.append((name, served, time.monotonic() - t0))
+    kills.append((name, served, time.monotonic() - t0, t0))
 
 
 def main() -> None:
@@ -170,14 +170,16 @@ def main() -> None:
     ]
     plan.sort()
     admin = None
-    redis_at = 35.0 if redis else None
-    for at, name in plan:
-        if redis_at is not None and at >= redis_at:
-            time.sleep(max(0.0, redis_at - (time.monotonic() - t0)))
+    if redis:  # down from 35 s to 45 s, while the kills go on on their schedule
+
+        def outage():
+            time.sleep(max(0.0, 35.0 - (time.monotonic() - t0)))
             redis.stop()
             time.sleep(10)
             redis.start()
-            redis_at = None
+
+        threading.Thread(target=outage).start()
+    for at, name in plan:
         time.sleep(max(0.0, at - (time.monotonic() - t0)))
         probe = None if ":gateway:" in name else every_expert
         threading.Thread(target=kill, args=(name, kills, probe)).start()
@@ -213,9 +215,17 @@ def report(lat, failures, err, kills, same, args) -> None:
         f"latency ms: p50 {np.percentile(lat, 50):.1f}  "
         f"p99 {np.percentile(lat, 99):.1f}  max {lat.max():.1f}"
     )
+    print("kills, in order (every expert served again / the process serves again, s):")
+    print(
+        "  "
+        + ", ".join(
+            f"{n.split(':', 1)[1]} {e or 0:.2f}/{a:.2f}"
+            for n, e, a, _ in sorted(kills, key=lambda k: k[3])
+        )
+    )
     served: dict[str, list[float]] = {}
     back: dict[str, list[float]] = {}
-    for name, every, again in kills:
+    for name, every, again, _ in kills:
         role = name.split(":")[1]
         back.setdefault(role, []).append(again)
         if every is not None:

@@ -172,6 +172,9 @@ class FaultSpec(_Section):
     # chose it after degrade_after_s, renormalises their remaining weights, and flags them
     on_unreachable: Literal["fail", "degrade"] = "fail"
     degrade_after_s: float = Field(1.0, gt=0.0, le=600.0)
+    # degrade: scale a token's remaining experts up to its whole routing weight (hivemind's
+    # rule), or keep their weights (bench_degraded.py measures both)
+    renormalise: bool = True
 
 
 class GatewaySpec(_Section):

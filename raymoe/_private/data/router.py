@@ -235,6 +235,8 @@ class Router:
                 deadline,
             )
             parts, (scale, degraded) = done.parts, _renormalise(w, done.dropped)
+            if scale is not None and not self.attempts.faults.renormalise:
+                scale = None  # the remaining experts keep their weights
             t2 = time.perf_counter()
             spans = _spans(batch, mixes)
             y = await self._offload(self._combine, flat, parts, gates, spans, scale)  # 3. combine

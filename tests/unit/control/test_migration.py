@@ -112,7 +112,7 @@ def test_free_on_a_shard_that_restarted_empty_changes_nothing():
 
 
 def test_copy_reads_from_another_replica_when_the_first_is_down():
-    ctl, cluster, layer, weights = setup(shards=3)
+    ctl, cluster, _layer, weights = setup(shards=3)
     p = contiguous(8, 3)
     e, s = p.pairs()
     start(ctl, realize(p, np.append(e, 0), np.append(s, 2)), weights)  # expert 0 on 0 and 2

@@ -62,9 +62,11 @@ def test_a_silent_only_replica_fails_the_request_at_its_deadline_by_default():
         run(router.forward(np.ones((4, 16), np.float32), timeout_s=0.3))
 
 
+@pytest.mark.parametrize("renormalise", [True, False])
 @pytest.mark.parametrize("failure", ["down", "silent"])
-def test_degrade_drops_unreachable_experts_and_renormalises_the_rest(failure):
+def test_degrade_drops_unreachable_experts_and_renormalises_the_rest(failure, renormalise):
     faults = {"on_unreachable": "degrade", "degrade_after_s": 0.05, "hedge_after_s": 0.02}
+    faults["renormalise"] = renormalise
     router, layer, transport = silent_router(faults)
     if failure == "down":
         transport.down[1] = 10**9
@@ -80,7 +82,8 @@ def test_degrade_drops_unreachable_experts_and_renormalises_the_rest(failure):
         kept = torch.where(on_1, 0.0, w)
         total, left = w.sum(1, keepdim=True), kept.sum(1, keepdim=True)
         scaled = torch.where(left > 0, kept * total / left.clamp(min=1e-30), 0.0)
-        want = layer(x, expert_ids=torch.where(on_1, -1, ids), weights=scaled).numpy()
+        weights = scaled if renormalise else kept
+        want = layer(x, expert_ids=torch.where(on_1, -1, ids), weights=weights).numpy()
     assert np.abs(y - want).max() <= 1e-5
     lost = int(on_1.any(1).sum())
     assert lost > 0 and info == {"degraded_tokens": lost}
