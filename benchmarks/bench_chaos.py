@@ -190,9 +190,10 @@ def main() -> None:
     stop.set()
     for t in threads:
         t.join()
-    time.sleep(3)
-    after = pool.describe()
     want_replicas = before.replicas + 1
+    end = time.monotonic() + 60  # every shard back, the cover of the last ones dropped
+    while (after := pool.describe()).replicas != want_replicas and time.monotonic() < end:
+        time.sleep(0.5)
     same = after.experts == before.experts and after.removed == before.removed
     report(lat, failures, errs[0], kills, same and after.replicas == want_replicas, args)
     pool.shutdown()

@@ -134,6 +134,12 @@ class ShardActor(ExpertShard):
         with self._mutating, self._lock:
             super().restore(global_ids, rows)
 
+    def _check_loaded(self) -> None:
+        """A copy into a shard that restarted and has not loaded its experts yet would be
+        lost (or meet no bank): refused, the controller tries again."""
+        if not self.ready:
+            raise ShardNotReadyError(f"shard {self.shard_id} is loading its experts")
+
     def mark_ready(self):
         with self._lock:
             super().mark_ready()
@@ -146,6 +152,7 @@ class ShardActor(ExpertShard):
         if not len(local):
             return
         with self._mutating:
+            self._check_loaded()
             size = self.size_for(local)
             grown = self._grown(size) if size else None  # outside _lock: computes go on
             tensors = self.rows_for(gid, rows)
@@ -157,6 +164,7 @@ class ShardActor(ExpertShard):
     @ray.method(concurrency_group="copy")
     def reserve(self, places: int) -> None:
         with self._mutating:
+            self._check_loaded()
             grown = self._grown(places) if places > len(self.expert_ids) else None
             if grown is not None:
                 with self._lock:

@@ -120,17 +120,27 @@ class Migrator:
 
     async def _place(self, n: int, handle, ids, local, rows, spec) -> None:
         """Place on shard ``n`` a few MB at a time, after growing its bank once: small copies
-        interleave with the routers' sub-batches instead of stalling them."""
-        await self.cluster.call(handle, "reserve", int(local.max()) + 1, timeout=timeouts.PLACE_S)
+        interleave with the routers' sub-batches instead of stalling them. A shard that is
+        restarting (down, or loading its experts) is waited for, up to ``SOURCE_S``."""
+        end = asyncio.get_running_loop().time() + timeouts.SOURCE_S
+
+        async def call(method: str, *args) -> None:
+            while True:
+                try:
+                    return await self.cluster.call(handle, method, *args, timeout=timeouts.PLACE_S)
+                except (ActorUnreachable, ShardNotReadyError):
+                    if asyncio.get_running_loop().time() > end:
+                        raise
+                    await asyncio.sleep(0.5)
+
+        await call("reserve", int(local.max()) + 1)
         step = self.step
         for i in range(0, len(ids), step):
             chunk = ids[i : i + step]
             part = None
             if rows is not None:
                 part = {k: np.stack([v[e] for e in chunk.tolist()]) for k, v in rows.items()}
-            await self.cluster.call(
-                handle, "place", local[i : i + step], chunk, part, spec, timeout=timeouts.PLACE_S
-            )
+            await call("place", local[i : i + step], chunk, part, spec)
 
     async def drain(self, routers: list, version: int, timeout_s: float) -> None:
         """Stage 3: wait until no router runs a batch under a version older than ``version``.
