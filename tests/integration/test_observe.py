@@ -105,6 +105,8 @@ def test_scraped_metrics_match_stats_describe_and_reports(ray_cluster, metrics_p
         assert dashboard_metrics() - exported == {
             "ray_raymoe_retries_total",
             "ray_raymoe_recoveries_total",
+            "ray_raymoe_hedges_total",
+            "ray_raymoe_degraded_requests_total",
         }
     finally:
         pool.shutdown()
