@@ -106,6 +106,13 @@ class ShardNotReadyError(PoolError):
     """A shard is (re)loading its experts; the router retries the sub-batch."""
 
 
+class PlacementMismatchError(ShardNotReadyError):
+    """A sub-batch named experts a shard's places do not hold (the router's placement and
+    the shard's layout disagree, e.g. a placement a router still used after its places were
+    freed and reused): refused, never computed with the wrong experts; the router retries
+    the sub-batch (another replica, or the same one once the placements agree)."""
+
+
 class PoolExistsError(PoolError):
     """A pool of that name already runs in the cluster."""
 

@@ -36,7 +36,12 @@ from raymoe._private.data.shard import ExpertShard
 from raymoe._private.data.transport import GrpcShardCalls, serve_shard
 from raymoe._private.metrics import RayMetrics
 from raymoe.config import PoolSpec
-from raymoe.errors import PoolUnavailableError, RaymoeError, ShardNotReadyError
+from raymoe.errors import (
+    PlacementMismatchError,
+    PoolUnavailableError,
+    RaymoeError,
+    ShardNotReadyError,
+)
 from raymoe.reports import OpReport, PoolDescription, PoolStats
 from raymoe.store import open_store, store_env
 
@@ -122,9 +127,14 @@ class ShardActor(ExpertShard):
     def endpoint(self) -> str | None:
         return self._endpoint
 
-    def compute(self, x, local_ids, weights):
+    def compute(self, x, local_ids, weights, digest=None):
         with self._lock:
-            return super().compute(x, local_ids, weights)
+            try:
+                return super().compute(x, local_ids, weights, digest)
+            except PlacementMismatchError as e:
+                if self.mismatches & (self.mismatches - 1) == 0:  # the 1st, 2nd, 4th, ...
+                    log.warning("%s (%d so far)", e, self.mismatches)
+                raise
 
     def configure(self, expert_ids, rows=None, ready=True, spec=None, files=None):
         with self._mutating, self._lock:
@@ -213,8 +223,8 @@ class RayShardCalls:
     def __init__(self, handles: list):
         self.handles = handles
 
-    async def compute(self, shard, x, local_ids, weights):
-        return await self.handles[shard].compute.remote(x, local_ids, weights)
+    async def compute(self, shard, x, local_ids, weights, digest):
+        return await self.handles[shard].compute.remote(x, local_ids, weights, digest)
 
     def retryable(self, error: BaseException) -> bool:
         return shard_down(error)

@@ -7,14 +7,16 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ComputeRequest(_message.Message):
-    __slots__ = ("x", "local_ids", "weights")
+    __slots__ = ("x", "local_ids", "weights", "places_digest")
     X_FIELD_NUMBER: _ClassVar[int]
     LOCAL_IDS_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    PLACES_DIGEST_FIELD_NUMBER: _ClassVar[int]
     x: _tensor_pb2.Tensor
     local_ids: _tensor_pb2.Tensor
     weights: _tensor_pb2.Tensor
-    def __init__(self, x: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., local_ids: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., weights: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
+    places_digest: int
+    def __init__(self, x: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., local_ids: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., weights: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., places_digest: _Optional[int] = ...) -> None: ...
 
 class ComputeReply(_message.Message):
     __slots__ = ("y",)

@@ -1,6 +1,7 @@
 """Faults on real pools: processes frozen (SIGSTOP: silent, as on a node that died and that
 Ray has not declared dead yet), a shard killed with degrade mode on, and a worker node
-removed without grace from a three-node cluster of its own."""
+removed without grace from a three-node cluster of its own; a shard whose places hold
+other experts than the routers mean."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import ray
 import torch
 
@@ -35,6 +37,33 @@ def _frozen(pid: int, seconds: float) -> None:
         time.sleep(seconds)
     finally:
         os.kill(pid, signal.SIGCONT)
+
+
+@pytest.mark.parametrize("transport", ["object_store", "grpc"])
+def test_a_shard_whose_places_moved_is_never_summed(ray_cluster, transport):
+    """A shard's layout and the routers' placement disagree (as when a router used a
+    placement after its places were freed and reused): its sub-batches are refused and go
+    to the other replica; every answer equals MoELayer."""
+    spec = PoolSpec.from_dict(
+        {
+            **spec_dict({"kind": "topk", "k": 2}, E=8),
+            "name": f"t-moved-{transport}",
+            "shards": {"count": 2, "min_replicas": 2, "transport": transport},
+        }
+    )
+    pool = raymoe.serve(spec)
+    try:
+        shard = ray.get_actor(f"t-moved-{transport}:shard:0", namespace="raymoe")
+        layout = ray.get(shard.__ray_call__.remote(lambda self: self.expert_ids.numpy()))
+        ray.get(shard.configure.remote(np.roll(layout, 1)))  # each place: another expert
+        ref = MoELayer(spec).eval()
+        x = np.random.default_rng(0).standard_normal((64, 16)).astype(np.float32)
+        for _ in range(3):
+            with torch.no_grad():
+                assert np.abs(pool.forward(x) - ref(torch.from_numpy(x)).numpy()).max() <= 1e-5
+        assert ray.get(shard.status.remote())["mismatches"] >= 1
+    finally:
+        pool.shutdown()
 
 
 def test_a_frozen_shard_and_a_frozen_router_stall_no_request(ray_cluster):

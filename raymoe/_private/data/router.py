@@ -29,7 +29,7 @@ import torch
 
 from raymoe._private.data.attempts import Attempts
 from raymoe._private.data.batcher import Batcher, Request
-from raymoe._private.data.dispatch import DispatchTable, SubBatch, combine
+from raymoe._private.data.dispatch import DispatchTable, SubBatch, combine, places_digest
 from raymoe._private.data.gates import Gates
 from raymoe._private.data.stats import RouterStats
 from raymoe._private.metrics import Metrics, NullMetrics
@@ -46,9 +46,10 @@ class ShardCalls(Protocol):
     """The transport to shards (Ray object store or gRPC)."""
 
     async def compute(
-        self, shard: int, x: np.ndarray, local_ids: np.ndarray, weights: np.ndarray
+        self, shard: int, x: np.ndarray, local_ids: np.ndarray, weights: np.ndarray, digest: int
     ) -> np.ndarray:
-        """Shard ``shard`` computes (x [t, d], local ids [t, S], weights [t, S]) -> [t, d]."""
+        """Shard ``shard`` computes (x [t, d], local ids [t, S], weights [t, S]) -> [t, d];
+        ``digest`` (:func:`~.dispatch.places_digest`) names the experts meant."""
         ...
 
     def retryable(self, error: BaseException) -> bool:
@@ -295,6 +296,7 @@ class Router:
             flat[sub.tokens].numpy(),
             sub.local_ids.numpy(),
             sub.weights.to(torch.float32).numpy(),
+            places_digest(sub.local_ids, sub.expert_ids),
         )
 
     @torch.no_grad()

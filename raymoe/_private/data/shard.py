@@ -10,8 +10,9 @@ import numpy as np
 import torch
 
 from raymoe import checkpoint
+from raymoe._private.data.dispatch import places_digest
 from raymoe.config import PoolSpec
-from raymoe.errors import ShardNotReadyError
+from raymoe.errors import PlacementMismatchError, ShardNotReadyError
 from raymoe.kernels import make_bank, seeded_bank
 
 
@@ -37,6 +38,7 @@ class ExpertShard:
         self.bank = None  # the bank in service; None while (re)loading
         self._bank = None  # the bank being built or loaded
         self.expert_ids = torch.zeros(0, dtype=torch.int64)
+        self.mismatches = 0  # sub-batches refused by the places check
         if expert_ids is not None:
             self.configure(expert_ids, rows)
 
@@ -190,17 +192,40 @@ class ExpertShard:
             "ready": self.ready,
             "experts": live,
             "places": len(self.expert_ids),
+            "mismatches": self.mismatches,
         }
 
     @torch.no_grad()
-    def compute(self, x: np.ndarray, local_ids: np.ndarray, weights: np.ndarray) -> np.ndarray:
-        """``x`` [t, d], ``local_ids`` [t, S] (-1 = not here), ``weights`` [t, S] -> [t, d]."""
+    def compute(
+        self,
+        x: np.ndarray,
+        local_ids: np.ndarray,
+        weights: np.ndarray,
+        digest: int | None = None,
+    ) -> np.ndarray:
+        """``x`` [t, d], ``local_ids`` [t, S] (-1 = not here), ``weights`` [t, S] -> [t, d].
+        ``digest``: :func:`places_digest` of the experts the router means at those places;
+        refused (:class:`PlacementMismatchError`) when the places hold others."""
         if self.bank is None:
             raise ShardNotReadyError(f"shard {self.shard_id} is loading its experts")
+        local = torch.from_numpy(local_ids)
+        if digest is not None:
+            self._check_places(local, digest)
         xt = torch.from_numpy(x).to(self.device)
-        ids = torch.from_numpy(local_ids).to(self.device)
+        ids = local.to(self.device)
         w = torch.from_numpy(weights).to(self.device)
         return self.bank(xt, ids, w).cpu().numpy()
+
+    def _check_places(self, local: torch.Tensor, digest: int) -> None:
+        size = len(self.expert_ids)
+        beyond = bool((local >= size).any())
+        if not beyond and places_digest(local, self.expert_ids[local.clamp(min=0)]) == digest:
+            return
+        self.mismatches += 1
+        raise PlacementMismatchError(
+            f"shard {self.shard_id}: a sub-batch named experts its places do not hold "
+            f"(its layout and the router's placement disagree); not computed"
+        )
 
     def export_experts(self, global_ids: np.ndarray) -> dict[str, np.ndarray]:
         """Weights of ``global_ids`` (which must live here) as ``{name: [n, ...]}``."""

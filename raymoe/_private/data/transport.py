@@ -56,10 +56,13 @@ class GrpcShardCalls:
             self._stubs[shard] = (channel, shard_pb2_grpc.ExpertShardServiceStub(channel))
         return self._stubs[shard][1]
 
-    async def compute(self, shard, x, local_ids, weights):
+    async def compute(self, shard, x, local_ids, weights, digest):
         stub = await self._stub(shard)
         req = shard_pb2.ComputeRequest(
-            x=to_tensor(x), local_ids=to_tensor(local_ids), weights=to_tensor(weights)
+            x=to_tensor(x),
+            local_ids=to_tensor(local_ids),
+            weights=to_tensor(weights),
+            places_digest=digest,
         )
         try:
             reply = await stub.Compute(req)
@@ -85,8 +88,9 @@ class _Servicer(shard_pb2_grpc.ExpertShardServiceServicer):
             x = from_tensor(request.x, "x", max_bytes=self.max_bytes)
             ids = from_tensor(request.local_ids, "local_ids", max_bytes=self.max_bytes)
             w = from_tensor(request.weights, "weights", max_bytes=self.max_bytes)
+            digest = request.places_digest if request.HasField("places_digest") else None
             with self.lock:
-                y = self.shard.compute(x, ids, w)
+                y = self.shard.compute(x, ids, w, digest)
         except ShardNotReadyError as e:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
         except (InvalidInputError, ValueError, IndexError, RuntimeError) as e:

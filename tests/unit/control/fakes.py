@@ -26,8 +26,8 @@ class Calls:
     def __init__(self, shards):
         self.shards = shards
 
-    async def compute(self, n, x, ids, w):
-        return self.shards[n].compute(x, ids, w)
+    async def compute(self, n, x, ids, w, digest):
+        return self.shards[n].compute(x, ids, w, digest)
 
     def retryable(self, error):
         return False

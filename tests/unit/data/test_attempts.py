@@ -24,11 +24,11 @@ class SilentShards(LocalShards):
         super().__init__(*args, **kw)
         self.silent: set[int] = set()
 
-    async def compute(self, shard, x, local_ids, weights):
+    async def compute(self, shard, x, local_ids, weights, digest):
         if shard in self.silent:
             self.calls[shard] += 1
             await asyncio.Event().wait()
-        return await super().compute(shard, x, local_ids, weights)
+        return await super().compute(shard, x, local_ids, weights, digest)
 
 
 def silent_router(faults: dict, replicas=None, shards=2):

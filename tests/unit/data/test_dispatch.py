@@ -1,6 +1,7 @@
 """Dispatch and combine without Ray: placement + dispatch + ExpertShard + combine equals
 MoELayer for every routing kind and example config, 1/2/3/8 shards, with and without
-replicas; replicas share their expert's pairs evenly; failed shards are avoided."""
+replicas; replicas share their expert's pairs evenly; failed shards are avoided; a shard
+whose places hold other experts than the router means refuses the sub-batch."""
 
 from __future__ import annotations
 
@@ -11,8 +12,15 @@ import pytest
 import torch
 
 from raymoe import MoELayer, PoolSpec
-from raymoe._private.data.dispatch import DispatchTable, combine, resplit, split_by_shard
+from raymoe._private.data.dispatch import (
+    DispatchTable,
+    combine,
+    places_digest,
+    resplit,
+    split_by_shard,
+)
 from raymoe._private.data.shard import ExpertShard
+from raymoe.errors import PlacementMismatchError
 from raymoe.placement import contiguous, with_replicas
 from tests.helpers import ROUTINGS
 
@@ -118,3 +126,43 @@ def test_shard_export_import():
     assert np.allclose(sh.export_experts(np.array([9]))["w_gate"], doubled["w_gate"])
     with pytest.raises(KeyError, match="does not hold"):
         sh.export_experts(np.array([4]))
+
+
+def test_places_digest_tells_apart_what_a_stale_placement_changes():
+    g = torch.Generator().manual_seed(0)
+    local = torch.randint(0, 64, (32, 4), generator=g)
+    experts = torch.randint(0, 1 << 20, (64,), generator=g)
+    local[3, 2:] = -1  # padding counts for nothing
+    gid = torch.where(local >= 0, experts[local.clamp(min=0)], -1)
+    base = places_digest(local, gid)
+    assert places_digest(local, torch.where(local >= 0, gid, 12345)) == base
+    changed = []
+    for e in local[0, :2].tolist():  # a place that now holds another expert, or none
+        for other in (experts[e] + 1, -1, experts[(e + 1) % 64]):
+            moved = experts.clone()
+            moved[e] = other
+            changed.append(places_digest(local, moved[local.clamp(min=0)]))
+    a, b = local[0, 0].item(), local[1, 0].item()
+    swapped = experts.clone()
+    swapped[[a, b]] = experts[[b, a]]  # two places' experts swapped
+    changed.append(places_digest(local, swapped[local.clamp(min=0)]))
+    assert base not in changed
+
+
+def test_shard_refuses_a_sub_batch_its_places_do_not_hold():
+    spec = PoolSpec.from_dict(ROUTINGS["topk"])
+    sh = ExpertShard(spec, 0, np.array([3, 7, 9]))
+    x = np.ones((2, 16), np.float32)
+    local = np.array([[0, 2], [1, -1]])
+    w = np.full((2, 2), 0.5, np.float32)
+    meant = torch.tensor([[3, 9], [7, -1]])
+    y = sh.compute(x, local, w, places_digest(torch.from_numpy(local), meant))
+    assert np.array_equal(y, sh.compute(x, local, w))  # no digest: not checked
+    sh.free(np.array([2]))  # expert 9's place freed
+    for local_now in (local, np.array([[0, 5], [1, -1]])):  # the freed place; one past the bank
+        with pytest.raises(PlacementMismatchError, match="places do not hold"):
+            sh.compute(x, local_now, w, places_digest(torch.from_numpy(local), meant))
+    sh.place(np.array([2]), np.array([4]))  # ... and reused by expert 4
+    with pytest.raises(PlacementMismatchError):
+        sh.compute(x, local, w, places_digest(torch.from_numpy(local), meant))
+    assert sh.status()["mismatches"] == 3

@@ -40,13 +40,13 @@ class LocalShards:
         self.calls = [0] * placement.num_shards
         self.delay_s = delay_s
 
-    async def compute(self, shard, x, local_ids, weights):
+    async def compute(self, shard, x, local_ids, weights, digest):
         self.calls[shard] += 1
         await asyncio.sleep(self.delay_s)
         if self.down[shard]:
             self.down[shard] -= 1
             raise ShardDown(f"shard {shard}")
-        return self.shards[shard].compute(x, local_ids, weights)
+        return self.shards[shard].compute(x, local_ids, weights, digest)
 
     def retryable(self, error):
         return isinstance(error, ShardDown | ShardNotReadyError)
@@ -124,6 +124,22 @@ def test_failed_sub_batch_goes_to_another_replica():
     with torch.no_grad():
         assert np.abs(y - layer(x).numpy()).max() <= 1e-5
     assert router.stats()["counters"]["retries"] == 1
+
+
+def test_a_stale_placement_is_retried_on_another_replica_never_summed():
+    router, layer, transport = make(
+        {"kind": "topk", "k": 2}, shards=2, replicas={e: 2 for e in range(8)}
+    )
+    shard = transport.shards[1]
+    moved = shard.expert_ids.roll(1).numpy()  # each place: another expert than the router means
+    state = {n: p.detach() for n, p in layer.experts.named_parameters()}
+    shard.configure(moved, rows={k: v[moved].numpy() for k, v in state.items()})
+    x = torch.randn(20, 16)
+    y = run(router.forward(x.numpy()))
+    with torch.no_grad():
+        assert np.abs(y - layer(x).numpy()).max() <= 1e-5
+    assert shard.mismatches >= 1
+    assert router.stats()["counters"]["retries"] == shard.mismatches
 
 
 def test_failed_sub_batch_waits_for_its_only_replica():
