@@ -2,16 +2,16 @@
 would kill them, and its Redis is stopped for 10 s.
 
 One local Ray cluster, started here; a mixtral-tiny-style pool (16 experts, 4 shards, every
-expert on 2 shards, 2 routers, a gRPC gateway, Redis as its metadata store when
-``redis-server`` is installed). Over ``--seconds`` (60): a shard every 5 s (round robin), a
-router, the controller and the gateway once each, Redis down for 10 s; one admin change
+expert on 2 shards, 2 routers, one warm spare shard, a gRPC gateway, Redis as its metadata
+store when ``redis-server`` is installed). Over ``--seconds`` (60): a shard every 5 s (round
+robin), a router, the controller and the gateway once each, Redis down for 10 s; one admin change
 (``replicate``: one more replica of expert 0) after the controller came back. Prints failed
 requests, the worst error vs MoELayer, latency, recovery time per kill (death -> every
 expert served again: a request routed to every expert succeeds; and death -> that process
 serves again), and whether the pool's experts and placement are those before plus the
 admin change.
 
-    .venv/bin/python benchmarks/bench_chaos.py [--seconds 60] [--replicas 2]
+    .venv/bin/python benchmarks/bench_chaos.py [--seconds 60] [--replicas 2] [--spares 1]
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ def kill(name: str, kills: list, probe=None) -> None:
         probe()
         served = time.monotonic() - t0
     time.sleep(0.05)
-    while True:
+    while time.monotonic() - t0 < 120:  # bounded: a process that never came back is reported
         try:
             if pid_of(name) != pid and serving(name):
                 break
@@ -104,6 +104,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=60.0)
     ap.add_argument("--replicas", type=int, default=2)
     ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--spares", type=int, default=1, help="warm spare shards (shards.spares)")
     args = ap.parse_args()
     redis = Redis() if shutil.which("redis-server") else None
     if redis:
@@ -122,6 +123,7 @@ def main() -> None:
                 "count": S,
                 "routers": 2,
                 "replicas": {e: args.replicas for e in range(E)} if args.replicas > 1 else {},
+                "spares": args.spares,
             },
             "control": {"auto_rebalance": False},
             "gateway": {"enabled": True, "host": "127.0.0.1", "port": 0},
@@ -169,7 +171,7 @@ def main() -> None:
         (27.5, f"chaos:gateway:{_gw(pool)}"),
     ]
     plan.sort()
-    admin = None
+    admin, killers = None, []
     if redis:  # down from 35 s to 45 s, while the kills go on on their schedule
 
         def outage():
@@ -182,13 +184,14 @@ def main() -> None:
     for at, name in plan:
         time.sleep(max(0.0, at - (time.monotonic() - t0)))
         probe = None if ":gateway:" in name else every_expert
-        threading.Thread(target=kill, args=(name, kills, probe)).start()
+        killers.append(threading.Thread(target=kill, args=(name, kills, probe)))
+        killers[-1].start()
         if admin is None and at > 22.5:
             # after the controller came back: one more replica of expert 0
             admin = pool.replicate(0, args.replicas + 1)
     time.sleep(max(0.0, args.seconds - (time.monotonic() - t0)))
     stop.set()
-    for t in threads:
+    for t in threads + killers:  # the last kills: until their process serves again
         t.join()
     want_replicas = before.replicas + 1
     end = time.monotonic() + 60  # every shard back, the cover of the last ones dropped
@@ -249,7 +252,7 @@ def report(lat, failures, err, kills, same, args) -> None:
         "shard recovery (every expert served again) max < 2 s": max(shard) < 2.0,
     }
     for k, ok in targets.items():
-        print(f"{'PASS' if ok else 'MISS'}  {k}  (replicas {args.replicas})")
+        print(f"{'PASS' if ok else 'MISS'}  {k}  (replicas {args.replicas}, spares {args.spares})")
 
 
 if __name__ == "__main__":

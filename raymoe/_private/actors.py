@@ -24,6 +24,7 @@ import warnings
 
 import numpy as np
 import ray
+import ray._private.state
 import torch
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -93,7 +94,8 @@ class ShardActor(ExpertShard):
             host = ray.util.get_node_ip_address()
             self._server, self._endpoint = serve_shard(self, self._lock, spec, host)
         self.loading, self.loaded_by = False, "controller"
-        if _reconstructed():  # restarted by Ray: reload without waiting for the controller
+        if shard_id >= 0 and _reconstructed():  # restarted by Ray: reload, not waiting for
+            # the controller (a spare, shard_id < 0, starts empty)
             self.loading = True
             threading.Thread(target=self._reload, args=(env or {},), daemon=True).start()
 
@@ -212,7 +214,11 @@ class RouterActor(Router):
         self, shard_handles: list, placement, weights=None, spec=None, routing_version: int = 0
     ) -> None:
         self.configure(
-            shard_calls(spec or self.spec, shard_handles), placement, weights, spec, routing_version
+            shard_calls(spec or self.spec, list(shard_handles)),
+            placement,
+            weights,
+            spec,
+            routing_version,
         )
 
 
@@ -225,6 +231,9 @@ class RayShardCalls:
 
     async def compute(self, shard, x, local_ids, weights, digest):
         return await self.handles[shard].compute.remote(x, local_ids, weights, digest)
+
+    async def forget(self, shard: int) -> None:
+        """Nothing to drop: each call takes ``handles[shard]`` as it is then."""
 
     def retryable(self, error: BaseException) -> bool:
         return shard_down(error)
@@ -242,7 +251,7 @@ def shard_down(error: BaseException) -> bool:
 def shard_calls(spec: PoolSpec, handles: list):
     """The transport ``spec.shards.transport`` names, to the shards ``handles``."""
     if spec.shards.transport == "grpc":
-        return GrpcShardCalls(spec, lambda n: handles[n].endpoint.remote(), shard_down)
+        return GrpcShardCalls(spec, handles, lambda h: h.endpoint.remote(), shard_down)
     return RayShardCalls(handles)
 
 
@@ -274,13 +283,27 @@ class RayCluster:
         return NodeAffinitySchedulingStrategy(nodes[index % len(nodes)], soft=False)
 
     def shard(self, index: int):
+        # failure domains: shards on as many nodes as there are
+        return self._shard_actor("shard", index, index, self.spec.shards.min_replicas > 1)
+
+    def spare(self, index: int):
+        """A warm spare shard (``shards.spares``): empty until it stands in for a shard."""
+        return self._shard_actor("spare", index, -1 - index, spread=False)
+
+    def _shard_actor(self, role: str, index: int, shard_id: int, spread: bool):
         s = self.spec.shards
         gpus = s.num_gpus if s.device != "cpu" else 0.0
-        opts = self._opts("shard", index, max_task_retries=0, num_cpus=s.num_cpus, num_gpus=gpus)
-        if s.min_replicas > 1:  # failure domains: shards on as many nodes as there are
+        opts = self._opts(role, index, max_task_retries=0, num_cpus=s.num_cpus, num_gpus=gpus)
+        if spread:
             opts["scheduling_strategy"] = self._spread(index)
         actor = ray.remote(concurrency_groups=SHARD_GROUPS)(ShardActor)
-        return actor.options(**opts).remote(self.spec, index, self.env)
+        return actor.options(**opts).remote(self.spec, shard_id, self.env)
+
+    def alive(self, handles: list) -> list[bool]:
+        """Whether each actor's process is up, from the GCS's actor table (a dead or
+        restarting actor is known there at once; a call to it would wait for its restart)."""
+        table = ray._private.state.state  # NOTE: private; the public state API needs the dashboard
+        return [table.actor_table(h._actor_id.hex()).get("State") == "ALIVE" for h in handles]
 
     def router(self, index: int):
         opts = self._opts(

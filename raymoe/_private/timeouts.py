@@ -38,4 +38,5 @@ RESEND_S = 30.0
 
 # The control loop:
 UPDATE_INTERVAL_S = 0.25  # between reconcile passes
+STANDBY_INTERVAL_S = 0.1  # between looks for dead shards a spare should stand in for
 LOAD_INTERVAL_S = 1.0  # between control steps (load collection, bias, autoscale, rebalance)

@@ -103,6 +103,10 @@ class ShardSpec(_Section):
     # distinct shards and on as many distinct Ray nodes as hold shards (shards are then
     # spread over the nodes), so one shard's or one node's failure leaves it served
     min_replicas: int = Field(1, ge=1, le=16)
+    # warm spare shard processes (torch loaded, no experts): when a shard's process dies,
+    # a spare loads its experts and serves in its place until Ray has restarted it (a
+    # restart imports torch anew: seconds under load; a spare takes a fraction of one)
+    spares: int = Field(0, ge=0, le=16)
 
 
 class ControlSpec(_Section):

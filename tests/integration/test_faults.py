@@ -1,7 +1,7 @@
 """Faults on real pools: processes frozen (SIGSTOP: silent, as on a node that died and that
 Ray has not declared dead yet), a shard killed with degrade mode on, and a worker node
 removed without grace from a three-node cluster of its own; a shard whose places hold
-other experts than the routers mean."""
+other experts than the routers mean; a warm spare standing in for a killed shard."""
 
 from __future__ import annotations
 
@@ -64,6 +64,53 @@ def test_a_shard_whose_places_moved_is_never_summed(ray_cluster, transport):
         assert ray.get(shard.status.remote())["mismatches"] >= 1
     finally:
         pool.shutdown()
+
+
+def test_a_spare_stands_in_for_a_killed_shard_until_it_is_back(ray_cluster):
+    """No replicas, one warm spare: the routers send a SIGKILLed shard's sub-batches to the
+    spare, which loaded its experts, until Ray has restarted it; then to it again. Every
+    answer equals MoELayer; the spare goes with the pool."""
+    spec = PoolSpec.from_dict(
+        {
+            **spec_dict({"kind": "topk", "k": 2}, E=8),
+            "name": "t-spare",
+            "shards": {"count": 2, "spares": 1},
+        }
+    )
+    pool = raymoe.serve(spec)
+    ref = MoELayer(spec).eval()
+    x = np.random.default_rng(0).standard_normal((32, 16)).astype(np.float32)
+    with torch.no_grad():
+        want = ref(torch.from_numpy(x)).numpy()
+    router = ray.get_actor("t-spare:router:0", namespace="raymoe")
+    spare = ray.get_actor("t-spare:spare:0", namespace="raymoe")
+    try:
+        assert np.abs(pool.forward(x) - want).max() <= 1e-5
+        os.kill(_pid("t-spare:shard:0"), signal.SIGKILL)
+        seen = []
+        end = time.monotonic() + 60
+        while time.monotonic() < end:
+            seen.append(ray.get(router.describe.remote(), timeout=30)["stand_ins"])
+            assert np.abs(pool.forward(x, timeout_s=30) - want).max() <= 1e-5
+            if {0: 0} in seen and not seen[-1]:
+                break
+            time.sleep(0.02)
+        assert {0: 0} in seen and seen[-1] == {}  # stood in, then down
+        assert ray.get(spare.status.remote())["experts"] == 4  # shard 0's
+    finally:
+        pool.shutdown()
+    assert _gone("t-spare:spare:0")
+
+
+def _gone(name: str, within_s: float = 10.0) -> bool:
+    end = time.monotonic() + within_s
+    while time.monotonic() < end:
+        try:
+            ray.get_actor(name, namespace="raymoe")
+        except ValueError:
+            return True
+        time.sleep(0.1)
+    return False
 
 
 def test_a_frozen_shard_and_a_frozen_router_stall_no_request(ray_cluster):

@@ -15,6 +15,7 @@ class ActorUnreachable(Exception):
 class Cluster(Protocol):
     def shard(self, index: int) -> Any: ...  # get or create the named shard actor
     def router(self, index: int) -> Any: ...  # get or create the named router actor
+    def spare(self, index: int) -> Any: ...  # get or create a named spare shard actor
     def put(self, value: Any) -> Any: ...  # an object ref owned by the controller
 
     async def call(self, handle: Any, method: str, *args, timeout: float | None = None) -> Any:
@@ -23,6 +24,7 @@ class Cluster(Protocol):
         ...
 
     def kill(self, handles: list) -> None: ...
+    def alive(self, handles: list) -> list[bool]: ...  # each actor's process is up (no call)
     def nodes(self) -> list[str]: ...  # ids of the alive nodes
     def memory_bytes(self) -> int: ...  # memory of the alive nodes, for tasks and actors
     def gateway(self, key: str, node: str | None) -> Any: ...  # get or create, on ``node``

@@ -50,6 +50,7 @@ from raymoe._private.control.migration import Migrator
 from raymoe._private.control.nodes import ShardNodes
 from raymoe._private.control.operations import Operations
 from raymoe._private.control.roster import Roster
+from raymoe._private.control.standby import Standby
 from raymoe._private.data.stats import check_load_bins, load_map, merge
 from raymoe._private.metrics import Metrics, NullMetrics, top_experts
 from raymoe.config import PoolSpec
@@ -87,6 +88,7 @@ class Controller(Operations):
         self.load = LoadWindow(spec.num_experts, spec.control.load_half_life_s)
         self.loop = ControlLoop(self)
         self.nodes = ShardNodes()
+        self.standby = Standby(self)
         self.ops = asyncio.Lock()  # one runtime operation at a time
         self._busy: dict[tuple[str, int], asyncio.Task] = {}
         self._reconfigure: set[int] = set()  # routers to send new shard handles
@@ -118,6 +120,7 @@ class Controller(Operations):
         self.save()
         self.gate = self._gate_ref()
         self.roster.attach(self.goal)
+        self.standby.attach(goal.spec.shards.spares)
         await asyncio.gather(
             *(self.roster.configure_shard(n, self.goal) for n in range(len(self.shards)))
         )
@@ -136,6 +139,7 @@ class Controller(Operations):
         spec = self.goal.spec
         self.load = LoadWindow(spec.num_experts, spec.control.load_half_life_s)
         self.roster.attach(self.goal)
+        self.standby.attach(spec.shards.spares)
         gate = next((g for g in await self.poll(self.routers, "gate_weights") if g), None)
         self.gate = self.cluster.put(gate) if gate else self._gate_ref()
         p = self.goal.placement
@@ -157,7 +161,7 @@ class Controller(Operations):
         for t in self._busy.values():
             t.cancel()
         self.fleet.stop()
-        self.cluster.kill(self.routers + self.shards)
+        self.cluster.kill(self.routers + self.shards + self.standby.spares)
         Goal.forget(self.store, self.spec.name)
         durable.forget(self.spec.name)
 
@@ -231,6 +235,8 @@ class Controller(Operations):
                     )
                 elif st["placement_version"] != self.placement.version:  # 3. current version
                     self._spawn(("router", i), self.roster.publish(i, self.goal))
+                elif st.get("stand_ins", {}) != self.standby.standing:  # 3b. spares in use
+                    self._spawn(("router", i), self.standby.publish(i))
             if self.fleet.due():  # 4. gateways
                 self._spawn(("gateways", 0), self.fleet.ensure())
             if self._spread_due():  # 5. every expert on its failure domains
@@ -239,6 +245,7 @@ class Controller(Operations):
             log.exception("controller update failed; retrying on the next pass")
 
     async def run(self) -> None:
+        self._spawn(("standby", 0), self.standby.run())  # NOTE: its own loop (see standby)
         next_step = time.monotonic()
         while True:
             await self.update()

@@ -29,13 +29,15 @@ class Roster:
         self.shards = [self.cluster.shard(n) for n in range(goal.placement.num_shards)]
         self.routers = [self.cluster.router(i) for i in range(goal.spec.shards.routers)]
 
-    async def configure_shard(self, n: int, goal: Goal) -> None:
-        """(Re)load shard ``n``: the layout of the goal's placement merged with the one being
-        applied (a restart mid-change keeps both), its rows read from the goal's weight
-        files (the seeded init for experts in none). A file that is missing or broken
-        leaves the shard not ready: it never serves seeded weights in place of lost ones."""
+    async def configure_shard(self, n: int, goal: Goal, into=None) -> None:
+        """(Re)load shard ``n`` (or a spare standing in for it, ``into``): the layout of the
+        goal's placement merged with the one being applied (a restart mid-change keeps
+        both), its rows read from the goal's weight files (the seeded init for experts in
+        none). A file that is missing or broken leaves the shard not ready: it never serves
+        seeded weights in place of lost ones."""
         args = (layout_of(goal, n), None, True, goal.spec, list(goal.sources))  # one call
-        await self.cluster.call(self.shards[n], "configure", *args, timeout=timeouts.CONFIGURE_S)
+        actor = self.shards[n] if into is None else into
+        await self.cluster.call(actor, "configure", *args, timeout=timeouts.CONFIGURE_S)
 
     def revive(self, role: str, i: int) -> bool:
         """Actor ``i`` of ``role`` ("shard" or "router") did not answer: if it was gone for

@@ -43,7 +43,10 @@ INLINE_TOKENS = 256  # batches smaller than this are gated and combined on the e
 
 
 class ShardCalls(Protocol):
-    """The transport to shards (Ray object store or gRPC)."""
+    """The transport to shards (Ray object store or gRPC); ``handles[n]`` is the actor
+    that shard ``n``'s sub-batches go to."""
+
+    handles: list
 
     async def compute(
         self, shard: int, x: np.ndarray, local_ids: np.ndarray, weights: np.ndarray, digest: int
@@ -56,6 +59,10 @@ class ShardCalls(Protocol):
         """Whether ``error`` means the shard is down or reloading (worth another attempt)."""
         ...
 
+    async def forget(self, shard: int) -> None:
+        """``handles[shard]`` changed: drop what was kept for the old one (a channel)."""
+        ...
+
 
 class Router:
     def __init__(self, spec: PoolSpec, metrics: Metrics | None = None, index: int = 0):
@@ -66,6 +73,7 @@ class Router:
         self.shards: ShardCalls | None = None
         self.table: DispatchTable | None = None
         self.routing_version = 0  # placement version that last changed spec or gate weights
+        self.stand_ins: dict[int, int] = {}  # shard -> the spare its sub-batches go to
         self._ready = asyncio.Event()
         self.batcher = Batcher(spec.limits, self._run_batch)
         self.traffic = RouterStats(spec.num_experts, spec.shards.count)
@@ -85,6 +93,8 @@ class Router:
     ) -> None:
         """Attach shards, a placement and the gate / shared-expert weights; ready to serve."""
         self.shards = shards
+        self._own = list(shards.handles)  # each shard's own actor (handles may name a spare)
+        self.stand_ins = {}
         self.table = None  # a reconfigure may go back in versions (a fresh controller)
         self.set_placement(placement, spec or self.spec, weights or {}, routing_version)
         self._ready.set()
@@ -110,6 +120,20 @@ class Router:
             self.attempts.faults = spec.faults
         self.traffic.resize(self.spec.num_experts, placement.num_shards)
         self.table = DispatchTable(placement)
+
+    async def set_stand_ins(self, spares: dict) -> None:
+        """Send the sub-batches of shard ``n`` to spare ``j`` (``spares``: {n: (j, actor)})
+        while its process restarts; every other shard's go to its own actor again."""
+        handles = self.shards.handles
+        new = {n: j for n, (j, _) in spares.items() if n < len(handles)}
+        for n in set(new) | set(self.stand_ins):
+            if new.get(n) == self.stand_ins.get(n):
+                continue
+            handles[n] = spares[n][1] if n in new else self._own[n]
+            await self.shards.forget(n)
+            if n in new:  # the spare answers for it now
+                self.attempts.suspects.clear(n)
+        self.stand_ins = new
 
     def gate_weights(self) -> dict[str, np.ndarray]:
         """The gate and shared-expert weights (what a restarted controller re-publishes)."""
@@ -323,6 +347,7 @@ class Router:
             "ready": self.ready(),
             "placement_version": t.version if t else None,
             "routing_version": self.routing_version,
+            "stand_ins": dict(self.stand_ins),
         }
 
     def stats(self, window_s: float = 60.0) -> dict:

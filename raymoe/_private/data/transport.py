@@ -33,17 +33,20 @@ class ShardUnreachableError(Exception):
 class GrpcShardCalls:
     """:class:`raymoe._private.data.router.ShardCalls` over each shard's gRPC endpoint.
 
-    ``endpoint(n)`` looks up shard n's "host:port"; ``also_retryable`` says which other
-    errors (those of the lookup itself) mean "down or reloading"."""
+    ``endpoint(handle)`` looks up the "host:port" of the actor ``handles[n]``;
+    ``also_retryable`` says which other errors (those of the lookup itself) mean "down or
+    reloading"."""
 
     RETRY_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.FAILED_PRECONDITION)
 
     def __init__(
         self,
         spec: PoolSpec,
-        endpoint: Callable[[int], Awaitable[str]],
+        handles: list,
+        endpoint: Callable[[object], Awaitable[str]],
         also_retryable: Callable[[BaseException], bool],
     ):
+        self.handles = handles
         self.max_bytes = max_message_bytes(spec)
         self._endpoint = endpoint
         self._also = also_retryable
@@ -51,7 +54,7 @@ class GrpcShardCalls:
 
     async def _stub(self, shard: int):
         if shard not in self._stubs:
-            endpoint = await self._endpoint(shard)
+            endpoint = await self._endpoint(self.handles[shard])
             channel = grpc.aio.insecure_channel(endpoint, options=_options(self.max_bytes))
             self._stubs[shard] = (channel, shard_pb2_grpc.ExpertShardServiceStub(channel))
         return self._stubs[shard][1]
@@ -77,6 +80,13 @@ class GrpcShardCalls:
 
     def retryable(self, error: BaseException) -> bool:
         return isinstance(error, ShardUnreachableError) or self._also(error)
+
+    async def forget(self, shard: int) -> None:
+        """Look shard ``shard``'s endpoint up again on its next call (another actor serves
+        it now: a spare standing in, or the shard back)."""
+        channel, _ = self._stubs.pop(shard, (None, None))
+        if channel is not None:
+            await channel.close()
 
 
 class _Servicer(shard_pb2_grpc.ExpertShardServiceServicer):

@@ -24,18 +24,21 @@ class Calls:
     """ShardCalls over in-process shards."""
 
     def __init__(self, shards):
-        self.shards = shards
+        self.handles = shards
 
     async def compute(self, n, x, ids, w, digest):
-        return self.shards[n].compute(x, ids, w, digest)
+        return self.handles[n].compute(x, ids, w, digest)
 
     def retryable(self, error):
         return False
 
+    async def forget(self, n):
+        pass
+
 
 class FakeRouter(Router):
     def configure_pool(self, shards, placement, weights=None, spec=None, routing_version=0):
-        self.configure(Calls(shards), placement, weights, spec, routing_version)
+        self.configure(Calls(list(shards)), placement, weights, spec, routing_version)
 
 
 class FakeCluster:
@@ -59,6 +62,12 @@ class FakeCluster:
 
     def router(self, i):
         return self.actors.setdefault(("router", i), FakeRouter(self.spec))
+
+    def spare(self, i):
+        return self.actors.setdefault(("spare", i), ExpertShard(self.spec, -1 - i))
+
+    def alive(self, handles):
+        return [id(h) not in self.dead for h in handles]
 
     def restart(self, role, i):
         self.actors.pop((role, i))
@@ -103,13 +112,18 @@ class FakeGateway:
         return f"{self.node or 'any'}:50051"
 
 
-def setup(store=None, E=8, shards=2, routers=2, metrics=None, min_replicas=1, **gateway):
+def setup(store=None, E=8, shards=2, routers=2, metrics=None, min_replicas=1, spares=0, **gateway):
     """(controller, cluster, reference layer, its weights): a topk pool whose weights are
     unlike its seeded init."""
     spec = PoolSpec.from_dict(
         {
             **spec_dict({"kind": "topk", "k": 2}, E=E),
-            "shards": {"count": shards, "routers": routers, "min_replicas": min_replicas},
+            "shards": {
+                "count": shards,
+                "routers": routers,
+                "min_replicas": min_replicas,
+                "spares": spares,
+            },
             "gateway": {"enabled": bool(gateway), **gateway},
         }
     )

@@ -175,5 +175,43 @@ def test_a_shard_gone_for_good_is_replaced_and_the_routers_get_its_handle():
     settle(ctl)
     settle(ctl)
     assert ctl.shards[1] is not old and ctl.shards[1].ready
-    assert all(r.shards.shards[1] is ctl.shards[1] for r in ctl.routers)
+    assert all(r.shards.handles[1] is ctl.shards[1] for r in ctl.routers)
+    close(ctl, layer, torch.randn(9, 16))
+
+
+def test_a_spare_stands_in_for_a_dead_shard_until_it_is_back():
+    ctl, cluster, layer, weights = setup(shards=3, spares=1)
+    start(ctl, contiguous(8, 3), weights)
+    spare, shard = ctl.standby.spares[0], ctl.shards[1]
+    x = torch.randn(9, 16)
+    cluster.dead.add(id(shard))  # its process died; Ray restarts it, empty
+    shard.bank = None
+    run(ctl.standby.step())
+    assert ctl.standby.standing == {1: 0}
+    assert np.array_equal(spare.expert_ids, shard.expert_ids)
+    for r in ctl.routers:
+        assert r.stand_ins == {1: 0} and r.shards.handles[1] is spare
+    close(ctl, layer, x)  # shard 1's experts from the spare
+    ctl.goal = ctl.goal.replace(placement=ctl.placement.bump())
+    settle(ctl)
+    run(ctl.standby.step())  # a newer placement: the spare loads again
+    assert ctl.standby.loaded[0] == ctl.placement.version
+    cluster.dead.discard(id(shard))  # back, and loaded
+    shard.mark_ready()
+    run(ctl.standby.step())
+    assert ctl.standby.standing == {}
+    for r in ctl.routers:
+        assert r.stand_ins == {} and r.shards.handles[1] is shard
+    close(ctl, layer, x)
+
+
+def test_routers_drop_stand_ins_a_restarted_controller_does_not_know():
+    ctl, cluster, layer, weights = setup(shards=2, spares=1)
+    start(ctl, contiguous(8, 2), weights)
+    cluster.dead.add(id(ctl.shards[0]))
+    run(ctl.standby.step())
+    cluster.dead.clear()
+    ctl.standby.attach(1)  # as after a controller restart: nothing stands in
+    settle(ctl)
+    assert all(r.stand_ins == {} and r.shards.handles[0] is ctl.shards[0] for r in ctl.routers)
     close(ctl, layer, torch.randn(9, 16))

@@ -36,6 +36,7 @@ class LocalShards:
             ids = placement.shard_experts(n)
             rows = {k: v[ids].numpy() for k, v in state.items()}
             self.shards.append(ExpertShard(spec, n, ids, rows=rows))
+        self.handles = self.shards
         self.down = [0] * placement.num_shards
         self.calls = [0] * placement.num_shards
         self.delay_s = delay_s
@@ -50,6 +51,9 @@ class LocalShards:
 
     def retryable(self, error):
         return isinstance(error, ShardDown | ShardNotReadyError)
+
+    async def forget(self, shard):
+        pass
 
 
 def make(routing, *, E=8, shards=2, replicas=None, limits=None, delay_s=0.0, metrics=None, **kw):
