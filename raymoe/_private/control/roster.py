@@ -83,14 +83,16 @@ class Roster:
         await asyncio.gather(*(one(i) for i in range(len(self.routers))))
 
     async def gate_weights(self) -> dict[str, np.ndarray]:
-        """The gate weights in service, from the first router that answers (the pool may
-        run the seeded ones: the controller does not keep them)."""
+        """The gate weights in service, from the first configured router that answers (the
+        pool may run the seeded ones: the controller does not keep them)."""
         for h in self.routers:
             try:
-                return await self.cluster.call(h, "gate_weights", timeout=timeouts.GATE_READ_S)
+                gate = await self.cluster.call(h, "gate_weights", timeout=timeouts.GATE_READ_S)
             except ActorUnreachable:
                 continue
-        raise PoolUnavailableError("no router answered; cannot read the gate weights")
+            if gate is not None:  # None: restarted and not configured yet
+                return gate
+        raise PoolUnavailableError("no configured router answered; cannot read the gate weights")
 
     async def resize(self, count: int) -> list:
         """``count`` shards: new ones start empty; -> the handles of those removed."""

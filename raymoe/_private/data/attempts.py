@@ -12,6 +12,9 @@
 - A shard that failed or went silent is *suspect* for ``suspect_s`` or until it answers:
   batches send it no pair another replica can take, so a dead node costs one hedge, not one
   per batch.
+- A shard whose sub-batches another actor serves now (a spare standing in while its process
+  restarts, :meth:`Attempts.redirected`): calls still waiting on the old actor (Ray holds
+  them until it has restarted) are sent again, to the new one.
 - Every replica of an expert unreachable: ``on_unreachable: fail`` waits for one until the
   request's deadline; ``degrade`` drops the pairs after ``degrade_after_s`` (hivemind's
   ``k_min`` rule) and the router renormalises their tokens' remaining weights.
@@ -34,6 +37,7 @@ from raymoe.config import FaultSpec
 from raymoe.errors import DeadlineExceededError, PoolUnavailableError
 
 HEDGE_FACTOR = 4.0  # a call is silent when it takes this many times a normal one
+REDIRECT_POLL_S = 0.1  # how often a call past its hedge looks whether its shard moved
 TYPICAL_DECAY = 0.9  # of the moving average of answered calls' durations
 
 
@@ -68,6 +72,7 @@ class _Flight:
     since: float | None  # when its pairs first got no answer (the degrade clock)
     hedged: bool = False
     tries: int = 0  # failed attempts of the pairs it carries
+    actor: int = 0  # generation of the actor serving its shard when it was sent
 
 
 @dataclass
@@ -100,6 +105,12 @@ class Attempts:
         self.clock = clock
         self.suspects = Suspects(clock)
         self.typical_s = 0.0
+        self.actors: dict[int, int] = {}  # shard -> generation of the actor serving it
+
+    def redirected(self, shard: int) -> None:
+        """Another actor serves ``shard`` now: calls waiting on the old one go again."""
+        self.actors[shard] = self.actors.get(shard, 0) + 1
+        self.suspects.clear(shard)
 
     async def run(
         self,
@@ -152,7 +163,11 @@ class _Run:
                 self._landed(task, self.pending.pop(task))
             now = self.clock()
             for task, flight in list(self.pending.items()):
-                if not flight.hedged and now - flight.sent >= self._budget():
+                if flight.actor != self.rules.actors.get(flight.sub.shard, 0):
+                    task.cancel()  # waiting on an actor its shard is no longer served by
+                    del self.pending[task]
+                    self._send([flight.sub], flight.since, tries=flight.tries)
+                elif not flight.hedged and now - flight.sent >= self._budget():
                     self._hedge(task, flight)
                 elif self._degrade_due(flight, now):
                     task.cancel()
@@ -228,9 +243,11 @@ class _Run:
         return [s for s in parts if not avoid[s.shard]], [s for s in parts if avoid[s.shard]]
 
     def _send(self, subs, since, delay=0.0, hedged=False, tries=0) -> None:
+        actors = self.rules.actors
         for s in subs:
             task = asyncio.ensure_future(self.call(s, delay))
-            self.pending[task] = _Flight(s, self.clock() + delay, since, hedged, tries)
+            flight = _Flight(s, self.clock() + delay, since, hedged, tries, actors.get(s.shard, 0))
+            self.pending[task] = flight
 
     def _drop(self, subs: list[SubBatch]) -> None:
         self.out.dropped.extend(subs)
@@ -247,12 +264,14 @@ class _Run:
         return now - since >= self.faults.degrade_after_s
 
     def _next_wake(self) -> float:
-        """When the next hedge or drop is due."""
+        """When the next hedge, drop or look for a moved shard is due."""
         wake = float("inf")
         budget = self._budget()
         for f in self.pending.values():
             if not f.hedged:
                 wake = min(wake, f.sent + budget)
+            else:
+                wake = min(wake, self.clock() + REDIRECT_POLL_S)
             if self.faults.on_unreachable == "degrade":
                 since = f.since if f.since is not None else f.sent
                 wake = min(wake, since + self.faults.degrade_after_s)

@@ -131,13 +131,15 @@ class Router:
                 continue
             handles[n] = spares[n][1] if n in new else self._own[n]
             await self.shards.forget(n)
-            if n in new:  # the spare answers for it now
-                self.attempts.suspects.clear(n)
+            if n in new:  # the spare answers for it now, calls waiting on the dead one too
+                self.attempts.redirected(n)
         self.stand_ins = new
 
-    def gate_weights(self) -> dict[str, np.ndarray]:
-        """The gate and shared-expert weights (what a restarted controller re-publishes)."""
-        return self.gates.state_dict()
+    def gate_weights(self) -> dict[str, np.ndarray] | None:
+        """The gate and shared-expert weights (what a restarted controller re-publishes, a
+        checkpoint saves and a grown gate starts from); None until this router is
+        configured: a restarted one holds the seeded gate, not the pool's."""
+        return self.gates.state_dict() if self.ready() else None
 
     def ready(self) -> bool:
         """Whether this router can serve (it has shards and a placement)."""

@@ -99,7 +99,10 @@ class ExpertShard:
 
     def write_rows(self, file: str, global_ids: np.ndarray) -> dict:
         """Write experts ``global_ids`` (held here) as a safetensors file of rows (``ids``
-        and a tensor per bank name), a piece at a time. -> size and SHA-256."""
+        and a tensor per bank name), a piece at a time. -> size and SHA-256. Refused while
+        the shard (re)loads: its bank holds rows not loaded yet."""
+        if not self.ready:
+            raise ShardNotReadyError(f"shard {self.shard_id} is loading its experts")
         ids = np.asarray(global_ids, np.int64)
         local = self._local(ids)
         first = self._bank.export_rows(local[:1])

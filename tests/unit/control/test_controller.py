@@ -13,6 +13,7 @@ import torch
 from raymoe._private.control.controller import Controller
 from raymoe._private.control.goal import Goal
 from raymoe._private.metrics import RecordingMetrics
+from raymoe.errors import PoolUnavailableError
 from raymoe.placement import contiguous, with_replicas
 from raymoe.store import EmbeddedStore
 from tests.unit.control.fakes import close, run, served, settle, setup, start
@@ -82,6 +83,32 @@ def test_recover_resumes_from_the_store(tmp_path):
     run(again.recover())
     assert again.placement.version == 4 and again.describe().replicas == 9
     close(again, layer, torch.randn(9, 16))
+
+
+def test_a_restarted_controller_takes_the_gate_from_a_configured_router(tmp_path):
+    """Router 0 restarted and not configured yet (its gate is the seeded one) when the
+    controller comes back: the gate it re-publishes is the one served, not router 0's."""
+    ctl, cluster, layer, weights = setup(EmbeddedStore(tmp_path))
+    start(ctl, contiguous(8, 2), weights)
+    cluster.restart("router", 0)
+    again = Controller(ctl.spec, cluster, EmbeddedStore(tmp_path))
+    run(again.recover())
+    settle(again)
+    close(again, layer, torch.randn(9, 16))
+
+
+def test_the_gate_is_never_read_from_a_router_not_configured_yet():
+    """What checkpoints save and grown gates start from: not a restarted router's seeded
+    gate, and an error when no configured router answers."""
+    ctl, cluster, _, weights = setup()
+    start(ctl, contiguous(8, 2), weights)
+    cluster.restart("router", 0)
+    ctl.roster.routers[0] = cluster.router(0)
+    gate = run(ctl.roster.gate_weights())
+    assert np.array_equal(gate["router.weight"], weights["router.weight"])
+    cluster.dead.add(id(ctl.routers[1]))
+    with pytest.raises(PoolUnavailableError, match="no configured router"):
+        run(ctl.roster.gate_weights())
 
 
 def test_shutdown_kills_actors_and_forgets_state():

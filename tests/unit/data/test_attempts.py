@@ -55,6 +55,25 @@ def test_a_silent_shard_is_hedged_to_other_replicas_and_then_avoided():
     assert transport.calls[1] == calls and router.stats()["counters"]["hedges"] == 1
 
 
+def test_calls_waiting_on_a_shard_another_actor_now_serves_go_to_it():
+    """Shard 1 (no replica) silent, as a call queued on a restarting actor is; then a spare
+    serves shard 1: the waiting call is sent again, to it, long before the deadline."""
+    router, layer, transport = silent_router({"hedge_after_s": 0.02})
+    transport.silent.add(1)
+    x = torch.randn(20, 16)
+
+    async def main():
+        call = asyncio.ensure_future(router.forward(x.numpy(), timeout_s=2))
+        await asyncio.sleep(0.15)
+        transport.silent.discard(1)  # the spare answers
+        router.attempts.redirected(1)
+        return await call
+
+    y = run(main())
+    with torch.no_grad():
+        assert np.abs(y - layer(x).numpy()).max() <= 1e-5
+
+
 def test_a_silent_only_replica_fails_the_request_at_its_deadline_by_default():
     router, _, transport = silent_router({"hedge_after_s": 0.02})
     transport.silent.update({0, 1})

@@ -20,7 +20,7 @@ from raymoe._private.data.dispatch import (
     split_by_shard,
 )
 from raymoe._private.data.shard import ExpertShard
-from raymoe.errors import PlacementMismatchError
+from raymoe.errors import PlacementMismatchError, ShardNotReadyError
 from raymoe.placement import contiguous, with_replicas
 from tests.helpers import ROUTINGS
 
@@ -166,3 +166,14 @@ def test_shard_refuses_a_sub_batch_its_places_do_not_hold():
     with pytest.raises(PlacementMismatchError):
         sh.compute(x, local, w, places_digest(torch.from_numpy(local), meant))
     assert sh.status()["mismatches"] == 3
+
+
+def test_a_loading_shard_exports_and_writes_nothing(tmp_path):
+    spec = PoolSpec.from_dict(ROUTINGS["topk"])
+    sh = ExpertShard(spec, 0, np.array([3, 7, 9]))
+    sh.configure(np.array([3, 7, 9]), ready=False)  # restarted, rows being loaded
+    with pytest.raises(ShardNotReadyError):
+        sh.export_experts(np.array([3]))
+    with pytest.raises(ShardNotReadyError):
+        sh.write_rows(str(tmp_path / "rows.safetensors"), np.array([3]))
+    assert not (tmp_path / "rows.safetensors").exists()
