@@ -356,6 +356,13 @@ class ControllerActor:
         self._loop: asyncio.Task | None = None
         self._recovering = _reconstructed()
         self._started = asyncio.Event()
+        if self._recovering:  # NOTE: resume now, not on the first call someone makes: until
+            # it does, restarted routers wait unconfigured and no spare stands in
+            ray.get_runtime_context().current_actor.resume.remote()
+
+    async def resume(self) -> None:
+        """Recover after a restart (a call to itself, queued by the constructor)."""
+        await self._ensure()
 
     async def _ensure(self) -> None:
         if self._recovering and not self._started.is_set():

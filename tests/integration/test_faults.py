@@ -113,6 +113,47 @@ def _gone(name: str, within_s: float = 10.0) -> bool:
     return False
 
 
+def test_a_controller_back_while_a_router_restarts_keeps_the_pool_gate(ray_cluster):
+    """Router 0 killed while the controller is frozen (so it restarts unconfigured, with the
+    seeded gate), then the controller killed: the restarted controller configures router 0
+    with the gate the pool was served with, not router 0's seeded one."""
+    spec = PoolSpec.from_dict(
+        {
+            **spec_dict({"kind": "topk", "k": 2}, E=8),
+            "name": "t-gate",
+            "shards": {"count": 2, "routers": 2},
+        }
+    )
+    layer = MoELayer(spec).eval()
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.mul_(1.5)  # unlike the seeded init
+    pool = raymoe.serve(spec, weights=layer.state_dict())
+    router = ray.get_actor("t-gate:router:0", namespace="raymoe")
+    x = np.random.default_rng(0).standard_normal((16, 16)).astype(np.float32)
+    with torch.no_grad():
+        want = layer(torch.from_numpy(x)).numpy()
+    try:
+        controller = _pid("t-gate:controller:0")
+        os.kill(controller, signal.SIGSTOP)
+        try:
+            os.kill(_pid("t-gate:router:0"), signal.SIGKILL)
+            end = time.monotonic() + 60
+            while ray.get(router.describe.remote(), timeout=60)["ready"]:
+                assert time.monotonic() < end
+                time.sleep(0.1)  # the killed process still answers until it is gone
+        finally:
+            os.kill(controller, signal.SIGKILL)
+        end = time.monotonic() + 60
+        while not ray.get(router.describe.remote(), timeout=60)["ready"]:
+            assert time.monotonic() < end, "the restarted controller did not configure router 0"
+            time.sleep(0.1)
+        y = ray.get(router.forward.remote(x), timeout=60)
+        assert np.abs(y - want).max() <= 1e-5
+    finally:
+        pool.shutdown()
+
+
 def test_a_frozen_shard_and_a_frozen_router_stall_no_request(ray_cluster):
     """Every expert on 2 shards (``min_replicas``), 2 routers, 4 clients (handle and SDK):
     a shard, then a router, frozen for 3 s each. Sub-batches and requests are hedged to
