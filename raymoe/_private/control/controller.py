@@ -140,6 +140,7 @@ class Controller(Operations):
         self.load = LoadWindow(spec.num_experts, spec.control.load_half_life_s)
         self.roster.attach(self.goal)
         self.standby.attach(spec.shards.spares)
+        self._spawn(("standby", 0), self.standby.run())  # before the slow steps below
         gate = next((g for g in await self.poll(self.routers, "gate_weights") if g), None)
         self.gate = self.cluster.put(gate) if gate else self._gate_ref()
         p = self.goal.placement
@@ -194,7 +195,11 @@ class Controller(Operations):
     def problems(self) -> list[str]:
         """What keeps the pool degraded (served, but not as its goal says)."""
         problem = self.journal.problem()
-        return [*self.degraded, *([problem] if problem else [])]
+        spares = [
+            f"shard {n}: its process restarts; spare {j} stands in"
+            for n, j in sorted(self.standby.standing.items())
+        ]
+        return [*self.degraded, *spares, *([problem] if problem else [])]
 
     # --- reconcile ----------------------------------------------------------------------
 

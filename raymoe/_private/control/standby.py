@@ -50,7 +50,7 @@ class Standby:
         return {n: (j, self.spares[j]) for n, j in self.standing.items()}
 
     async def run(self) -> None:
-        while True:
+        while self.spares:
             try:
                 await self.step()
             except Exception:

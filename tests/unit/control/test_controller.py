@@ -215,6 +215,7 @@ def test_a_spare_stands_in_for_a_dead_shard_until_it_is_back():
     shard.bank = None
     run(ctl.standby.step())
     assert ctl.standby.standing == {1: 0}
+    assert "shard 1: its process restarts; spare 0 stands in" in ctl.describe().degraded
     assert np.array_equal(spare.expert_ids, shard.expert_ids)
     for r in ctl.routers:
         assert r.stand_ins == {1: 0} and r.shards.handles[1] is spare
@@ -226,7 +227,7 @@ def test_a_spare_stands_in_for_a_dead_shard_until_it_is_back():
     cluster.dead.discard(id(shard))  # back, and loaded
     shard.mark_ready()
     run(ctl.standby.step())
-    assert ctl.standby.standing == {}
+    assert ctl.standby.standing == {} and not ctl.describe().degraded
     for r in ctl.routers:
         assert r.stand_ins == {} and r.shards.handles[1] is shard
     close(ctl, layer, x)
