@@ -260,10 +260,15 @@ class Controller(Operations):
             await asyncio.sleep(timeouts.UPDATE_INTERVAL_S)
 
     async def poll(self, handles: list, method: str, *args) -> list:
-        """``method(*args)`` of every actor at once; None for each that does not answer in
-        ``timeouts.STATUS_S`` (any other failure is logged with the method's name)."""
+        """``method(*args)`` of every actor at once; None for each that is down or
+        restarting (the GCS says so: a call would wait for its restart, and hold up the
+        whole pass) or does not answer in ``timeouts.STATUS_S`` (any other failure is
+        logged with the method's name)."""
+        up = await self.alive(handles)
 
         async def one(i: int, h) -> Any:
+            if not up[i]:
+                return None
             try:
                 return await self.cluster.call(h, method, *args, timeout=timeouts.STATUS_S)
             except ActorUnreachable:
@@ -273,6 +278,14 @@ class Controller(Operations):
                 return None
 
         return await asyncio.gather(*(one(i, h) for i, h in enumerate(handles)))
+
+    async def alive(self, handles: list) -> list[bool]:
+        """Whether each actor's process is up (all of them when the GCS cannot say)."""
+        try:
+            return await asyncio.to_thread(self.cluster.alive, handles)
+        except Exception:
+            log.exception("the actor table could not be read")
+            return [True] * len(handles)
 
     def _idle(self, key: tuple[str, int]) -> bool:
         """Whether no task of ``key`` runs."""

@@ -63,7 +63,7 @@ class Standby:
         shards = list(self.controller.shards)
         if not self.spares:
             return
-        up = await asyncio.to_thread(self.cluster.alive, shards + self.spares)
+        up = await self.controller.alive(shards + self.spares)
         shard_up, spare_up = up[: len(shards)], up[len(shards) :]
         before = dict(self.standing)
         for n, j in list(self.standing.items()):
