@@ -7,8 +7,10 @@
 - A sub-batch whose shard stays *silent* past the hedge budget (``hedge_after_s``, and 4x
   both the slowest answered sub-batch of its batch and the router's typical call) is sent
   again to other replicas of its experts; the late call is dropped, so every partial sum is
-  added once. A shard on a node that died answers nothing until Ray declares the node dead
-  (many seconds): the hedge is what keeps requests fast then.
+  added once. Pairs whose every other replica was suspect then keep waiting, and are looked
+  at again every ``REDIRECT_POLL_S``: they move as soon as one of those replicas is back.
+  A shard on a node that died answers nothing until Ray declares the node dead (many
+  seconds): the hedge is what keeps requests fast then.
 - A shard that failed or went silent is *suspect* for ``suspect_s`` or until it answers:
   batches send it no pair another replica can take, so a dead node costs one hedge, not one
   per batch.
@@ -37,7 +39,7 @@ from raymoe.config import FaultSpec
 from raymoe.errors import DeadlineExceededError, PoolUnavailableError
 
 HEDGE_FACTOR = 4.0  # a call is silent when it takes this many times a normal one
-REDIRECT_POLL_S = 0.1  # how often a call past its hedge looks whether its shard moved
+REDIRECT_POLL_S = 0.1  # how often a call past its hedge looks for a replica or actor again
 TYPICAL_DECAY = 0.9  # of the moving average of answered calls' durations
 
 
@@ -70,9 +72,10 @@ class _Flight:
     sub: SubBatch
     sent: float  # when its call goes out (after any backoff)
     since: float | None  # when its pairs first got no answer (the degrade clock)
-    hedged: bool = False
+    hedged: bool = False  # past its hedge budget with nowhere else to go (so far)
     tries: int = 0  # failed attempts of the pairs it carries
     actor: int = 0  # generation of the actor serving its shard when it was sent
+    looked: float = 0.0  # when its pairs were last looked at for another replica
 
 
 @dataclass
@@ -167,7 +170,9 @@ class _Run:
                     task.cancel()  # waiting on an actor its shard is no longer served by
                     del self.pending[task]
                     self._send([flight.sub], flight.since, tries=flight.tries)
-                elif not flight.hedged and now - flight.sent >= self._budget():
+                elif now - flight.sent >= self._budget() and (
+                    not flight.hedged or now >= flight.looked + REDIRECT_POLL_S
+                ):
                     self._hedge(task, flight)
                 elif self._degrade_due(flight, now):
                     task.cancel()
@@ -217,7 +222,7 @@ class _Run:
     def _hedge(self, task: asyncio.Future, flight: _Flight) -> None:
         """``flight``'s shard is silent: its pairs go to other replicas where they have one
         (those without one are sent to it again, hedged, unless the call is kept)."""
-        flight.hedged = True
+        flight.hedged, flight.looked = True, self.clock()
         moved, stuck = self._away(flight.sub)
         if not moved:
             return  # no other replica: keep waiting for this call
@@ -246,8 +251,8 @@ class _Run:
         actors = self.rules.actors
         for s in subs:
             task = asyncio.ensure_future(self.call(s, delay))
-            flight = _Flight(s, self.clock() + delay, since, hedged, tries, actors.get(s.shard, 0))
-            self.pending[task] = flight
+            at = self.clock() + delay
+            self.pending[task] = _Flight(s, at, since, hedged, tries, actors.get(s.shard, 0), at)
 
     def _drop(self, subs: list[SubBatch]) -> None:
         self.out.dropped.extend(subs)
@@ -271,7 +276,7 @@ class _Run:
             if not f.hedged:
                 wake = min(wake, f.sent + budget)
             else:
-                wake = min(wake, self.clock() + REDIRECT_POLL_S)
+                wake = min(wake, max(f.sent + budget, f.looked + REDIRECT_POLL_S))
             if self.faults.on_unreachable == "degrade":
                 since = f.since if f.since is not None else f.sent
                 wake = min(wake, since + self.faults.degrade_after_s)

@@ -74,6 +74,19 @@ def test_calls_waiting_on_a_shard_another_actor_now_serves_go_to_it():
         assert np.abs(y - layer(x).numpy()).max() <= 1e-5
 
 
+def test_pairs_with_nowhere_to_go_move_once_a_replica_is_back():
+    """Shard 0 silent, shard 1 failing when the hedge comes (so it is suspect): the pairs
+    wait on shard 0, and move to shard 1 once it is no longer suspect."""
+    faults = {"hedge_after_s": 0.02, "suspect_s": 0.2}
+    router, layer, transport = silent_router(faults, replicas=ALL_TWICE)
+    transport.silent.add(0)
+    transport.down[1] = 1
+    x = torch.randn(20, 16)
+    y = run(router.forward(x.numpy(), timeout_s=2))
+    with torch.no_grad():
+        assert np.abs(y - layer(x).numpy()).max() <= 1e-5
+
+
 def test_a_silent_only_replica_fails_the_request_at_its_deadline_by_default():
     router, _, transport = silent_router({"hedge_after_s": 0.02})
     transport.silent.update({0, 1})
