@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from raymoe import PoolSpec
-from raymoe.kernels import make_bank
+from raymoe.kernels import ffn, make_bank
 from raymoe.kernels.grouping import group_by_expert
 from tests import naive
 from tests.helpers import spec_dict
@@ -40,15 +40,27 @@ def _case_id(ex: dict) -> str:
     return "-".join([str(ex["gated"]), ex["activation"], *extra])
 
 
+# Each way the bank computes its grouped projections (see ``ffn._layout``): one grouped_mm
+# (19 tokens reach every expert), a loop over the few experts 2 tokens reach, a padded bmm.
+LAYOUTS = {"grouped_mm": (0.0, 19), "loop": (0.0, 2), "padded": (float("inf"), 19)}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("ex", FFN_CASES, ids=_case_id)
-def test_ffn_bank_forward_backward_match_loops(ex):
+def test_ffn_bank_forward_backward_match_loops(ex, layout, monkeypatch):
+    pad_ratio, T = LAYOUTS[layout]
+    monkeypatch.setattr(ffn, "PAD_RATIO", pad_ratio)
     _spec, bank = _bank(**ex)
     with torch.no_grad():  # biases start at random too, but make sure they are non-zero
         for name, p in bank.named_parameters():
             if name.startswith("b_"):
                 p.normal_()
-    x = torch.randn(19, 16, requires_grad=True)
-    ids, w = _routes(19, 3, 6)
+    x = torch.randn(T, 16, requires_grad=True)
+    ids, w = _routes(T, 3 if T > 2 else 1, 6, empty=0.2 if T > 2 else 0.0)
+    lay = ffn._layout(group_by_expert(ids, w, 6))
+    assert layout == (
+        "padded" if isinstance(lay, ffn._Padded) else "loop" if lay.sparse else "grouped_mm"
+    )
     y = bank(x, ids, w)
     sd = {f"experts.{n}": p for n, p in bank.named_parameters()}
     ref_params = {k: v.detach().clone().requires_grad_() for k, v in sd.items()}
