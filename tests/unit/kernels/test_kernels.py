@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from raymoe import PoolSpec
-from raymoe.kernels import ffn, make_bank
+from raymoe.kernels import ffn, make_bank, peer
 from raymoe.kernels.grouping import group_by_expert
 from tests import naive
 from tests.helpers import spec_dict
@@ -82,8 +82,11 @@ def test_ffn_bank_forward_backward_match_loops(ex, layout, monkeypatch):
         torch.testing.assert_close(p.grad, ref_params[f"experts.{name}"].grad, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("chunk", [None, 2], ids=["one-chunk", "chunks-of-2"])
 @pytest.mark.parametrize("sparse", [True, False])
-def test_peer_bank_forward_backward_match_loops(sparse):
+def test_peer_bank_forward_backward_match_loops(sparse, chunk, monkeypatch):
+    if chunk:  # 2 tokens at a time (7 slots x d=16 each)
+        monkeypatch.setattr(peer, "GATHERED_PER_CHUNK", chunk * 7 * 16)
     _spec, bank = _bank("peer", E=50, sparse_grad=sparse)
     x = torch.randn(9, 16, requires_grad=True)
     ids, w = _routes(9, 7, 50)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from raymoe import MoELayer, PoolSpec
+from raymoe.routing import product_key
 from tests import naive
 from tests.helpers import make_layer, spec_dict, state
 
@@ -160,9 +161,12 @@ def test_hash_routing_is_balanced_and_fixed():
     _check(layer, x, ids, [[1.0]] * 4, token_ids=tok)
 
 
+@pytest.mark.parametrize("chunk", [None, 4], ids=["one-chunk", "chunks-of-4"])
 @pytest.mark.parametrize("bn", [False, True])
 @pytest.mark.parametrize("T", [1, 13])
-def test_product_key_matches_brute_force(bn, T):
+def test_product_key_matches_brute_force(bn, T, chunk, monkeypatch):
+    if chunk:  # tokens scored 4 at a time (3 heads x 2 halves x 8 sub-keys each)
+        monkeypatch.setattr(product_key, "SCORES_PER_CHUNK", chunk * 3 * 2 * 8)
     r = {"kind": "product_key", "heads": 3, "k": 4, "d_key": 8, "query_batchnorm": bn}
     layer = make_layer(r, E=64, kind="peer").eval()
     sd = state(layer)
