@@ -21,10 +21,10 @@ from raymoe.config import PeerExperts, PoolSpec
 from raymoe.kernels.activations import activation
 from raymoe.kernels.bank import ExpertBank, register_bank
 
-# NOTE: without autograd, tokens go through in chunks whose gathered ``u`` rows ([t, S, d]) fit
-# in cache (16 MB): 1024 tokens x 128 slots at once (134 MB) ran ~2x slower, most of it page
-# faults. With autograd, at once: each chunk's dense gradient would be a whole table.
-GATHERED_PER_CHUNK = 1 << 22
+# NOTE: without autograd, tokens go through in chunks whose gathered ``u`` rows ([t, S, d]) stay
+# in cache (8 MB, one buffer): 1024 tokens x 128 slots at once (134 MB) ran ~2x slower, most
+# of it page faults. With autograd, at once: each chunk's dense gradient would be a whole table.
+GATHERED_PER_CHUNK = 1 << 21
 
 
 @register_bank
@@ -74,22 +74,25 @@ class PeerBank(ExpertBank):
         return bank
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        step = max(1, GATHERED_PER_CHUNK // (max(ids.shape[1], 1) * self.d_model))
-        if x.shape[0] <= step or (torch.is_grad_enabled() and self.u.requires_grad):
-            return self._forward(x, ids, weights)
-        return torch.cat(
-            [
-                self._forward(x[a : a + step], ids[a : a + step], weights[a : a + step])
-                for a in range(0, x.shape[0], step)
-            ]
-        )
+        if torch.is_grad_enabled() and self.u.requires_grad:
+            u = F.embedding(ids.clamp(min=0), self.u, sparse=self.sparse_grad)  # [T, S, d]
+            return self._combine(u, x, ids, weights)
+        T, S = ids.shape
+        step = max(1, GATHERED_PER_CHUNK // (max(S, 1) * self.d_model))
+        buf = x.new_empty((min(T, step) * S, self.d_model))  # the chunks' gathered u rows
+        out = []
+        for a in range(0, T, step):
+            i = ids[a : a + step]
+            u = torch.index_select(self.u, 0, i.clamp(min=0).view(-1), out=buf[: i.numel()])
+            u = u.view(*i.shape, -1)
+            out.append(self._combine(u, x[a : a + step], i, weights[a : a + step]))
+        return out[0] if len(out) == 1 else torch.cat(out)
 
-    def _forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def _combine(self, u: torch.Tensor, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor):
+        """``u``: the gathered rows [t, S, d] -> y [t, d]."""
         valid = ids >= 0
-        safe = ids.clamp(min=0)
-        u = F.embedding(safe, self.u, sparse=self.sparse_grad)  # [t, S, d]
-        s = torch.bmm(u, x.unsqueeze(2)).squeeze(2)  # [t, S]
+        s = torch.linalg.vecdot(u, x.unsqueeze(1))  # [t, S]; NOTE: 5x bmm's speed here
         h = self.act(s) * torch.where(valid, weights.to(s.dtype), 0)
         return F.embedding_bag(
-            safe, self.v, per_sample_weights=h, mode="sum", sparse=self.sparse_grad
+            ids.clamp(min=0), self.v, per_sample_weights=h, mode="sum", sparse=self.sparse_grad
         )
