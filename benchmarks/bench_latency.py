@@ -7,7 +7,8 @@ loopback and 16-token requests go one at a time through ``PoolHandle`` and ``ray
 The routers report the seconds of their stages (gate, dispatch, combine) per batch; the
 shards' expert compute is timed in process on the very sub-batches the router sends them
 (the dispatch stage includes it). What is left is the hop: the call to the router, its
-queue, and the reply.
+queue, and the reply. Last, per transport, the request with no router at all: the caller
+gates it, calls the shards itself and combines (the floor of a direct fast path).
 
     PYTHONPATH=. .venv/bin/python benchmarks/bench_latency.py [--n 300]
 """
@@ -18,6 +19,7 @@ import argparse
 import time
 from pathlib import Path
 
+import grpc
 import numpy as np
 import ray
 import torch
@@ -26,9 +28,11 @@ from bench_gateway import grpc_echo_ms
 
 import raymoe
 from raymoe import MoELayer, PoolSpec
-from raymoe._private.data.dispatch import DispatchTable, split_by_shard
+from raymoe._private.data.dispatch import DispatchTable, combine, places_digest, split_by_shard
 from raymoe._private.data.shard import ExpertShard
+from raymoe._private.data.wire import from_tensor, to_tensor
 from raymoe.placement import initial
+from raymoe.v1 import shard_pb2, shard_pb2_grpc
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -88,6 +92,62 @@ def per_batch_ms(before: dict, after: dict) -> dict:
     return {k: (after[k] - before[k]) / n * 1e3 for k in ("route", "dispatch", "combine")}
 
 
+def direct(spec: PoolSpec, layer: MoELayer, x: torch.Tensor, n: int) -> dict:
+    """p50/p99 (ms) of the request with no router: the caller gates it itself, calls the
+    pool's shards over the pool's transport and combines (a fast path's floor; the output
+    must equal the layer's)."""
+    shards = [ray.get_actor(f"{spec.name}:shard:{i}") for i in range(spec.shards.count)]
+    placement = initial(spec.num_experts, spec.shards.count, replicas=spec.shards.replicas)
+    table = DispatchTable(placement)
+    if spec.shards.transport == "grpc":
+        stubs = [
+            shard_pb2_grpc.ExpertShardServiceStub(grpc.insecure_channel(e))
+            for e in ray.get([s.endpoint.remote() for s in shards])
+        ]
+
+        def send(sub, args):
+            req = shard_pb2.ComputeRequest(
+                x=to_tensor(args[0]),
+                local_ids=to_tensor(args[1]),
+                weights=to_tensor(args[2]),
+                places_digest=args[3],
+            )
+            return stubs[sub.shard].Compute.future(req)
+
+        def wait(calls):
+            return [from_tensor(c.result().y, "y") for c in calls]
+    else:
+
+        def send(sub, args):
+            return shards[sub.shard].compute.remote(*args)
+
+        wait = ray.get
+
+    @torch.no_grad()
+    def once() -> torch.Tensor:
+        routes = layer.route(x, x)
+        subs = split_by_shard(routes.ids, routes.weights, table)
+        calls = [
+            send(
+                s,
+                (
+                    x[s.tokens].numpy(),
+                    s.local_ids.numpy(),
+                    s.weights.float().numpy(),
+                    places_digest(s.local_ids, s.expert_ids),
+                ),
+            )
+            for s in subs
+        ]
+        parts = [torch.from_numpy(np.asarray(p)) for p in wait(calls)]
+        return combine(x.shape[0], spec.d_model, list(zip(subs, parts, strict=True)), x)
+
+    with torch.no_grad():
+        err = float((once() - layer(x)).abs().max())
+    assert err <= 1e-5, f"direct path off the layer by {err}"
+    return latency_ms(once, n)
+
+
 def profile(base: PoolSpec, transport: str, x: torch.Tensor, n: int) -> dict:
     data = base.model_dump(mode="json")
     data["name"] = f"lat-{transport}"
@@ -107,6 +167,7 @@ def profile(base: PoolSpec, transport: str, x: torch.Tensor, n: int) -> dict:
                 wall = time.perf_counter() - t
                 after = router_stages(spec.name)
                 out[via] = {**lat, **per_batch_ms(before, after), "mean": wall / n * 1e3}
+        out["direct"] = direct(spec, MoELayer(spec).eval(), x, n)
     finally:
         pool.shutdown()
     return out
@@ -114,11 +175,12 @@ def profile(base: PoolSpec, transport: str, x: torch.Tensor, n: int) -> dict:
 
 def report(inproc: float, compute: float, floors: dict, echo: float, rows: dict) -> None:
     print(f"\n16-token request, p50 ms (the router stages are means per batch), {inproc=:.2f}")
-    head = f"{'stage':<44}" + "".join(f"{t + ' ' + v:>20}" for t in rows for v in rows[t])
+    paths = ("handle", "client")
+    head = f"{'stage':<44}" + "".join(f"{t + ' ' + v:>20}" for t in rows for v in paths)
     print(head)
 
     def line(label: str, get) -> None:
-        cells = "".join(f"{get(rows[t][v]):>20.2f}" for t in rows for v in rows[t])
+        cells = "".join(f"{get(rows[t][v]):>20.2f}" for t in rows for v in paths)
         print(f"{label:<44}{cells}")
 
     line("total (mean)", lambda r: r["mean"])
@@ -135,6 +197,12 @@ def report(inproc: float, compute: float, floors: dict, echo: float, rows: dict)
         f"{floors['shards']} actors {floors['fan_out']:.2f} ms, gRPC unary echo {echo:.2f} ms; "
         f"in-process MoELayer {inproc:.2f} ms"
     )
+    for t in rows:
+        d = rows[t]["direct"]
+        print(
+            f"{t}: no router (the caller gates and calls the shards itself): p50 "
+            f"{d['p50']:.2f} ms = in-process + {d['p50'] - inproc:.2f} ms, p99 {d['p99']:.2f} ms"
+        )
     for t in rows:
         h = rows[t]["handle"]
         print(
