@@ -28,6 +28,7 @@ from raymoe.errors import (
     StoreUnavailableError,
 )
 from raymoe.layer import MoEInfo, MoELayer, MoEStack
+from raymoe.remote import RemoteMoE
 from raymoe.reports import ForwardInfo, Latency, OpReport, PoolDescription, PoolStats
 
 __version__ = "0.1.0"
@@ -64,6 +65,7 @@ __all__ = [
     "PoolStats",
     "PoolUnavailableError",
     "RaymoeError",
+    "RemoteMoE",
     "RequestTooLargeError",
     "ResourceLimitError",
     "ShapeError",

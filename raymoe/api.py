@@ -142,6 +142,39 @@ class PoolHandle:
             return got
         raise AssertionError("unreachable")
 
+    # --- training (see raymoe.RemoteMoE) ---------------------------------------------------
+
+    def backward(self, x, expert_ids, weights, grad_y, *, layer=0, timeout_s=None):
+        """The backward of ``forward(x, expert_ids=..., weights=..., layer=layer)`` for the
+        gradient ``grad_y`` of its output -> (grad of ``x``, grad of ``weights`` [T, S]), of
+        the kind of ``x``. The experts' gradients add up on the shards
+        (:meth:`expert_grads`, :meth:`zero_grad`). Not retried: a failure raises, and the
+        step is to be redone after :meth:`zero_grad`."""
+        i = self._pick()
+        method = self._routers[i].backward.options(max_task_retries=0)
+        args = (_np(x), _np(expert_ids), _np(weights), _np(grad_y))
+        gx, gw = _get(method.remote(*args, layer=layer, timeout_s=timeout_s))
+        if isinstance(x, torch.Tensor):
+            return torch.from_numpy(np.array(gx)), torch.from_numpy(np.array(gw))
+        return np.array(gx), np.array(gw)
+
+    def expert_grads(self, expert_ids, *, layer=0) -> dict[str, torch.Tensor]:
+        """The gradients accumulated for layer ``layer``'s experts ``expert_ids``, summed over
+        their replicas, by bank name (``w_gate``, ``u``, ...): ``{name: [n, ...]}``."""
+        got = _get(self._routers[self._pick()].expert_grads.remote(_np(expert_ids), layer))
+        return {k: torch.from_numpy(np.array(v)) for k, v in got.items()}
+
+    def zero_grad(self) -> None:
+        """Drop every expert's accumulated gradient."""
+        _get(self._routers[self._pick()].zero_grad.remote())
+
+    def gate_weights(self) -> dict[str, np.ndarray]:
+        """The gate and shared-expert weights in service, by pool names."""
+        got = _get(self._routers[self._pick()].gate_weights.remote())
+        if got is None:
+            raise PoolUnavailableError(f"pool {self.name!r}: the router is not configured yet")
+        return got
+
     def describe(self) -> PoolDescription:
         """Spec, shards, routers, placement and routing versions, experts per shard, pins."""
         return _get(self._controller.describe.remote())

@@ -100,6 +100,18 @@ class ShardActor(ExpertShard):
                     log.warning("%s (%d so far)", e, self.mismatches)
                 raise
 
+    def backward(self, x, local_ids, weights, grad_y, digest=None):
+        with self._lock:
+            return super().backward(x, local_ids, weights, grad_y, digest)
+
+    def expert_grads(self, global_ids):
+        with self._lock:
+            return super().expert_grads(global_ids)
+
+    def zero_grad(self):
+        with self._lock:
+            super().zero_grad()
+
     def configure(self, expert_ids, rows=None, ready=True, spec=None, files=None):
         with self._mutating, self._lock:
             super().configure(expert_ids, rows, ready, spec, files)
@@ -193,6 +205,9 @@ class RayShardCalls:
 
     async def compute(self, shard, x, local_ids, weights, digest):
         return await self.handles[shard].compute.remote(x, local_ids, weights, digest)
+
+    async def backward(self, shard, x, local_ids, weights, grad_y, digest):
+        return await self.handles[shard].backward.remote(x, local_ids, weights, grad_y, digest)
 
     async def forget(self, shard: int) -> None:
         """Nothing to drop: each call takes ``handles[shard]`` as it is then."""

@@ -23,3 +23,25 @@ class ComputeReply(_message.Message):
     Y_FIELD_NUMBER: _ClassVar[int]
     y: _tensor_pb2.Tensor
     def __init__(self, y: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
+
+class BackwardRequest(_message.Message):
+    __slots__ = ("x", "local_ids", "weights", "grad_y", "places_digest")
+    X_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_IDS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    GRAD_Y_FIELD_NUMBER: _ClassVar[int]
+    PLACES_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    x: _tensor_pb2.Tensor
+    local_ids: _tensor_pb2.Tensor
+    weights: _tensor_pb2.Tensor
+    grad_y: _tensor_pb2.Tensor
+    places_digest: int
+    def __init__(self, x: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., local_ids: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., weights: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., grad_y: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., places_digest: _Optional[int] = ...) -> None: ...
+
+class BackwardReply(_message.Message):
+    __slots__ = ("grad_x", "grad_weights")
+    GRAD_X_FIELD_NUMBER: _ClassVar[int]
+    GRAD_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    grad_x: _tensor_pb2.Tensor
+    grad_weights: _tensor_pb2.Tensor
+    def __init__(self, grad_x: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., grad_weights: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...

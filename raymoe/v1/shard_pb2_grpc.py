@@ -39,6 +39,11 @@ class ExpertShardServiceStub:
                 request_serializer=raymoe_dot_v1_dot_shard__pb2.ComputeRequest.SerializeToString,
                 response_deserializer=raymoe_dot_v1_dot_shard__pb2.ComputeReply.FromString,
                 _registered_method=True)
+        self.Backward = channel.unary_unary(
+                '/raymoe.v1.ExpertShardService/Backward',
+                request_serializer=raymoe_dot_v1_dot_shard__pb2.BackwardRequest.SerializeToString,
+                response_deserializer=raymoe_dot_v1_dot_shard__pb2.BackwardReply.FromString,
+                _registered_method=True)
 
 
 class ExpertShardServiceServicer:
@@ -51,6 +56,14 @@ class ExpertShardServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Backward(self, request, context):
+        """The backward of Compute for the gradient of its output (training through the pool):
+        the gradients of x and of the weights; the experts' gradients add up on the shard.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ExpertShardServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -58,6 +71,11 @@ def add_ExpertShardServiceServicer_to_server(servicer, server):
                     servicer.Compute,
                     request_deserializer=raymoe_dot_v1_dot_shard__pb2.ComputeRequest.FromString,
                     response_serializer=raymoe_dot_v1_dot_shard__pb2.ComputeReply.SerializeToString,
+            ),
+            'Backward': grpc.unary_unary_rpc_method_handler(
+                    servicer.Backward,
+                    request_deserializer=raymoe_dot_v1_dot_shard__pb2.BackwardRequest.FromString,
+                    response_serializer=raymoe_dot_v1_dot_shard__pb2.BackwardReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -87,6 +105,33 @@ class ExpertShardService:
             '/raymoe.v1.ExpertShardService/Compute',
             raymoe_dot_v1_dot_shard__pb2.ComputeRequest.SerializeToString,
             raymoe_dot_v1_dot_shard__pb2.ComputeReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Backward(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/raymoe.v1.ExpertShardService/Backward',
+            raymoe_dot_v1_dot_shard__pb2.BackwardRequest.SerializeToString,
+            raymoe_dot_v1_dot_shard__pb2.BackwardReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -29,13 +29,15 @@ _DIGEST_K = 0x1E3779B97F4A7C15  # odd and large: spreads an expert id over the h
 class SubBatch:
     """What one shard computes: rows ``tokens`` [t_n] of the batch and, for each, its slots
     on that shard packed to the front: ``local_ids``, ``expert_ids`` (global) and ``weights``
-    [t_n, S_n] (-1 / 0 = padding)."""
+    [t_n, S_n] (-1 / 0 = padding); ``slots`` [t_n, S_n]: where each came from in the
+    batch's [T, S] routes (where a backward puts the gradients of the weights)."""
 
     shard: int
     tokens: torch.Tensor
     local_ids: torch.Tensor
     weights: torch.Tensor
     expert_ids: torch.Tensor
+    slots: torch.Tensor | None = None
 
 
 def places_digest(local_ids: torch.Tensor, expert_ids: torch.Tensor) -> int:
@@ -129,7 +131,7 @@ def split_by_shard(
     order = torch.sort(key, dim=1, stable=True).indices  # [T, S]
     per = torch.zeros((T, N + 1), dtype=torch.int64).scatter_add_(1, key, torch.ones_like(key))
     start = per.cumsum(1) - per  # [T, N + 1] first sorted position of each shard's slots
-    sorted_ = [a.gather(1, order) for a in (local, weights, ids)]
+    sorted_ = [a.gather(1, order) for a in (local, weights, ids)] + [order]
     out = []
     for n in (per[:, :N].sum(0) > 0).nonzero().squeeze(1).tolist():
         tokens = (per[:, n] > 0).nonzero().squeeze(1)
@@ -138,18 +140,25 @@ def split_by_shard(
         j = torch.arange(width)
         pos = (start[tokens, n].unsqueeze(1) + j).clamp(max=S - 1)  # [t_n, S_n]
         here = j < count.unsqueeze(1)
-        loc, w, gid = (a[tokens].gather(1, pos) for a in sorted_)
+        loc, w, gid, slot = (a[tokens].gather(1, pos) for a in sorted_)
         where = (torch.where(here, loc, -1), torch.where(here, w, 0), torch.where(here, gid, -1))
-        out.append(SubBatch(n, tokens, *where))
+        out.append(SubBatch(n, tokens, *where, torch.where(here, slot, -1)))
     return out
 
 
 def resplit(sub: SubBatch, table: DispatchTable, avoid: torch.Tensor) -> list[SubBatch]:
     """The pairs of a failed ``sub`` split again, away from ``avoid``ed shards where possible."""
-    return [
-        SubBatch(s.shard, sub.tokens[s.tokens], s.local_ids, s.weights, s.expert_ids)
-        for s in split_by_shard(sub.expert_ids, sub.weights, table, avoid=avoid)
-    ]
+    out = []
+    for s in split_by_shard(sub.expert_ids, sub.weights, table, avoid=avoid):
+        slots = None
+        if sub.slots is not None:
+            slots = torch.where(
+                s.slots >= 0, sub.slots[s.tokens].gather(1, s.slots.clamp(min=0)), -1
+            )
+        out.append(
+            SubBatch(s.shard, sub.tokens[s.tokens], s.local_ids, s.weights, s.expert_ids, slots)
+        )
+    return out
 
 
 def combine(T: int, d: int, parts: list[tuple[SubBatch, torch.Tensor]], like: torch.Tensor):

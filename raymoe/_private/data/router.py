@@ -27,6 +27,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from raymoe._private.data import training
 from raymoe._private.data.attempts import Attempts
 from raymoe._private.data.batcher import Batcher, Request
 from raymoe._private.data.dispatch import DispatchTable, SubBatch, combine, places_digest
@@ -57,6 +58,12 @@ class ShardCalls(Protocol):
 
     def retryable(self, error: BaseException) -> bool:
         """Whether ``error`` means the shard is down or reloading (worth another attempt)."""
+        ...
+
+    async def backward(
+        self, shard: int, x, local_ids, weights, grad_y, digest: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The backward of :meth:`compute` for ``grad_y`` -> (grad of x, grad of weights)."""
         ...
 
     async def forget(self, shard: int) -> None:
@@ -340,6 +347,22 @@ class Router:
                 return y + gate.shared_output(flat)
             y[rows] += gate.shared_output(flat[rows])
         return y
+
+    # --- training (:mod:`.training`) --------------------------------------------------------
+
+    async def backward(self, x, expert_ids, weights, grad_y, layer: int = 0, timeout_s=None):
+        """The backward of ``forward(x, expert_ids, weights, layer=layer)`` for its output
+        gradient ``grad_y`` -> (grad of x, grad of weights); the experts' gradients add up
+        on the shards."""
+        limits = self.spec.limits
+        timeout = min(timeout_s or limits.request_timeout_s, limits.request_timeout_s)
+        return await training.backward(self, x, expert_ids, weights, grad_y, layer, timeout)
+
+    async def expert_grads(self, expert_ids, layer: int = 0) -> dict[str, np.ndarray]:
+        return await training.expert_grads(self, expert_ids, check_layer(self.spec, layer))
+
+    async def zero_grad(self) -> None:
+        await training.zero_grad(self)
 
     # --- introspection ------------------------------------------------------------------
 

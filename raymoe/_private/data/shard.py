@@ -219,6 +219,51 @@ class ExpertShard:
         w = torch.from_numpy(weights).to(self.device)
         return self.bank(xt, ids, w).cpu().numpy()
 
+    def backward(
+        self,
+        x: np.ndarray,
+        local_ids: np.ndarray,
+        weights: np.ndarray,
+        grad_y: np.ndarray,
+        digest: int | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The backward of :meth:`compute` for ``grad_y`` ([t, d], the gradient of its
+        output): -> (grad of ``x`` [t, d], grad of ``weights`` [t, S]). The experts'
+        gradients add up in the bank's ``.grad`` (sparse for sparse banks) until
+        :meth:`zero_grad`. The forward is recomputed here: a shard keeps no activations."""
+        if self.bank is None:
+            raise ShardNotReadyError(f"shard {self.shard_id} is loading its experts")
+        local = torch.from_numpy(local_ids)
+        if digest is not None:
+            self._check_places(local, digest)
+        xt = torch.from_numpy(np.array(x)).to(self.device).requires_grad_()
+        w = torch.from_numpy(np.array(weights)).to(self.device).requires_grad_()
+        with torch.enable_grad():
+            y = self.bank(xt, local.to(self.device), w)
+            y.backward(torch.from_numpy(grad_y).to(self.device, y.dtype))
+        return xt.grad.cpu().numpy(), w.grad.cpu().numpy()
+
+    def expert_grads(self, global_ids: np.ndarray) -> dict[str, np.ndarray]:
+        """The accumulated gradients of experts ``global_ids`` (which must live here) as
+        ``{name: [n, ...]}`` (zeros for an expert no backward reached)."""
+        if self.bank is None:
+            raise ShardNotReadyError(f"shard {self.shard_id} is loading its experts")
+        local = self._local(global_ids)
+        out = {}
+        for name, p in self.bank.named_parameters():
+            g = p.grad
+            if g is None:
+                out[name] = np.zeros((len(local), *p.shape[1:]), _np_dtype(p))
+                continue
+            rows = g.coalesce().index_select(0, local).to_dense() if g.is_sparse else g[local]
+            out[name] = rows.cpu().numpy()
+        return out
+
+    def zero_grad(self) -> None:
+        """Drop the accumulated expert gradients."""
+        if self.bank is not None:
+            self.bank.zero_grad(set_to_none=True)
+
     def _check_places(self, local: torch.Tensor, digest: int) -> None:
         size = len(self.expert_ids)
         beyond = bool((local >= size).any())

@@ -60,15 +60,30 @@ class GrpcShardCalls:
         return self._stubs[shard][1]
 
     async def compute(self, shard, x, local_ids, weights, digest):
-        stub = await self._stub(shard)
         req = shard_pb2.ComputeRequest(
             x=to_tensor(x),
             local_ids=to_tensor(local_ids),
             weights=to_tensor(weights),
             places_digest=digest,
         )
+        reply = await self._call(shard, "Compute", req)
+        return from_tensor(reply.y, "y")
+
+    async def backward(self, shard, x, local_ids, weights, grad_y, digest):
+        req = shard_pb2.BackwardRequest(
+            x=to_tensor(x),
+            local_ids=to_tensor(local_ids),
+            weights=to_tensor(weights),
+            grad_y=to_tensor(grad_y),
+            places_digest=digest,
+        )
+        reply = await self._call(shard, "Backward", req)
+        return from_tensor(reply.grad_x, "grad_x"), from_tensor(reply.grad_weights, "grad_weights")
+
+    async def _call(self, shard: int, method: str, req):
+        stub = await self._stub(shard)
         try:
-            reply = await stub.Compute(req)
+            return await getattr(stub, method)(req)
         except grpc.aio.AioRpcError as e:
             if e.code() not in self.RETRY_CODES:
                 raise
@@ -76,7 +91,6 @@ class GrpcShardCalls:
             if channel is not None and e.code() == grpc.StatusCode.UNAVAILABLE:
                 await channel.close()  # NOTE: a restarted shard listens on a new port
             raise ShardUnreachableError(f"shard {shard}: {e.code().name}: {e.details()}") from e
-        return from_tensor(reply.y, "y")
 
     def retryable(self, error: BaseException) -> bool:
         return isinstance(error, ShardUnreachableError) or self._also(error)
@@ -94,18 +108,41 @@ class _Servicer(shard_pb2_grpc.ExpertShardServiceServicer):
         self.shard, self.lock, self.max_bytes = shard, lock, max_bytes
 
     def Compute(self, request, context):
+        def run():
+            x, ids, w = self._inputs(request)
+            return shard_pb2.ComputeReply(
+                y=to_tensor(self.shard.compute(x, ids, w, self._digest(request)))
+            )
+
+        return self._serve(run, context)
+
+    def Backward(self, request, context):
+        def run():
+            x, ids, w = self._inputs(request)
+            gy = from_tensor(request.grad_y, "grad_y", max_bytes=self.max_bytes)
+            gx, gw = self.shard.backward(x, ids, w, gy, self._digest(request))
+            return shard_pb2.BackwardReply(grad_x=to_tensor(gx), grad_weights=to_tensor(gw))
+
+        return self._serve(run, context)
+
+    def _inputs(self, request):
+        return tuple(
+            from_tensor(getattr(request, f), f, max_bytes=self.max_bytes)
+            for f in ("x", "local_ids", "weights")
+        )
+
+    @staticmethod
+    def _digest(request):
+        return request.places_digest if request.HasField("places_digest") else None
+
+    def _serve(self, run, context):
         try:
-            x = from_tensor(request.x, "x", max_bytes=self.max_bytes)
-            ids = from_tensor(request.local_ids, "local_ids", max_bytes=self.max_bytes)
-            w = from_tensor(request.weights, "weights", max_bytes=self.max_bytes)
-            digest = request.places_digest if request.HasField("places_digest") else None
             with self.lock:
-                y = self.shard.compute(x, ids, w, digest)
+                return run()
         except ShardNotReadyError as e:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
         except (InvalidInputError, ValueError, IndexError, RuntimeError) as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{type(e).__name__}: {e}")
-        return shard_pb2.ComputeReply(y=to_tensor(y))
 
 
 def serve_shard(shard, lock: threading.Lock, spec: PoolSpec, host: str) -> tuple[grpc.Server, str]:

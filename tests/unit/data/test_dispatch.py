@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from raymoe import MoELayer, PoolSpec
+from raymoe._private.data import training
 from raymoe._private.data.dispatch import (
     DispatchTable,
     combine,
@@ -177,3 +178,47 @@ def test_a_loading_shard_exports_and_writes_nothing(tmp_path):
     with pytest.raises(ShardNotReadyError):
         sh.write_rows(str(tmp_path / "rows.safetensors"), np.array([3]))
     assert not (tmp_path / "rows.safetensors").exists()
+
+
+@pytest.mark.parametrize("kind", ["topk", "product_key", "expert_choice"])
+def test_sharded_backward_equals_layer(kind):
+    """Shards' backward (recomputed, any replica) + assembly = MoELayer's gradients."""
+    spec = PoolSpec.from_dict(ROUTINGS[kind])
+    layer = MoELayer(spec)
+    x = torch.randn(23, 16, requires_grad=True)
+    routes = layer.route(x, x)
+    ids, w = routes.ids.detach(), routes.weights.detach().requires_grad_()
+    y = layer.experts(x, ids, w)
+    gy = torch.randn_like(y)
+    y.backward(gy)
+    placement = contiguous(spec.num_experts, 3, align=8 if kind == "product_key" else 1)
+    own = placement.primary()[0]  # experts 0 and 5 get replicas on every other shard
+    placement = with_replicas(placement, {e: [n for n in range(3) if n != own[e]] for e in (0, 5)})
+    shards = [ExpertShard(spec, n, placement.shard_experts(n)) for n in range(3)]
+    subs = split_by_shard(ids, w.detach(), DispatchTable(placement))
+    xd = x.detach()
+    got = [
+        shards[s.shard].backward(
+            xd[s.tokens].numpy(),
+            s.local_ids.numpy(),
+            s.weights.numpy(),
+            gy[s.tokens].numpy(),
+            places_digest(s.local_ids, s.expert_ids),
+        )
+        for s in subs
+    ]
+    gx, gw = training.assemble(subs, got, xd, ids.shape[1])
+    assert (gx - x.grad).abs().max() <= 1e-5
+    assert (gw - w.grad).abs().max() <= 1e-5
+    for name, p in layer.experts.named_parameters():
+        want = p.grad.to_dense() if p.grad.is_sparse else p.grad
+        total = torch.zeros_like(want)
+        for sh in shards:
+            live = sh.expert_ids[sh.expert_ids >= 0].numpy()
+            total[live] += torch.from_numpy(sh.expert_grads(live)[name])
+        assert (total - want).abs().max() <= 1e-5, name
+        assert want.abs().sum() > 0
+    for sh in shards:
+        sh.zero_grad()
+        live = sh.expert_ids[sh.expert_ids >= 0].numpy()
+        assert all(float(np.abs(v).sum()) == 0 for v in sh.expert_grads(live).values())

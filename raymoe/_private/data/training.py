@@ -1,0 +1,112 @@
+"""Training through the pool, the router's part: the backward of a forward with client routes,
+and the experts' accumulated gradients.
+
+The backward splits the pairs as the forward did (:func:`~.dispatch.split_by_shard`, under one
+placement version) and sends each shard its tokens with the gradient of its partial sums. A
+shard recomputes its forward and returns the gradients of its tokens and of their routing
+weights; its experts' gradients add up on the shard. Any replica may take a pair: a
+replica's gradients are summed with the others' when they are read.
+
+NOTE: a backward is not idempotent (the experts' gradients add up), so a failed shard call
+fails it with a typed error instead of being retried; the caller redoes its step after
+``zero_grad``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import torch
+
+from raymoe._private.data.dispatch import combine, places_digest, split_by_shard
+from raymoe.errors import InvalidInputError, PoolUnavailableError, ShapeError
+
+
+async def backward(router, x, expert_ids, weights, grad_y, layer: int, timeout_s: float):
+    """-> (grad of ``x`` [..., d], grad of ``weights`` [T, S]) for the output gradient
+    ``grad_y`` of ``router.forward(x, expert_ids, weights, layer=layer)``."""
+    if expert_ids is None or weights is None:
+        raise InvalidInputError("a backward through the pool needs the forward's client routes")
+    req = router._check(x, expert_ids, weights, None, 0.0, layer)
+    g = torch.from_numpy(np.ascontiguousarray(grad_y)) if grad_y is not None else None
+    if g is None or tuple(g.shape) != tuple(req.x.shape) or g.dtype != req.flat.dtype:
+        got = None if g is None else (list(g.shape), str(g.dtype))
+        raise ShapeError(f"grad_y must match x ({list(req.x.shape)}, {req.flat.dtype}); got {got}")
+    if not bool(torch.isfinite(g).all()):
+        raise InvalidInputError("grad_y has NaN or Inf entries")
+    T, S = req.expert_ids.shape
+    if T == 0:
+        return np.zeros(req.x.shape, np.float32), np.zeros((0, S), np.float32)
+    try:
+        await asyncio.wait_for(router._ready.wait(), timeout_s)
+    except TimeoutError:
+        raise PoolUnavailableError("the router has no shards configured yet") from None
+    table, gates = router.table, router.gates
+    ids = gates.flat(req.layer, req.expert_ids.long())
+    w = req.weights.to(torch.float32)
+    flat, g = req.flat, g.reshape(T, -1)
+    router._running[table.version] += 1  # make before break: old places stay until done
+    try:
+        subs = split_by_shard(ids, w, table)
+        calls = [
+            router.shards.backward(
+                s.shard,
+                flat[s.tokens].numpy(),
+                s.local_ids.numpy(),
+                s.weights.numpy(),
+                g[s.tokens].numpy(),
+                places_digest(s.local_ids, s.expert_ids),
+            )
+            for s in subs
+        ]
+        got = await asyncio.wait_for(asyncio.gather(*calls), timeout_s)
+    finally:
+        router._running[table.version] -= 1
+    grad_x, grad_w = assemble(subs, got, flat, S)
+    return grad_x.reshape(req.x.shape).numpy(), grad_w.numpy()
+
+
+def assemble(subs, got, flat: torch.Tensor, S: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The shards' answers to a backward (``got``: (grad of their x, grad of their
+    weights) per sub-batch of ``subs``) -> (grad of ``flat`` [T, d], grad of the batch's
+    weights [T, S]): the first added up per token, the second put back in each pair's slot."""
+    parts = [(s, torch.from_numpy(np.asarray(gx))) for s, (gx, _) in zip(subs, got, strict=True)]
+    grad_x = combine(flat.shape[0], flat.shape[1], parts, flat)
+    grad_w = torch.zeros((flat.shape[0], S), dtype=torch.float32)
+    for s, (_, gw) in zip(subs, got, strict=True):
+        here = s.local_ids >= 0
+        rows = s.tokens.unsqueeze(1).expand_as(s.slots)[here]
+        grad_w.index_put_((rows, s.slots[here]), torch.from_numpy(np.asarray(gw))[here], True)
+    return grad_x, grad_w
+
+
+async def expert_grads(router, expert_ids, layer: int) -> dict[str, np.ndarray]:
+    """The gradients accumulated for layer ``layer``'s experts ``expert_ids`` ([n]), summed
+    over their replicas: ``{name: [n, ...]}``."""
+    ids = torch.as_tensor(np.asarray(expert_ids, dtype=np.int64)).reshape(-1)
+    spec = router.spec
+    if bool(((ids < 0) | (ids >= spec.layer(layer).num_experts)).any()):
+        raise InvalidInputError(f"expert ids out of range for layer {layer}")
+    flat = router.gates.flat(layer, ids.unsqueeze(1)).squeeze(1).numpy()
+    ptr, shard = router.table.ptr.numpy(), router.table.shard.numpy()
+    counts = ptr[flat + 1] - ptr[flat]  # replicas of each
+    pos = np.repeat(np.arange(len(flat)), counts)  # each replica's position in ``ids``
+    rows = np.repeat(ptr[flat] - (np.cumsum(counts) - counts), counts) + np.arange(counts.sum())
+    on = shard[rows]
+    shards = np.unique(on).tolist()
+    handles = router.shards.handles
+    mine = {n: pos[on == n] for n in shards}
+    got = await asyncio.gather(*(handles[n].expert_grads.remote(flat[mine[n]]) for n in shards))
+    out: dict[str, np.ndarray] = {}
+    for n, grads in zip(shards, got, strict=True):
+        for name, v in grads.items():
+            if name not in out:
+                out[name] = np.zeros((len(flat), *v.shape[1:]), v.dtype)
+            np.add.at(out[name], mine[n], v)
+    return out
+
+
+async def zero_grad(router) -> None:
+    """Every shard drops its experts' accumulated gradients."""
+    await asyncio.gather(*(h.zero_grad.remote() for h in router.shards.handles))

@@ -1,0 +1,86 @@
+"""``RemoteMoE``: an MoE layer whose gate lives in the client model and whose experts live in a
+served pool, with autograd through the pool.
+
+    moe = raymoe.RemoteMoE(pool, layer=0)      # the gate starts as the pool's
+    y = moe(x)                                 # gate here, experts on the shards
+    (y.square().mean()).backward()             # grads of x and of moe's gate parameters;
+    pool.expert_grads(ids)                     # the experts' gradients add up on the shards
+
+The forward gates ``x`` with the module's own gate (trained by the user's optimizer) and sends
+the routes to the pool as client routes; the backward sends the output gradient to the shards,
+which recompute their part and return the gradients of ``x`` and of the routing weights.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from raymoe._private.data.gates import layer_weights
+from raymoe.config import PoolSpec
+from raymoe.errors import ConfigError
+from raymoe.layer import MoEInfo, MoELayer, check_layer
+from raymoe.routing import LoadStats, tokens_per_expert
+from raymoe.validation import check_hidden
+
+
+class _PoolExperts(torch.autograd.Function):
+    """y = the pool's routed experts of ``x`` under routes (``ids``, ``w``)."""
+
+    @staticmethod
+    def forward(ctx, x, w, pool, layer, ids):
+        ctx.save_for_backward(x, w, ids)
+        ctx.pool, ctx.layer = pool, layer
+        return pool.forward(x.detach(), layer=layer, expert_ids=ids, weights=w.detach())
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, w, ids = ctx.saved_tensors
+        gx, gw = ctx.pool.backward(
+            x.detach(), ids, w.detach(), grad_y.contiguous(), layer=ctx.layer
+        )
+        return gx.to(x.dtype), gw.to(w.dtype), None, None, None
+
+
+class RemoteMoE(nn.Module):
+    """MoE layer ``layer`` of ``pool``: gate and aux losses here, routed experts in the pool.
+
+    ``forward(x, token_ids=None, return_info=False)`` as :class:`~raymoe.MoELayer`'s. The
+    gate's parameters (``self.gate.router``) start as the pool's and are this module's to
+    train; the experts' gradients add up on the pool's shards (``pool.expert_grads``,
+    ``pool.zero_grad``). Routing that mixes tokens (``soft``) and shared experts are not
+    supported yet (:class:`ConfigError`).
+    """
+
+    def __init__(self, pool, layer: int = 0):
+        super().__init__()
+        spec = PoolSpec.from_dict(pool.describe().spec)
+        self.pool, self.layer = pool, check_layer(spec, layer)
+        own = spec.layer(layer)
+        if own.shared is not None:
+            raise ConfigError("RemoteMoE: shared experts are not supported yet")
+        self.gate = MoELayer(own, experts=False)
+        if self.gate.router.mixes:
+            raise ConfigError(f"RemoteMoE: {own.routing.kind} routing mixes tokens; unsupported")
+        weights = layer_weights(spec, pool.gate_weights(), layer)
+        state = self.gate.state_dict()
+        self.gate.load_state_dict(
+            {k: torch.as_tensor(np.array(v)) for k, v in weights.items() if k in state}
+        )
+        self.spec = own
+
+    def forward(self, x: torch.Tensor, *, token_ids=None, return_info: bool = False):
+        spec = self.spec
+        T = check_hidden(x, d_model=spec.d_model, dtype=spec.torch_dtype)
+        flat = x.reshape(T, spec.d_model)
+        routes = self.gate.route(flat, x, token_ids=token_ids)
+        if T:
+            y = _PoolExperts.apply(flat, routes.weights, self.pool, self.layer, routes.ids)
+        else:
+            y = torch.zeros_like(flat)
+        out = y.view(x.shape)
+        if not return_info:
+            return out
+        load = LoadStats(tokens_per_expert(routes.ids, spec.num_experts), routes.dropped)
+        return out, MoEInfo(routes.ids, routes.weights, routes.aux_losses, load)
