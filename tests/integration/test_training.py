@@ -16,6 +16,7 @@ pytestmark = pytest.mark.integration
 D = 16
 FFN_KINDS = [
     {"kind": "topk", "k": 2, "renormalize": True, "bias": True},
+    {"kind": "topk", "k": 2, "noise": True},  # noisy top-k: the same noise on both sides
     {"kind": "topk", "k": 2, "score": "sigmoid", "n_groups": 4, "topk_groups": 2,
      "correction_bias": True, "scaling": 1.5},
     {"kind": "dense"},
@@ -76,12 +77,14 @@ def test_remote_moe_gradients_equal_moe_layer(trained):
 
         ref.zero_grad(set_to_none=True)
         x_ref = x.clone().requires_grad_()
+        torch.manual_seed(layer)  # noisy gates draw their noise from the global generator
         y_ref, info_ref = ref(x_ref, return_info=True, **kw)
         ((y_ref * grad_y).sum() + info_ref.aux_loss).backward()
 
         moe = RemoteMoE(pool, layer=layer)
         pool.zero_grad()
         x_pool = x.clone().requires_grad_()
+        torch.manual_seed(layer)
         y, info = moe(x_pool, return_info=True, **kw)
         ((y * grad_y).sum() + info.aux_loss).backward()
 
