@@ -32,11 +32,12 @@ from raymoe._private.data.attempts import Attempts
 from raymoe._private.data.batcher import Batcher, Request
 from raymoe._private.data.dispatch import DispatchTable, SubBatch, combine, places_digest
 from raymoe._private.data.gates import Gates
+from raymoe._private.data.stages import renormalise, route_batch, spans_of, still_valid
 from raymoe._private.data.stats import RouterStats
 from raymoe._private.metrics import Metrics, NullMetrics
 from raymoe.config import PoolSpec
 from raymoe.errors import DeadlineExceededError, InvalidInputError, PoolUnavailableError
-from raymoe.layer import MoELayer, check_layer
+from raymoe.layer import check_layer
 from raymoe.placement import Placement
 from raymoe.validation import check_hidden
 
@@ -252,12 +253,12 @@ class Router:
             self._running[table.version] -= 1
 
     async def _run_batch_under(self, batch: list[Request], table: DispatchTable, gates) -> None:
-        batch = [r for r in batch if not r.future.done() and _still_valid(r, gates)]
+        batch = [r for r in batch if not r.future.done() and still_valid(r, gates)]
         if not batch:
             return
         try:
             t0 = time.perf_counter()
-            flat, ids, w, mixes = await self._offload(_route, batch, gates)  # 1. route
+            flat, ids, w, mixes = await self._offload(route_batch, batch, gates)  # 1. route
             t1 = time.perf_counter()
             deadline = max(r.deadline for r in batch)
             done = await self.attempts.run(  # 2. dispatch
@@ -268,11 +269,11 @@ class Router:
                 table,
                 deadline,
             )
-            parts, (scale, degraded) = done.parts, _renormalise(w, done.dropped)
+            parts, (scale, degraded) = done.parts, renormalise(w, done.dropped)
             if scale is not None and not self.attempts.faults.renormalise:
                 scale = None  # the remaining experts keep their weights
             t2 = time.perf_counter()
-            spans = _spans(batch, mixes)
+            spans = spans_of(batch, mixes)
             y = await self._offload(self._combine, flat, parts, gates, spans, scale)  # 3. combine
             stages = {"route": t1 - t0, "dispatch": t2 - t1, "combine": time.perf_counter() - t2}
             self._stage_s.update(stages)
@@ -382,108 +383,6 @@ class Router:
         out["stage_s"] = dict(self._stage_s)
         out["queued"] = len(self.batcher.queue)
         return out
-
-
-@torch.no_grad()
-def _route(batch: list[Request], gates: Gates):
-    """(rows [R, d], ids [R, S], weights [R, S], mixes) of the whole batch, in request order:
-    the rows are the requests' tokens, or for a mixing gate (soft routing) their slots, the
-    ids are flat ids (every layer's experts live in one id space), and ``mixes[i]`` is
-    request ``i``'s :class:`~raymoe.routing.soft.Mix` (None for tokens)."""
-    rows: list = [r.flat for r in batch]
-    mixes: list = [None] * len(batch)
-    routes: list = [None] * len(batch)
-    for layer in sorted({r.layer for r in batch}):
-        mine = [i for i, r in enumerate(batch) if r.layer == layer]
-        _route_layer(batch, mine, gates.layers[layer], rows, mixes, routes)
-        for i in mine:
-            ids, w = routes[i]
-            routes[i] = (gates.flat(layer, ids), w)
-    S = max(a.shape[1] for a, _ in routes)
-    ids = torch.cat([_pad(a, S, -1) for a, _ in routes])
-    w = torch.cat([_pad(b, S, 0.0) for _, b in routes])
-    flat = torch.cat(rows) if len(rows) > 1 else rows[0]
-    return flat, ids, w, mixes
-
-
-def _route_layer(batch, mine: list[int], layer: MoELayer, rows, mixes, routes) -> None:
-    """Fill ``rows``, ``mixes`` and ``routes`` (the layer's expert ids) of requests ``mine``,
-    all of one layer."""
-    gated = []
-    for i in mine:
-        r = batch[i]
-        if r.expert_ids is not None:
-            routes[i] = (r.expert_ids.long(), r.weights.to(torch.float32))
-        elif layer.router.mixes:
-            mixes[i] = mix = layer.router.mix(r.x)
-            rows[i] = mix.x
-            routes[i] = (mix.routes.ids, mix.routes.weights)
-        elif layer.router.batch_coupled:
-            rt = layer.route(r.flat, r.x, token_ids=r.token_ids)
-            routes[i] = (rt.ids, rt.weights)
-        else:
-            gated.append(i)
-    if not gated:
-        return
-    # token-wise gates: one gating call for all of them (batched routing matmuls)
-    xs = torch.cat([batch[i].flat for i in gated])
-    tok = None
-    if layer.router.needs_token_ids:
-        tok = torch.cat([batch[i].token_ids for i in gated])
-    rt = layer.route(xs, xs, token_ids=tok)
-    start = 0
-    for i in gated:
-        t = batch[i].tokens
-        routes[i] = (rt.ids[start : start + t], rt.weights[start : start + t])
-        start += t
-
-
-def _renormalise(w: torch.Tensor, dropped: list[SubBatch]):
-    """When pairs were dropped (degrade mode): ([R, 1] scale of each row's routed output,
-    [R] bool rows that lost pairs). The scale is a row's weight sum over what remains of
-    it, so its remaining experts carry its whole weight (0 for a row that lost every
-    expert). (None, None) when nothing was dropped."""
-    if not dropped:
-        return None, None
-    total = w.sum(1, dtype=torch.float64)
-    lost = torch.zeros_like(total)
-    for sub in dropped:
-        lost.index_add_(0, sub.tokens, sub.weights.sum(1, dtype=torch.float64))
-    kept = total - lost
-    ok = kept.abs() > 1e-12 * total.abs().clamp(min=1e-30)
-    scale = torch.where(ok, total / torch.where(ok, kept, 1.0), 0.0)
-    return scale.unsqueeze(1), lost != 0
-
-
-def _spans(batch: list[Request], mixes: list) -> dict[int, torch.Tensor]:
-    """layer -> the batch rows of its requests."""
-    spans: dict[int, list] = collections.defaultdict(list)
-    start = 0
-    for r, mix in zip(batch, mixes, strict=True):
-        rows = r.tokens if mix is None else mix.x.shape[0]
-        spans[r.layer].append(torch.arange(start, start + rows))
-        start += rows
-    return {layer: torch.cat(parts) for layer, parts in spans.items()}
-
-
-def _still_valid(r: Request, gates: Gates) -> bool:
-    """False (and the caller told why) when ``r``'s client routes name experts removed after
-    it was admitted."""
-    layer = gates.layers[r.layer] if r.layer < len(gates.layers) else None
-    if r.expert_ids is None or layer is None or layer.router.removed is None:
-        return True
-    try:
-        layer.check_route_inputs(r.flat, r.x, expert_ids=r.expert_ids, weights=r.weights)
-    except Exception as e:
-        r.future.set_exception(e)
-        return False
-    return True
-
-
-def _pad(a: torch.Tensor, S: int, value) -> torch.Tensor:
-    if a.shape[1] == S:
-        return a
-    return torch.nn.functional.pad(a, (0, S - a.shape[1]), value=value)
 
 
 def _tensor(a):
