@@ -7,9 +7,12 @@ import secrets
 from pathlib import Path
 
 import grpc
+import numpy as np
 import torch
 
 from raymoe import PoolSpec
+from raymoe._private.data import wire
+from raymoe.v1 import pool_pb2, tensor_pb2
 from tests.helpers import spec_dict
 
 D, E, MAX_TOKENS = 16, 8, 256
@@ -55,3 +58,16 @@ def channel(endpoint):
 
 def bearer(token):
     return (("authorization", f"Bearer {token}"),) if token is not None else ()
+
+
+INVALID = grpc.StatusCode.INVALID_ARGUMENT
+
+
+def msg(a) -> tensor_pb2.Tensor:
+    """``a`` as a ``Tensor`` message."""
+    return wire.to_tensor(np.asarray(a))
+
+
+def fwd(**fields) -> pool_pb2.ForwardRequest:
+    """A ``ForwardRequest`` of ``fields``."""
+    return pool_pb2.ForwardRequest(**fields)
