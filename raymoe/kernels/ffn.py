@@ -50,10 +50,21 @@ class _Segments:
 
     def __init__(self, g: Grouped):
         self.g = g
-        counts = g.counts.tolist()
-        starts = [0, *itertools.accumulate(counts)]
-        self.spans = [(e, starts[e], n) for e, n in enumerate(counts) if n]
-        self.sparse = 2 * len(self.spans) <= len(counts)
+        self._spans: list[tuple[int, int, int]] | None = None
+
+    @property
+    def spans(self) -> list[tuple[int, int, int]]:
+        """(expert, start, count) of every expert that has pairs (read once, when needed)."""
+        if self._spans is None:
+            counts = self.g.counts.tolist()
+            starts = [0, *itertools.accumulate(counts)]
+            self._spans = [(e, starts[e], n) for e, n in enumerate(counts) if n]
+        return self._spans
+
+    @property
+    def sparse(self) -> bool:
+        """Whether at most half the bank's experts have pairs."""
+        return 2 * len(self.spans) <= len(self.g.counts)
 
     def pack(self, x: torch.Tensor) -> torch.Tensor:
         return x
@@ -63,9 +74,9 @@ class _Segments:
 
     def linear(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
         """``x``: [P, in] sorted by expert, ``w``: [E, out, in], ``b``: [E, out] -> [P, out]."""
-        if not self.spans:
+        if x.shape[0] == 0:
             return x.new_zeros((0, w.shape[1]))
-        if _grouped_mm_ok(x) and not (self.sparse and x.device.type == "cpu"):
+        if _grouped_mm_ok(x) and not (x.device.type == "cpu" and self.sparse):
             y = F.grouped_mm(x, w.transpose(1, 2), offs=self.g.offsets)
         else:
             y = torch.cat([x[s : s + n] @ w[e].T for e, s, n in self.spans])
@@ -112,7 +123,9 @@ PAD_ROWS = 128
 
 def _layout(g: Grouped) -> _Segments | _Padded:
     pairs = len(g.expert)
-    if pairs:
+    # NOTE: measured on CPU only; on GPU grouped_mm is one kernel, and reading the counts
+    # here would wait for the device
+    if pairs and g.expert.device.type == "cpu":
         rows = int(g.counts.max())
         if rows <= PAD_ROWS and len(g.counts) * rows <= PAD_RATIO * pairs:
             return _Padded(g, rows)

@@ -31,6 +31,13 @@ pytestmark = pytest.mark.integration
 
 
 CLEAN = {"INVALID_ARGUMENT", "UNAUTHENTICATED", "RESOURCE_EXHAUSTED"}
+# reproducible runs, no example database, no deadline (each example is a gRPC call)
+FUZZ = {
+    "deadline": None,
+    "derandomize": True,
+    "database": None,
+    "suppress_health_check": list(HealthCheck),
+}
 dims = st.one_of(st.integers(0, 4), st.just(D), st.sampled_from([-1, 2**20, 2**30, 2**31, 2**62]))
 tensors = st.builds(
     tensor_pb2.Tensor,
@@ -109,13 +116,7 @@ def test_fuzz_gateway_never_breaks_and_the_pool_serves_after_it(served):
     pool, endpoint, layer = served
     outcomes: collections.Counter = collections.Counter()
 
-    @settings(
-        max_examples=2000,
-        deadline=None,
-        derandomize=True,
-        database=None,
-        suppress_health_check=list(HealthCheck),
-    )
+    @settings(max_examples=2000, **FUZZ)
     @given(data=st.data())
     def fuzz(data):
         fuzz_once(endpoint, data, outcomes)
@@ -166,13 +167,7 @@ def test_fuzz_admin_calls_with_the_admin_token(ray_cluster, tokens):
         (endpoint,) = pool.gateways()
         stub = admin_pb2_grpc.AdminServiceStub(channel(endpoint))
 
-        @settings(
-            max_examples=50,
-            deadline=None,
-            derandomize=True,
-            database=None,
-            suppress_health_check=list(HealthCheck),
-        )
+        @settings(max_examples=50, **FUZZ)
         @given(data=st.data())
         def fuzz(data):
             method = data.draw(st.sampled_from(sorted(ADMIN_CALLS)))
