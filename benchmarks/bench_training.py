@@ -1,11 +1,14 @@
 """Training throughput through the pool vs in process, side by side in one run.
 
-For each config (mixtral-tiny, peer-1m) and micro-batch size: forward+backward tokens/s of
+For each config (mixtral-tiny, peer-1m) and micro-batch size: training tokens/s of
 ``RemoteMoE`` over a served pool (gate here, experts on the shards, their gradients added up
-there) vs the in-process ``MoELayer`` doing the same forward and backward. The loss is
-``(y * g).sum() + aux_loss`` for a fixed random ``g``. Before timing, one step checks that the
-input gradients agree (max abs difference printed). No optimizer step yet: the shards'
-sparse optimizers are the training issue's next item.
+and stepped there by ``PoolOptimizer``) vs the in-process ``MoELayer`` with the same
+optimizer (``ExpertOptimizer``); the gate's optimizer is ``torch.optim`` of the same kind on
+both sides. A timed step is forward + backward + optimizer step (``--optimizer none``:
+forward + backward only). The loss is ``(y * g).sum() + aux_loss`` for a fixed random ``g``.
+Both sides take the same steps: after the timed ones, the max abs difference of their
+outputs is printed, and the bytes of the experts' optimizer state beside the rows it covers
+(lazy: rows touched, not experts).
 
     PYTHONPATH=. .venv/bin/python benchmarks/bench_training.py [--sizes 1024 4096]
 """
@@ -20,22 +23,31 @@ from _timing import median_time
 
 import raymoe
 from raymoe import MoELayer, PoolSpec, RemoteMoE
+from raymoe.optim import ExpertOptimizer, PoolOptimizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def step_fn(module, x: torch.Tensor, g: torch.Tensor, zero):
+TORCH = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+
+
+def step_fn(module, x: torch.Tensor, g: torch.Tensor, optimizers: list):
+    """One training step of ``module``; ``optimizers``: (experts', gate's), or none."""
+
     def step():
-        zero()
         xr = x.clone().requires_grad_()
         y, info = module(xr, return_info=True)
         ((y * g).sum() + info.aux_loss).backward()
+        for opt in optimizers:
+            opt.step()
+        for opt in optimizers:
+            opt.zero_grad()
         return xr.grad
 
     return step
 
 
-def bench(name: str, sizes: list[int], reps: int, transport: str) -> list[dict]:
+def bench(name: str, sizes: list[int], reps: int, transport: str, kind: str) -> list[dict]:
     data = PoolSpec.from_yaml(ROOT / "examples" / "configs" / f"{name}.yaml").model_dump(
         mode="json"
     )
@@ -48,15 +60,31 @@ def bench(name: str, sizes: list[int], reps: int, transport: str) -> list[dict]:
     rows = []
     try:
         remote = RemoteMoE(pool)
+        local_opts, pool_opts = [], []
+        if kind != "none":
+            lr = 1e-3
+            local_opts = [
+                ExpertOptimizer(layer, kind, lr=lr),
+                TORCH[kind](layer.router.parameters(), lr=lr),
+            ]
+            pool_opts = [
+                PoolOptimizer(pool, kind, lr=lr),
+                TORCH[kind](remote.gate.parameters(), lr=lr),
+            ]
         for T in sizes:
             gen = torch.Generator().manual_seed(T)
             x = torch.randn(T, spec.d_model, generator=gen)
             g = torch.randn(T, spec.d_model, generator=gen)
-            local = step_fn(layer, x, g, lambda: layer.zero_grad(set_to_none=True))
-            served = step_fn(remote, x, g, lambda: (remote.zero_grad(), pool.zero_grad()))
-            err = float((local() - served()).abs().max())
+            local = step_fn(layer, x, g, local_opts)
+            served = step_fn(remote, x, g, pool_opts)
+            if kind == "none":
+                layer.zero_grad(set_to_none=True)
+                pool.zero_grad()
             t_local = median_time(local, reps)
             t_served = median_time(served, reps)
+            with torch.no_grad():  # both took the same steps
+                err = float((layer(x) - remote(x)).abs().max())
+            state = local_opts[0].state if local_opts else None
             rows.append(
                 {
                     "config": name,
@@ -65,18 +93,28 @@ def bench(name: str, sizes: list[int], reps: int, transport: str) -> list[dict]:
                     "local": T / t_local,
                     "served": T / t_served,
                     "err": err,
+                    "state_rows": len(state) if state is not None else 0,
+                    "state_mb": state.nbytes() / 2**20 if state is not None else 0.0,
+                    "dense_mb": 0.0 if state is None else _dense_mb(layer, kind),
                 }
             )
             r = rows[-1]
             print(
-                f"[{name}/{transport}] {T:>6} tokens: in-process {r['local']:>8,.0f} tok/s, "
+                f"[{name}/{transport}/{kind}] {T:>6} tokens: in-process {r['local']:>8,.0f} tok/s, "
                 f"through the pool {r['served']:>8,.0f} ({r['served'] / r['local']:.2f}), "
-                f"grad of x max diff {err:.1e}",
+                f"output max diff after the steps {err:.1e}; optimizer state "
+                f"{r['state_rows']:,} rows, {r['state_mb']:.1f} MB (dense: {r['dense_mb']:.0f} MB)",
                 flush=True,
             )
     finally:
         pool.shutdown()
     return rows
+
+
+def _dense_mb(layer: MoELayer, kind: str) -> float:
+    """What ``torch.optim`` of ``kind`` would hold for every expert."""
+    per = {"sgd": 1, "adam": 2, "adamw": 2}[kind]
+    return per * sum(p.numel() * p.element_size() for p in layer.experts.parameters()) / 2**20
 
 
 def main() -> None:
@@ -85,20 +123,22 @@ def main() -> None:
     ap.add_argument("--sizes", nargs="+", type=int, default=[1024, 4096])
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--transports", nargs="+", default=["object_store", "grpc"])
+    ap.add_argument("--optimizer", default="adam", choices=["none", *TORCH])
     args = ap.parse_args()
     rows = [
         r
         for name in args.configs
         for t in args.transports
-        for r in bench(name, args.sizes, args.reps, t)
+        for r in bench(name, args.sizes, args.reps, t, args.optimizer)
     ]
-    print("\nforward+backward tokens/s; target through the pool >= 0.7 of in-process at 4k")
+    what = "forward+backward" + ("" if args.optimizer == "none" else f"+{args.optimizer} step")
+    print(f"\n{what} tokens/s; target through the pool >= 0.7 of in-process at 4k")
     for r in rows:
         ratio = r["served"] / r["local"]
         print(
             f"{r['config']:<14}{r['transport']:<14}{r['tokens']:>7}{r['local']:>10,.0f}"
             f"{r['served']:>10,.0f}{ratio:>7.2f}{'  met' if ratio >= 0.7 else '  MISSED'}"
-            f"  max diff {r['err']:.1e}"
+            f"  max diff {r['err']:.1e}  state {r['state_mb']:.1f} MB / dense {r['dense_mb']:.0f}"
         )
 
 

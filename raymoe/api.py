@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import math
 import time
 from pathlib import Path
 
@@ -19,10 +20,12 @@ from raymoe.config import PoolSpec, load_spec
 from raymoe.errors import (
     CheckpointError,
     ConfigError,
+    InvalidInputError,
     PoolExistsError,
     PoolNotFoundError,
     PoolUnavailableError,
 )
+from raymoe.optim import OptimizerSpec
 from raymoe.reports import ForwardInfo, OpReport, PoolDescription, PoolStats
 from raymoe.store import open_store
 
@@ -167,6 +170,32 @@ class PoolHandle:
     def zero_grad(self) -> None:
         """Drop every expert's accumulated gradient."""
         _get(self._routers[self._pick()].zero_grad.remote())
+
+    def expert_weights(self, expert_ids, *, layer=0, replica=0) -> dict[str, torch.Tensor]:
+        """The weights of ``layer``'s experts ``expert_ids`` by bank name (``w_gate``, ``u``,
+        ...): ``{name: [n, ...]}``, as replica ``replica`` of each holds them."""
+        router = self._routers[self._pick()]
+        got = _get(router.expert_weights.remote(_np(expert_ids), layer, int(replica)))
+        return {k: torch.from_numpy(np.array(v)) for k, v in got.items()}
+
+    def grad_square_sum(self) -> float:
+        """The sum of squares of the experts' accumulated gradients (for clipping by a
+        global norm: :meth:`raymoe.optim.PoolOptimizer.clip_grad_norm_`)."""
+        return _get(self._controller.grad_square_sum.options(max_task_retries=0).remote())
+
+    def step(self, optimizer: OptimizerSpec | dict | str = "adam", *, scale: float = 1.0) -> dict:
+        """One optimizer step (``sgd``, ``adam``, ``adamw``: an
+        :class:`~raymoe.optim.OptimizerSpec`) of every expert with gradients, their
+        gradients times ``scale``; they are used up. Each expert keeps its own lazy state on
+        the shards, which moves with it. Runs under one placement version; replicas are
+        equal again when it returns. Not retried: a failure raises, and the step is to be
+        redone after :meth:`zero_grad`. -> {"experts": stepped, "replicas_refreshed": n}.
+        :class:`raymoe.optim.PoolOptimizer` wraps it like a ``torch.optim`` optimizer."""
+        spec = OptimizerSpec.of(optimizer)
+        if not (math.isfinite(scale) and 0 < scale <= 1):
+            raise InvalidInputError(f"scale must be in (0, 1]; got {scale}")
+        method = self._controller.step.options(max_task_retries=0)
+        return _get(method.remote(spec.to_dict(), float(scale)))
 
     def gate_weights(self) -> dict[str, np.ndarray]:
         """The gate and shared-expert weights in service, by pool names."""

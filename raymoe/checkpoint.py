@@ -269,7 +269,9 @@ def weights(spec: PoolSpec, shard_rows: list[dict], gate: dict, where: Path) -> 
     _check_cover(spec, ids, where)
     full = [r for r in shard_rows if len(r) > 1]  # a shard holding nothing has only ids
     flat = {}
-    for name in (k for k in full[0] if k != "ids"):
+    # NOTE: optimizer state (``opt.*``, only in files of shards that stepped) is the
+    # shards' to load, not a weight
+    for name in (k for k in full[0] if k != "ids" and not k.startswith("opt.")):
         first = full[0][name]
         out = np.zeros((spec.num_experts, *first.shape[1:]), first.dtype)
         for r in full:

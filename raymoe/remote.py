@@ -63,12 +63,36 @@ class RemoteMoE(nn.Module):
         self.gate = MoELayer(own, experts=False)
         if self.gate.router.mixes:
             raise ConfigError(f"RemoteMoE: {own.routing.kind} routing mixes tokens; unsupported")
-        weights = layer_weights(spec, pool.gate_weights(), layer)
-        state = self.gate.state_dict()
-        self.gate.load_state_dict(
-            {k: torch.as_tensor(np.array(v)) for k, v in weights.items() if k in state}
-        )
         self.spec = own
+        self._load_gate(spec, keep={})
+
+    def _load_gate(self, spec: PoolSpec, keep: dict[str, torch.Tensor]) -> None:
+        """Load the pool's gate weights, then ``keep`` over them where they overlap."""
+        weights = layer_weights(spec, self.pool.gate_weights(), self.layer)
+        state = self.gate.state_dict()
+        loaded = {k: torch.as_tensor(np.array(v)) for k, v in weights.items() if k in state}
+        for k, old in keep.items():
+            new = loaded.get(k, state[k])
+            if new.dim() == old.dim():
+                at = tuple(slice(0, min(a, b)) for a, b in zip(old.shape, new.shape, strict=True))
+                new[at] = old[at]
+            loaded[k] = new
+        self.gate.load_state_dict({**state, **loaded})
+
+    def sync(self) -> bool:
+        """Follow the pool's experts after ``add_experts`` / ``remove_experts``: the gate
+        grows to the pool's experts; its rows of existing experts keep their trained values,
+        new rows (or sub-keys) take the pool's. -> whether it changed; then the gate has new
+        parameters, and its optimizer must be made again."""
+        spec = PoolSpec.from_dict(self.pool.describe().spec)
+        own = spec.layer(self.layer)
+        if own == self.spec:
+            return False
+        trained = {k: v.detach().clone() for k, v in self.gate.state_dict().items()}
+        self.gate = MoELayer(own, experts=False)
+        self.spec = own
+        self._load_gate(spec, keep=trained)
+        return True
 
     def forward(self, x: torch.Tensor, *, token_ids=None, return_info: bool = False):
         spec = self.spec

@@ -213,6 +213,14 @@ class ControllerActor:
         await self._ensure()
         return await self.controller.save_checkpoint(path)
 
+    async def grad_square_sum(self) -> float:
+        await self._ensure()
+        return await self.controller.grad_square_sum()
+
+    async def step(self, optimizer: dict, scale: float = 1.0) -> dict:
+        await self._ensure()
+        return await self.controller.step(optimizer, scale)
+
     async def op(self, name: str, *args, **kwargs) -> OpReport:
         """A runtime operation of the controller (one of :data:`OPERATIONS`), recorded in
         the audit log. Fails fast with StoreUnavailableError while the store is down."""

@@ -104,9 +104,35 @@ class ShardActor(ExpertShard):
         with self._lock:
             return super().backward(x, local_ids, weights, grad_y, digest)
 
+    # Training: gradients and steps (an optimizer step changes the bank in service)
+
     def expert_grads(self, global_ids):
         with self._lock:
             return super().expert_grads(global_ids)
+
+    def grad_ids(self):
+        with self._lock:
+            return super().grad_ids()
+
+    def take_grads(self, global_ids):
+        with self._lock:
+            return super().take_grads(global_ids)
+
+    def add_grads(self, global_ids, rows):
+        with self._lock:
+            super().add_grads(global_ids, rows)
+
+    def grad_square_sum(self):
+        with self._lock:
+            return super().grad_square_sum()
+
+    def step(self, optimizer, scale=1.0):
+        with self._mutating, self._lock:
+            return super().step(optimizer, scale)
+
+    def refresh(self, global_ids, rows):
+        with self._mutating, self._lock:
+            super().refresh(global_ids, rows)
 
     def zero_grad(self):
         with self._lock:

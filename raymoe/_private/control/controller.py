@@ -51,6 +51,7 @@ from raymoe._private.control.nodes import ShardNodes
 from raymoe._private.control.operations import Operations
 from raymoe._private.control.roster import Roster
 from raymoe._private.control.standby import Standby
+from raymoe._private.control.training import Stepper
 from raymoe._private.data.stats import check_load_bins, load_map, merge
 from raymoe._private.metrics import Metrics, NullMetrics, top_experts
 from raymoe.config import PoolSpec
@@ -84,6 +85,7 @@ class Controller(Operations):
         self.expert_bytes = expert_bytes(spec)
         self.roster = Roster(cluster)
         self.migrator = Migrator(cluster, self.expert_bytes)
+        self.stepper = Stepper(cluster)
         self.fleet = GatewayFleet(cluster, spec.name, spec.gateway)
         self.load = LoadWindow(spec.num_experts, spec.control.load_half_life_s)
         self.loop = ControlLoop(self)
@@ -459,6 +461,22 @@ class Controller(Operations):
         """Drop the pool's weight files the goal no longer names."""
         g = self.goal
         durable.prune(self.spec.name, [*g.sources, *([g.gate_file] if g.gate_file else [])])
+
+    # --- training (control/training.py) ---------------------------------------------------
+
+    async def grad_square_sum(self) -> float:
+        """The sum of squares of every expert's accumulated gradients (summed over its
+        replicas, which it gathers at the expert's owner)."""
+        async with self.ops:
+            return await self.stepper.grad_square_sum(self.placement, self.shards)
+
+    async def step(self, optimizer: dict, scale: float = 1.0) -> dict:
+        """One optimizer step of every expert with gradients, under one placement version."""
+        async with self.ops:
+            experts, refreshed = await self.stepper.step(
+                self.placement, self.shards, optimizer, scale
+            )
+        return {"experts": experts, "replicas_refreshed": refreshed}
 
     # --- introspection ------------------------------------------------------------------
 

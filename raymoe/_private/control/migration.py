@@ -23,6 +23,7 @@ import numpy as np
 from raymoe._private import timeouts
 from raymoe._private.control import growth
 from raymoe._private.control.cluster import ActorUnreachable, Cluster
+from raymoe._private.data.shard import STATE_PREFIX
 from raymoe.config import PoolSpec
 from raymoe.errors import ShardNotReadyError
 from raymoe.placement import Change, Placement
@@ -139,7 +140,7 @@ class Migrator:
             chunk = ids[i : i + step]
             part = None
             if rows is not None:
-                part = {k: np.stack([v[e] for e in chunk.tolist()]) for k, v in rows.items()}
+                part = {k: _stack(k, v, chunk) for k, v in rows.items()}
             await call("place", local[i : i + step], chunk, part, spec)
 
     async def drain(self, routers: list, version: int, timeout_s: float) -> None:
@@ -169,3 +170,12 @@ class Migrator:
                 await self.cluster.call(shards[n], "free", local[s == n], timeout=timeouts.FREE_S)
             except ActorUnreachable:
                 log.warning("shard %d did not free its old places (it restarts empty)", n)
+
+
+def _stack(name: str, rows: dict, ids: np.ndarray) -> np.ndarray:
+    """The rows ``name`` of ``ids`` stacked. Optimizer state (``opt.*``) comes only from
+    shards that hold some, and an added expert has none: zeros (step 0, no state) there."""
+    if not name.startswith(STATE_PREFIX):
+        return np.stack([rows[e] for e in ids.tolist()])
+    blank = np.zeros_like(next(iter(rows.values())))
+    return np.stack([rows.get(e, blank) for e in ids.tolist()])

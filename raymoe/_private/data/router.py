@@ -365,6 +365,11 @@ class Router:
     async def zero_grad(self) -> None:
         await training.zero_grad(self)
 
+    async def expert_weights(self, expert_ids, layer: int = 0, replica: int = 0):
+        return await training.expert_weights(
+            self, expert_ids, check_layer(self.spec, layer), replica
+        )
+
     # --- introspection ------------------------------------------------------------------
 
     def describe(self) -> dict:

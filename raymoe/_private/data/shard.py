@@ -14,10 +14,18 @@ from raymoe._private.data.dispatch import places_digest
 from raymoe.config import PoolSpec
 from raymoe.errors import PlacementMismatchError, ShardNotReadyError
 from raymoe.kernels import make_bank, seeded_bank
+from raymoe.optim import OptimizerSpec, RowGrads, RowState
+from raymoe.optim.steps import accumulate, step_rows, touched
+
+STATE_PREFIX = "opt."  # names of optimizer-state rows beside a bank's (RowState.export)
 
 
 class ExpertShard:
     """Shapes: t tokens, S slots, d width, L local experts.
+
+    In training a shard also holds, keyed by expert id (so that they survive its places
+    moving): the gradients its backwards accumulated (``grads``) and the lazy optimizer
+    state of the experts it stepped (``state``, exported and imported with their rows).
 
     A shard starts empty when built without ``expert_ids``: a shard actor that Ray restarts
     re-runs only this constructor, and stays not ready (``compute`` raises
@@ -39,6 +47,8 @@ class ExpertShard:
         self._bank = None  # the bank being built or loaded
         self.expert_ids = torch.zeros(0, dtype=torch.int64)
         self.mismatches = 0  # sub-batches refused by the places check
+        self.grads = RowGrads()
+        self.state = RowState()
         if expert_ids is not None:
             self.configure(expert_ids, rows)
 
@@ -105,9 +115,9 @@ class ExpertShard:
             raise ShardNotReadyError(f"shard {self.shard_id} is loading its experts")
         ids = np.asarray(global_ids, np.int64)
         local = self._local(ids)
-        first = self._bank.export_rows(local[:1])
+        first = self._export(local[:1], ids[:1])
         layout = {"ids": (ids.dtype, ids.shape)}
-        layout.update({k: (_np_dtype(v), (len(ids), *v.shape[1:])) for k, v in first.items()})
+        layout.update({k: (v.dtype, (len(ids), *v.shape[1:])) for k, v in first.items()})
         step = checkpoint.rows_per_piece(self._bank.row_bytes())
 
         def pieces(name: str):
@@ -115,12 +125,16 @@ class ExpertShard:
                 yield ids
                 return
             for i in range(0, len(ids), step):
-                yield self._export(local[i : i + step])[name]
+                yield self._export(local[i : i + step], ids[i : i + step])[name]
 
         return checkpoint.write_tensors(file, layout, pieces)
 
-    def _export(self, local: torch.Tensor) -> dict[str, np.ndarray]:
-        return {k: v.cpu().numpy() for k, v in self._bank.export_rows(local).items()}
+    def _export(self, local: torch.Tensor, ids: np.ndarray) -> dict[str, np.ndarray]:
+        """The rows at ``local`` (experts ``ids``), with their optimizer state if any is
+        held here."""
+        rows = self._bank.export_rows(local)
+        rows.update(self.state.export(torch.as_tensor(ids, dtype=torch.int64)))
+        return {k: v.cpu().numpy() for k, v in rows.items()}
 
     def place(self, local: np.ndarray, global_ids: np.ndarray, rows=None, spec=None) -> None:
         """Put experts ``global_ids`` at local indices ``local`` ([n]; the bank grows when
@@ -139,7 +153,7 @@ class ExpertShard:
         if size:
             self._adopt(*self._grown(size))
         tensors = self.rows_for(gid, rows)
-        self._bank.import_rows(local, tensors)
+        self._bank.import_rows(local, self._take_state(gid, tensors))
         self.expert_ids[local] = gid
 
     def reserve(self, places: int) -> None:
@@ -165,7 +179,9 @@ class ExpertShard:
         Places past the bank are skipped: a shard that restarted meanwhile has not (or not
         yet) loaded them."""
         local = torch.as_tensor(np.asarray(local), dtype=torch.int64)
-        self.expert_ids[local[local < len(self.expert_ids)]] = -1
+        local = local[local < len(self.expert_ids)]
+        self.state.drop(self.expert_ids[local])  # NOTE: its gradients stay for the next step
+        self.expert_ids[local] = -1
 
     def _grown(self, size: int):
         """A bank of ``size`` places holding the current rows; reads the bank, changes
@@ -196,6 +212,9 @@ class ExpertShard:
             "experts": live,
             "places": len(self.expert_ids),
             "mismatches": self.mismatches,
+            "grad_rows": len(self.grads),
+            "state_rows": len(self.state),
+            "state_bytes": self.state.nbytes(),
         }
 
     @torch.no_grad()
@@ -238,31 +257,72 @@ class ExpertShard:
             self._check_places(local, digest)
         xt = torch.from_numpy(np.array(x)).to(self.device).requires_grad_()
         w = torch.from_numpy(np.array(weights)).to(self.device).requires_grad_()
+        ids = local.to(self.device)
         with torch.enable_grad():
-            y = self.bank(xt, local.to(self.device), w)
+            y = self.bank(xt, ids, w)
             y.backward(torch.from_numpy(grad_y).to(self.device, y.dtype))
+        reached = touched(ids)
+        accumulate(self.grads, self.bank, reached, self.expert_ids[reached.cpu()])
         return xt.grad.cpu().numpy(), w.grad.cpu().numpy()
 
+    # --- gradients and optimizer steps (keyed by expert id: see the class docstring) -----
+
     def expert_grads(self, global_ids: np.ndarray) -> dict[str, np.ndarray]:
-        """The accumulated gradients of experts ``global_ids`` (which must live here) as
-        ``{name: [n, ...]}`` (zeros for an expert no backward reached)."""
+        """The gradients accumulated here for experts ``global_ids`` as ``{name: [n, ...]}``
+        (zeros for an expert no backward here reached)."""
+        ids = torch.as_tensor(np.asarray(global_ids), dtype=torch.int64)
+        return _numpy(self.grads.get(ids, self._row_shapes()))
+
+    def grad_ids(self) -> np.ndarray:
+        """The experts with gradients accumulated here, sorted."""
+        return self.grads.ids.numpy()
+
+    def take_grads(self, global_ids: np.ndarray) -> dict[str, np.ndarray]:
+        """:meth:`expert_grads`, and forget them here (they move to the experts' owner)."""
+        ids = torch.as_tensor(np.asarray(global_ids), dtype=torch.int64)
+        return _numpy(self.grads.take(ids, self._row_shapes()))
+
+    def add_grads(self, global_ids: np.ndarray, rows: dict[str, np.ndarray]) -> None:
+        """Add gradients of experts ``global_ids`` that other shards accumulated."""
+        ids = torch.as_tensor(np.asarray(global_ids), dtype=torch.int64)
+        self.grads.add(ids, {k: torch.as_tensor(np.asarray(v)) for k, v in rows.items()})
+
+    def grad_square_sum(self) -> float:
+        return self.grads.square_sum()
+
+    def step(self, optimizer: dict, scale: float = 1.0) -> np.ndarray:
+        """One optimizer step (``optimizer``: an :class:`OptimizerSpec` as a dict) of the
+        experts held here that have gradients, scaled by ``scale``; their gradients are
+        used up. Gradients of experts not held here stay. -> the experts stepped."""
         if self.bank is None:
             raise ShardNotReadyError(f"shard {self.shard_id} is loading its experts")
-        local = self._local(global_ids)
-        out = {}
-        for name, p in self.bank.named_parameters():
-            g = p.grad
-            if g is None:
-                out[name] = np.zeros((len(local), *p.shape[1:]), _np_dtype(p))
-                continue
-            rows = g.coalesce().index_select(0, local).to_dense() if g.is_sparse else g[local]
-            out[name] = rows.cpu().numpy()
-        return out
+        spec = OptimizerSpec.of(optimizer)
+        ids = self.grads.ids[torch.isin(self.grads.ids, self.expert_ids)]
+        grads = self.grads.take(ids)
+        step_rows(spec, self.bank, self._local(ids.numpy()), ids, grads, self.state, scale)
+        return ids.numpy()
+
+    def refresh(self, global_ids: np.ndarray, rows: dict[str, np.ndarray]) -> None:
+        """Overwrite replicas of experts ``global_ids`` with their owner's rows and
+        optimizer state, after it stepped them."""
+        self.import_experts(global_ids, rows)
 
     def zero_grad(self) -> None:
         """Drop the accumulated expert gradients."""
+        self.grads.drop()
         if self.bank is not None:
             self.bank.zero_grad(set_to_none=True)
+
+    def _row_shapes(self) -> dict[str, torch.Tensor]:
+        bank = self.bank if self.bank is not None else self._bank
+        return {k: p[:0].detach() for k, p in bank.named_parameters()}
+
+    def _take_state(self, ids: torch.Tensor, rows: dict) -> dict:
+        """``rows`` without their optimizer state, which goes into ``self.state``."""
+        state = {k: v for k, v in rows.items() if k.startswith(STATE_PREFIX)}
+        if state:
+            self.state.load(torch.as_tensor(ids, dtype=torch.int64), state)
+        return {k: v for k, v in rows.items() if not k.startswith(STATE_PREFIX)}
 
     def _check_places(self, local: torch.Tensor, digest: int) -> None:
         size = len(self.expert_ids)
@@ -279,7 +339,7 @@ class ExpertShard:
         """Weights of ``global_ids`` (which must live here) as ``{name: [n, ...]}``."""
         if not self.ready:  # restarted: its rows are not (all) loaded yet
             raise ShardNotReadyError(f"shard {self.shard_id} is loading its experts")
-        return self._export(self._local(global_ids))
+        return self._export(self._local(global_ids), np.asarray(global_ids))
 
     def import_experts(
         self, global_ids: np.ndarray, rows: dict[str, np.ndarray], missing_ok: bool = False
@@ -293,7 +353,8 @@ class ExpertShard:
                 return
             global_ids = np.asarray(global_ids)[here.numpy()]
             tensors = {k: v[here] for k, v in tensors.items()}
-        self._bank.import_rows(self._local(global_ids), tensors)
+        local = self._local(global_ids)
+        self._bank.import_rows(local, self._take_state(self.expert_ids[local], tensors))
 
     def _local(self, global_ids: np.ndarray) -> torch.Tensor:
         gid = torch.as_tensor(np.asarray(global_ids), dtype=torch.int64)
@@ -306,5 +367,5 @@ class ExpertShard:
         return local
 
 
-def _np_dtype(t: torch.Tensor) -> np.dtype:
-    return torch.empty(0, dtype=t.dtype).numpy().dtype
+def _numpy(rows: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    return {k: v.cpu().numpy() for k, v in rows.items()}

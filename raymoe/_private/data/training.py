@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from raymoe._private.data.dispatch import combine, places_digest, split_by_shard
-from raymoe.errors import InvalidInputError, PoolUnavailableError, ShapeError
+from raymoe._private.data.shard import STATE_PREFIX
+from raymoe.errors import ExpertIdError, InvalidInputError, PoolUnavailableError, ShapeError
 
 
 async def backward(router, x, expert_ids, weights, grad_y, layer: int, timeout_s: float):
@@ -83,28 +84,38 @@ def assemble(subs, got, flat: torch.Tensor, S: int) -> tuple[torch.Tensor, torch
 
 async def expert_grads(router, expert_ids, layer: int) -> dict[str, np.ndarray]:
     """The gradients accumulated for layer ``layer``'s experts ``expert_ids`` ([n]), summed
-    over their replicas: ``{name: [n, ...]}``."""
-    ids = torch.as_tensor(np.asarray(expert_ids, dtype=np.int64)).reshape(-1)
-    spec = router.spec
-    if bool(((ids < 0) | (ids >= spec.layer(layer).num_experts)).any()):
-        raise InvalidInputError(f"expert ids out of range for layer {layer}")
-    flat = router.gates.flat(layer, ids.unsqueeze(1)).squeeze(1).numpy()
+    over the shards that hold some (their replicas, and places they moved away from since
+    the last step): ``{name: [n, ...]}``."""
+    flat = _flat_ids(router, expert_ids, layer)
+    got = await asyncio.gather(*(h.expert_grads.remote(flat) for h in router.shards.handles))
+    return {name: sum(g[name] for g in got) for name in got[0]}
+
+
+async def expert_weights(router, expert_ids, layer: int, replica: int) -> dict[str, np.ndarray]:
+    """The weights of layer ``layer``'s experts ``expert_ids`` ([n]) as replica ``replica``
+    (of each expert's, in placement order, modulo its count) holds them: ``{name: [n, ...]}``."""
+    flat = _flat_ids(router, expert_ids, layer)
     ptr, shard = router.table.ptr.numpy(), router.table.shard.numpy()
-    counts = ptr[flat + 1] - ptr[flat]  # replicas of each
-    pos = np.repeat(np.arange(len(flat)), counts)  # each replica's position in ``ids``
-    rows = np.repeat(ptr[flat] - (np.cumsum(counts) - counts), counts) + np.arange(counts.sum())
-    on = shard[rows]
+    count = ptr[flat + 1] - ptr[flat]
+    if not bool((count > 0).all()):
+        raise ExpertIdError(f"removed experts have no weights: {expert_ids}")
+    on = shard[ptr[flat] + int(replica) % count]
     shards = np.unique(on).tolist()
     handles = router.shards.handles
-    mine = {n: pos[on == n] for n in shards}
-    got = await asyncio.gather(*(handles[n].expert_grads.remote(flat[mine[n]]) for n in shards))
+    got = await asyncio.gather(*(handles[n].export_experts.remote(flat[on == n]) for n in shards))
     out: dict[str, np.ndarray] = {}
-    for n, grads in zip(shards, got, strict=True):
-        for name, v in grads.items():
-            if name not in out:
-                out[name] = np.zeros((len(flat), *v.shape[1:]), v.dtype)
-            np.add.at(out[name], mine[n], v)
+    for n, rows in zip(shards, got, strict=True):
+        for name, v in rows.items():
+            if not name.startswith(STATE_PREFIX):
+                out.setdefault(name, np.zeros((len(flat), *v.shape[1:]), v.dtype))[on == n] = v
     return out
+
+
+def _flat_ids(router, expert_ids, layer: int) -> np.ndarray:
+    ids = torch.as_tensor(np.asarray(expert_ids, dtype=np.int64)).reshape(-1)
+    if bool(((ids < 0) | (ids >= router.spec.layer(layer).num_experts)).any()):
+        raise ExpertIdError(f"expert ids out of range for layer {layer}")
+    return router.gates.flat(layer, ids.unsqueeze(1)).squeeze(1).numpy()
 
 
 async def zero_grad(router) -> None:
