@@ -6,9 +6,11 @@ and stepped there by ``PoolOptimizer``) vs the in-process ``MoELayer`` with the 
 optimizer (``ExpertOptimizer``); the gate's optimizer is ``torch.optim`` of the same kind on
 both sides. A timed step is forward + backward + optimizer step (``--optimizer none``:
 forward + backward only). The loss is ``(y * g).sum() + aux_loss`` for a fixed random ``g``.
-Both sides take the same steps: after the timed ones, the max abs difference of their
-outputs is printed, and the bytes of the experts' optimizer state beside the rows it covers
-(lazy: rows touched, not experts).
+The pool's shards either keep each forward's activations for its backward (``keep``) or
+recompute the forward in the backward (``recompute``); both are timed, each beside its own
+in-process run, so that both sides always take the same steps: after the timed ones, the max
+abs difference of their outputs is printed, and the bytes of the experts' optimizer state
+beside the rows it covers (lazy: rows touched, not experts).
 
     PYTHONPATH=. .venv/bin/python benchmarks/bench_training.py [--sizes 1024 4096]
 """
@@ -16,6 +18,7 @@ outputs is printed, and the bytes of the experts' optimizer state beside the row
 from __future__ import annotations
 
 import argparse
+import itertools
 from pathlib import Path
 
 import torch
@@ -47,7 +50,9 @@ def step_fn(module, x: torch.Tensor, g: torch.Tensor, optimizers: list):
     return step
 
 
-def bench(name: str, sizes: list[int], reps: int, transport: str, kind: str) -> list[dict]:
+def bench(
+    name: str, sizes: list[int], reps: int, transport: str, kind: str, modes: list[str]
+) -> list[dict]:
     data = PoolSpec.from_yaml(ROOT / "examples" / "configs" / f"{name}.yaml").model_dump(
         mode="json"
     )
@@ -71,7 +76,8 @@ def bench(name: str, sizes: list[int], reps: int, transport: str, kind: str) -> 
                 PoolOptimizer(pool, kind, lr=lr),
                 TORCH[kind](remote.gate.parameters(), lr=lr),
             ]
-        for T in sizes:
+        for T, mode in itertools.product(sizes, modes):
+            remote.keep_activations = mode == "keep"
             gen = torch.Generator().manual_seed(T)
             x = torch.randn(T, spec.d_model, generator=gen)
             g = torch.randn(T, spec.d_model, generator=gen)
@@ -89,6 +95,7 @@ def bench(name: str, sizes: list[int], reps: int, transport: str, kind: str) -> 
                 {
                     "config": name,
                     "transport": transport,
+                    "mode": mode,
                     "tokens": T,
                     "local": T / t_local,
                     "served": T / t_served,
@@ -100,7 +107,8 @@ def bench(name: str, sizes: list[int], reps: int, transport: str, kind: str) -> 
             )
             r = rows[-1]
             print(
-                f"[{name}/{transport}/{kind}] {T:>6} tokens: in-process {r['local']:>8,.0f} tok/s, "
+                f"[{name}/{transport}/{kind}/{mode}] {T:>6} tokens: "
+                f"in-process {r['local']:>8,.0f} tok/s, "
                 f"through the pool {r['served']:>8,.0f} ({r['served'] / r['local']:.2f}), "
                 f"output max diff after the steps {err:.1e}; optimizer state "
                 f"{r['state_rows']:,} rows, {r['state_mb']:.1f} MB (dense: {r['dense_mb']:.0f} MB)",
@@ -124,19 +132,21 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--transports", nargs="+", default=["object_store", "grpc"])
     ap.add_argument("--optimizer", default="adam", choices=["none", *TORCH])
+    ap.add_argument("--modes", nargs="+", default=["keep", "recompute"])
     args = ap.parse_args()
     rows = [
         r
         for name in args.configs
         for t in args.transports
-        for r in bench(name, args.sizes, args.reps, t, args.optimizer)
+        for r in bench(name, args.sizes, args.reps, t, args.optimizer, args.modes)
     ]
     what = "forward+backward" + ("" if args.optimizer == "none" else f"+{args.optimizer} step")
     print(f"\n{what} tokens/s; target through the pool >= 0.7 of in-process at 4k")
     for r in rows:
         ratio = r["served"] / r["local"]
         print(
-            f"{r['config']:<14}{r['transport']:<14}{r['tokens']:>7}{r['local']:>10,.0f}"
+            f"{r['config']:<14}{r['transport']:<14}{r['mode']:<11}{r['tokens']:>7}"
+            f"{r['local']:>10,.0f}"
             f"{r['served']:>10,.0f}{ratio:>7.2f}{'  met' if ratio >= 0.7 else '  MISSED'}"
             f"  max diff {r['err']:.1e}  state {r['state_mb']:.1f} MB / dense {r['dense_mb']:.0f}"
         )

@@ -147,16 +147,28 @@ class PoolHandle:
 
     # --- training (see raymoe.RemoteMoE) ---------------------------------------------------
 
-    def backward(self, x, expert_ids, weights, grad_y, *, layer=0, timeout_s=None):
+    def train_forward(self, x, expert_ids, weights, *, layer=0, keep=None, timeout_s=None):
+        """``forward(x, expert_ids=..., weights=..., layer=layer)`` for training: not batched
+        with other requests, and with ``keep`` (an int key) every shard keeps its
+        activations for the :meth:`backward` of the same key (up to
+        ``shards.activation_window_mb``; past it a backward recomputes)."""
+        router = self._routers[self._pick()]
+        args = (_np(x), _np(expert_ids), _np(weights))
+        y = _get(router.train_forward.remote(*args, layer, keep, timeout_s))
+        return torch.from_numpy(np.array(y)) if isinstance(x, torch.Tensor) else np.array(y)
+
+    def backward(self, x, expert_ids, weights, grad_y, *, layer=0, keep=None, timeout_s=None):
         """The backward of ``forward(x, expert_ids=..., weights=..., layer=layer)`` for the
         gradient ``grad_y`` of its output -> (grad of ``x``, grad of ``weights`` [T, S]), of
         the kind of ``x``. The experts' gradients add up on the shards
-        (:meth:`expert_grads`, :meth:`zero_grad`). Not retried: a failure raises, and the
-        step is to be redone after :meth:`zero_grad`."""
+        (:meth:`expert_grads`, :meth:`zero_grad`). ``keep``: the key of a
+        :meth:`train_forward` of the same ``x`` and routes, whose activations the shards use
+        instead of recomputing. Not retried: a failure raises, and the step is to be redone
+        after :meth:`zero_grad`."""
         i = self._pick()
         method = self._routers[i].backward.options(max_task_retries=0)
         args = (_np(x), _np(expert_ids), _np(weights), _np(grad_y))
-        gx, gw = _get(method.remote(*args, layer=layer, timeout_s=timeout_s))
+        gx, gw = _get(method.remote(*args, layer=layer, timeout_s=timeout_s, keep=keep))
         if isinstance(x, torch.Tensor):
             return torch.from_numpy(np.array(gx)), torch.from_numpy(np.array(gw))
         return np.array(gx), np.array(gw)

@@ -8,10 +8,15 @@ served pool, with autograd through the pool.
 
 The forward gates ``x`` with the module's own gate (trained by the user's optimizer) and sends
 the routes to the pool as client routes; the backward sends the output gradient to the shards,
-which recompute their part and return the gradients of ``x`` and of the routing weights.
+which return the gradients of ``x`` and of the routing weights. With autograd on, each shard
+keeps its forward's activations for the backward (a bounded window,
+``shards.activation_window_mb``); without them (``keep_activations=False``, or evicted) it
+recomputes its part of the forward.
 """
 
 from __future__ import annotations
+
+import secrets
 
 import numpy as np
 import torch
@@ -29,18 +34,21 @@ class _PoolExperts(torch.autograd.Function):
     """y = the pool's routed experts of ``x`` under routes (``ids``, ``w``)."""
 
     @staticmethod
-    def forward(ctx, x, w, pool, layer, ids):
+    def forward(ctx, x, w, pool, layer, ids, keep):
         ctx.save_for_backward(x, w, ids)
-        ctx.pool, ctx.layer = pool, layer
-        return pool.forward(x.detach(), layer=layer, expert_ids=ids, weights=w.detach())
+        ctx.pool, ctx.layer, ctx.keep = pool, layer, keep
+        args = (x.detach(), ids, w.detach())
+        if keep is None:
+            return pool.forward(args[0], layer=layer, expert_ids=ids, weights=args[2])
+        return pool.train_forward(*args, layer=layer, keep=keep)
 
     @staticmethod
     def backward(ctx, grad_y):
         x, w, ids = ctx.saved_tensors
         gx, gw = ctx.pool.backward(
-            x.detach(), ids, w.detach(), grad_y.contiguous(), layer=ctx.layer
+            x.detach(), ids, w.detach(), grad_y.contiguous(), layer=ctx.layer, keep=ctx.keep
         )
-        return gx.to(x.dtype), gw.to(w.dtype), None, None, None
+        return gx.to(x.dtype), gw.to(w.dtype), None, None, None, None
 
 
 class RemoteMoE(nn.Module):
@@ -49,11 +57,13 @@ class RemoteMoE(nn.Module):
     ``forward(x, token_ids=None, return_info=False)`` as :class:`~raymoe.MoELayer`'s. The
     gate's parameters (``self.gate.router``) start as the pool's and are this module's to
     train; the experts' gradients add up on the pool's shards (``pool.expert_grads``,
-    ``pool.zero_grad``). Routing that mixes tokens (``soft``) and shared experts are not
+    ``pool.zero_grad``, or ``raymoe.optim.PoolOptimizer``). ``keep_activations``: the
+    shards keep the activations of forwards under autograd for their backward, instead of
+    recomputing them. Routing that mixes tokens (``soft``) and shared experts are not
     supported yet (:class:`ConfigError`).
     """
 
-    def __init__(self, pool, layer: int = 0):
+    def __init__(self, pool, layer: int = 0, *, keep_activations: bool = True):
         super().__init__()
         spec = PoolSpec.from_dict(pool.describe().spec)
         self.pool, self.layer = pool, check_layer(spec, layer)
@@ -64,6 +74,7 @@ class RemoteMoE(nn.Module):
         if self.gate.router.mixes:
             raise ConfigError(f"RemoteMoE: {own.routing.kind} routing mixes tokens; unsupported")
         self.spec = own
+        self.keep_activations = keep_activations
         self._load_gate(spec, keep={})
 
     def _load_gate(self, spec: PoolSpec, keep: dict[str, torch.Tensor]) -> None:
@@ -100,7 +111,10 @@ class RemoteMoE(nn.Module):
         flat = x.reshape(T, spec.d_model)
         routes = self.gate.route(flat, x, token_ids=token_ids)
         if T:
-            y = _PoolExperts.apply(flat, routes.weights, self.pool, self.layer, routes.ids)
+            keep = None
+            if self.keep_activations and torch.is_grad_enabled():
+                keep = secrets.randbits(63)  # this forward's key on the shards
+            y = _PoolExperts.apply(flat, routes.weights, self.pool, self.layer, routes.ids, keep)
         else:
             y = torch.zeros_like(flat)
         out = y.view(x.shape)

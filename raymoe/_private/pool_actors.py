@@ -91,18 +91,18 @@ class ShardActor(ExpertShard):
     def endpoint(self) -> str | None:
         return self._endpoint
 
-    def compute(self, x, local_ids, weights, digest=None):
+    def compute(self, x, local_ids, weights, digest=None, keep=None):
         with self._lock:
             try:
-                return super().compute(x, local_ids, weights, digest)
+                return super().compute(x, local_ids, weights, digest, keep)
             except PlacementMismatchError as e:
                 if self.mismatches & (self.mismatches - 1) == 0:  # the 1st, 2nd, 4th, ...
                     log.warning("%s (%d so far)", e, self.mismatches)
                 raise
 
-    def backward(self, x, local_ids, weights, grad_y, digest=None):
+    def backward(self, x, local_ids, weights, grad_y, digest=None, keep=None):
         with self._lock:
-            return super().backward(x, local_ids, weights, grad_y, digest)
+            return super().backward(x, local_ids, weights, grad_y, digest, keep)
 
     # Training: gradients and steps (an optimizer step changes the bank in service)
 
@@ -229,11 +229,12 @@ class RayShardCalls:
     def __init__(self, handles: list):
         self.handles = handles
 
-    async def compute(self, shard, x, local_ids, weights, digest):
-        return await self.handles[shard].compute.remote(x, local_ids, weights, digest)
+    async def compute(self, shard, x, local_ids, weights, digest, keep=None):
+        return await self.handles[shard].compute.remote(x, local_ids, weights, digest, keep)
 
-    async def backward(self, shard, x, local_ids, weights, grad_y, digest):
-        return await self.handles[shard].backward.remote(x, local_ids, weights, grad_y, digest)
+    async def backward(self, shard, x, local_ids, weights, grad_y, digest, keep=None):
+        handle = self.handles[shard]
+        return await handle.backward.remote(x, local_ids, weights, grad_y, digest, keep)
 
     async def forget(self, shard: int) -> None:
         """Nothing to drop: each call takes ``handles[shard]`` as it is then."""

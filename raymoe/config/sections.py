@@ -107,6 +107,10 @@ class ShardSpec(_Section):
     # a spare loads its experts and serves in its place until Ray has restarted it (a
     # restart imports torch anew: seconds under load; a spare takes a fraction of one)
     spares: int = Field(0, ge=0, le=16)
+    # training: each shard keeps the activations of training forwards for their backward,
+    # up to this many MB (the oldest go first; a backward whose activations are gone
+    # recomputes its forward); 0 = always recompute
+    activation_window_mb: int = Field(512, ge=0, le=65536)
 
 
 class ControlSpec(_Section):

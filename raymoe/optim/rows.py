@@ -48,8 +48,13 @@ class RowGrads:
 
     def add(self, ids: torch.Tensor, rows: Rows) -> None:
         """Add the gradients ``rows`` of experts ``ids`` ([n], repeats allowed)."""
-        if len(ids):
-            self.ids, self.rows = _merge(self.ids, self.rows, ids.to(torch.int64), rows)
+        ids = ids.to(torch.int64)
+        if not len(ids):
+            return
+        if not len(self.ids) and bool((ids[1:] > ids[:-1]).all()):  # sorted and unique
+            self.ids, self.rows = ids, dict(rows)  # NOTE: the common case; no copy
+            return
+        self.ids, self.rows = _merge(self.ids, self.rows, ids, rows)
 
     def get(self, ids: torch.Tensor, like: Rows | None = None) -> Rows:
         """The gradients of ``ids`` (zeros for ids with none; ``like`` gives the shapes when
@@ -63,6 +68,9 @@ class RowGrads:
 
     def take(self, ids: torch.Tensor, like: Rows | None = None) -> Rows:
         """:meth:`get`, and forget those ids."""
+        if torch.equal(ids, self.ids):  # all of them, in order: no copy
+            out, self.ids, self.rows = self.rows, self.ids[:0], {}
+            return out
         out = self.get(ids, like)
         self.drop(ids)
         return out

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from raymoe.kernels.bank import ExpertBank
-from raymoe.optim.rows import RowGrads, Rows, RowState
+from raymoe.optim.rows import RowGrads, Rows, RowState, find
 from raymoe.optim.rules import OptimizerSpec, apply
 
 
@@ -25,10 +25,21 @@ def take_bank_grads(bank: ExpertBank, local: torch.Tensor) -> Rows:
         if g is None:
             out[name] = p.new_zeros((len(local), *p.shape[1:]))
         elif g.is_sparse:
-            out[name] = g.coalesce().index_select(0, local).to_dense()
+            out[name] = _sparse_rows(g.coalesce(), local)
         else:
-            out[name] = g[local].clone()
+            out[name] = g.index_select(0, local)
         p.grad = None
+    return out
+
+
+def _sparse_rows(g: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+    """Rows ``local`` (sorted) of the coalesced sparse gradient ``g``, dense."""
+    held, values = g.indices()[0], g.values()
+    if torch.equal(held, local):
+        return values
+    at, found = find(held, local)
+    out = values.new_zeros((len(local), *values.shape[1:]))
+    out[found] = values[at[found]]
     return out
 
 
@@ -47,18 +58,21 @@ def step_rows(
     times ``scale`` (gradient clipping)."""
     if not len(ids):
         return
-    params = {k: p[local] for k, p in bank.named_parameters()}
+    params = {k: p.index_select(0, local) for k, p in bank.named_parameters()}
     if scale != 1.0:
         grads = {k: g * scale for k, g in grads.items()}
     slot = state.slots(ids, spec.state_names, params)
-    rows = {s: {k: t[slot] for k, t in state.tensors[s].items()} for s in spec.state_names}
+    rows = {
+        s: {k: t.index_select(0, slot) for k, t in state.tensors[s].items()}
+        for s in spec.state_names
+    }
     steps = state.steps[slot]
     apply(spec, params, grads, rows, steps)
     for k, p in bank.named_parameters():
-        p[local] = params[k]
+        p.index_copy_(0, local, params[k])
     for s, group in rows.items():
         for k, t in group.items():
-            state.tensors[s][k][slot] = t
+            state.tensors[s][k].index_copy_(0, slot, t)
     state.steps[slot] = steps
 
 

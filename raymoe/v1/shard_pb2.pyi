@@ -7,16 +7,18 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ComputeRequest(_message.Message):
-    __slots__ = ("x", "local_ids", "weights", "places_digest")
+    __slots__ = ("x", "local_ids", "weights", "places_digest", "keep")
     X_FIELD_NUMBER: _ClassVar[int]
     LOCAL_IDS_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     PLACES_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    KEEP_FIELD_NUMBER: _ClassVar[int]
     x: _tensor_pb2.Tensor
     local_ids: _tensor_pb2.Tensor
     weights: _tensor_pb2.Tensor
     places_digest: int
-    def __init__(self, x: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., local_ids: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., weights: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., places_digest: _Optional[int] = ...) -> None: ...
+    keep: int
+    def __init__(self, x: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., local_ids: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., weights: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., places_digest: _Optional[int] = ..., keep: _Optional[int] = ...) -> None: ...
 
 class ComputeReply(_message.Message):
     __slots__ = ("y",)
@@ -25,18 +27,20 @@ class ComputeReply(_message.Message):
     def __init__(self, y: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
 
 class BackwardRequest(_message.Message):
-    __slots__ = ("x", "local_ids", "weights", "grad_y", "places_digest")
+    __slots__ = ("x", "local_ids", "weights", "grad_y", "places_digest", "keep")
     X_FIELD_NUMBER: _ClassVar[int]
     LOCAL_IDS_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     GRAD_Y_FIELD_NUMBER: _ClassVar[int]
     PLACES_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    KEEP_FIELD_NUMBER: _ClassVar[int]
     x: _tensor_pb2.Tensor
     local_ids: _tensor_pb2.Tensor
     weights: _tensor_pb2.Tensor
     grad_y: _tensor_pb2.Tensor
     places_digest: int
-    def __init__(self, x: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., local_ids: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., weights: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., grad_y: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., places_digest: _Optional[int] = ...) -> None: ...
+    keep: int
+    def __init__(self, x: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., local_ids: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., weights: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., grad_y: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., places_digest: _Optional[int] = ..., keep: _Optional[int] = ...) -> None: ...
 
 class BackwardReply(_message.Message):
     __slots__ = ("grad_x", "grad_weights")

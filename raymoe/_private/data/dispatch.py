@@ -70,11 +70,13 @@ class DispatchTable:
         self.count = self.ptr[1:] - self.ptr[:-1]
         self._turn = torch.zeros(placement.num_experts, dtype=torch.int64)
 
-    def choose(self, ids: torch.Tensor, avoid: torch.Tensor | None = None):
+    def choose(self, ids: torch.Tensor, avoid: torch.Tensor | None = None, deal: bool = True):
         """One replica per (token, slot): ``ids`` [T, S] -> (shard [T, S], local [T, S]).
 
         ``avoid`` ([N] bool, e.g. shards that just failed) moves pairs to another replica
-        where the expert has one; an expert whose every replica is avoided keeps its pick."""
+        where the expert has one; an expert whose every replica is avoided keeps its pick.
+        With ``deal=False`` the pick is a function of ``ids`` alone (a training forward and
+        its backward split alike), not of the turns dealt so far."""
         valid = ids >= 0
         safe = ids.clamp(min=0)
         first = self.ptr[safe]
@@ -83,7 +85,10 @@ class DispatchTable:
         row = first
         if bool(multi.any()):
             pick = torch.zeros_like(ids)
-            pick[multi] = self._deal(ids[multi], count[multi])
+            if deal:
+                pick[multi] = self._deal(ids[multi], count[multi])
+            else:
+                pick[multi] = torch.arange(int(multi.sum())) % count[multi]
             if avoid is not None:
                 pick = self._around(pick, first, count, avoid)
             row = first + pick
@@ -121,12 +126,14 @@ def split_by_shard(
     weights: torch.Tensor,
     table: DispatchTable,
     avoid: torch.Tensor | None = None,
+    deal: bool = True,
 ) -> list[SubBatch]:
     """One :class:`SubBatch` per shard that has work: one sort of every token's slots by
-    shard, then a slice per shard (a loop over shards, never experts)."""
+    shard, then a slice per shard (a loop over shards, never experts). ``deal``: as in
+    :meth:`DispatchTable.choose`."""
     T, S = ids.shape
     N = table.num_shards
-    shard, local = table.choose(ids, avoid)
+    shard, local = table.choose(ids, avoid, deal)
     key = torch.where(shard >= 0, shard, N)  # empty slots sort last
     order = torch.sort(key, dim=1, stable=True).indices  # [T, S]
     per = torch.zeros((T, N + 1), dtype=torch.int64).scatter_add_(1, key, torch.ones_like(key))

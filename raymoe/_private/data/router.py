@@ -51,10 +51,17 @@ class ShardCalls(Protocol):
     handles: list
 
     async def compute(
-        self, shard: int, x: np.ndarray, local_ids: np.ndarray, weights: np.ndarray, digest: int
+        self,
+        shard: int,
+        x: np.ndarray,
+        local_ids: np.ndarray,
+        weights: np.ndarray,
+        digest: int,
+        keep: int | None = None,
     ) -> np.ndarray:
         """Shard ``shard`` computes (x [t, d], local ids [t, S], weights [t, S]) -> [t, d];
-        ``digest`` (:func:`~.dispatch.places_digest`) names the experts meant."""
+        ``digest`` (:func:`~.dispatch.places_digest`) names the experts meant; ``keep``: a
+        training forward's key (the shard keeps its activations for the backward)."""
         ...
 
     def retryable(self, error: BaseException) -> bool:
@@ -62,7 +69,7 @@ class ShardCalls(Protocol):
         ...
 
     async def backward(
-        self, shard: int, x, local_ids, weights, grad_y, digest: int
+        self, shard: int, x, local_ids, weights, grad_y, digest: int, keep: int | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
         """The backward of :meth:`compute` for ``grad_y`` -> (grad of x, grad of weights)."""
         ...
@@ -351,13 +358,26 @@ class Router:
 
     # --- training (:mod:`.training`) --------------------------------------------------------
 
-    async def backward(self, x, expert_ids, weights, grad_y, layer: int = 0, timeout_s=None):
+    async def train_forward(
+        self, x, expert_ids, weights, layer: int = 0, keep=None, timeout_s=None
+    ):
+        """A forward with client routes whose shards keep their activations under ``keep``
+        for :meth:`backward` (not batched with other requests)."""
+        timeout = self._timeout(timeout_s)
+        return await training.forward(self, x, expert_ids, weights, layer, keep, timeout)
+
+    async def backward(
+        self, x, expert_ids, weights, grad_y, layer: int = 0, timeout_s=None, keep=None
+    ):
         """The backward of ``forward(x, expert_ids, weights, layer=layer)`` for its output
         gradient ``grad_y`` -> (grad of x, grad of weights); the experts' gradients add up
-        on the shards."""
+        on the shards. ``keep``: the key of a :meth:`train_forward` of the same input."""
+        timeout = self._timeout(timeout_s)
+        return await training.backward(self, x, expert_ids, weights, grad_y, layer, timeout, keep)
+
+    def _timeout(self, timeout_s: float | None) -> float:
         limits = self.spec.limits
-        timeout = min(timeout_s or limits.request_timeout_s, limits.request_timeout_s)
-        return await training.backward(self, x, expert_ids, weights, grad_y, layer, timeout)
+        return min(timeout_s or limits.request_timeout_s, limits.request_timeout_s)
 
     async def expert_grads(self, expert_ids, layer: int = 0) -> dict[str, np.ndarray]:
         return await training.expert_grads(self, expert_ids, check_layer(self.spec, layer))

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from raymoe import checkpoint
+from raymoe._private.data.activations import ActivationWindow, forward_kept
 from raymoe._private.data.dispatch import places_digest
 from raymoe.config import PoolSpec
 from raymoe.errors import PlacementMismatchError, ShardNotReadyError
@@ -49,6 +50,7 @@ class ExpertShard:
         self.mismatches = 0  # sub-batches refused by the places check
         self.grads = RowGrads()
         self.state = RowState()
+        self.kept = ActivationWindow(spec.shards.activation_window_mb << 20)
         if expert_ids is not None:
             self.configure(expert_ids, rows)
 
@@ -224,10 +226,12 @@ class ExpertShard:
         local_ids: np.ndarray,
         weights: np.ndarray,
         digest: int | None = None,
+        keep: int | None = None,
     ) -> np.ndarray:
         """``x`` [t, d], ``local_ids`` [t, S] (-1 = not here), ``weights`` [t, S] -> [t, d].
         ``digest``: :func:`places_digest` of the experts the router means at those places;
-        refused (:class:`PlacementMismatchError`) when the places hold others."""
+        refused (:class:`PlacementMismatchError`) when the places hold others. ``keep``: a
+        training forward's key; its activations stay (bounded) for :meth:`backward`."""
         if self.bank is None:
             raise ShardNotReadyError(f"shard {self.shard_id} is loading its experts")
         local = torch.from_numpy(local_ids)
@@ -236,7 +240,11 @@ class ExpertShard:
         xt = torch.from_numpy(x).to(self.device)
         ids = local.to(self.device)
         w = torch.from_numpy(weights).to(self.device)
-        return self.bank(xt, ids, w).cpu().numpy()
+        if keep is None or not self.kept.max_bytes:
+            return self.bank(xt, ids, w).cpu().numpy()
+        kept = forward_kept(self.bank, xt, ids, w)
+        self.kept.put(keep, kept)
+        return kept.y.detach().cpu().numpy()
 
     def backward(
         self,
@@ -245,21 +253,25 @@ class ExpertShard:
         weights: np.ndarray,
         grad_y: np.ndarray,
         digest: int | None = None,
+        keep: int | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """The backward of :meth:`compute` for ``grad_y`` ([t, d], the gradient of its
         output): -> (grad of ``x`` [t, d], grad of ``weights`` [t, S]). The experts'
-        gradients add up in the bank's ``.grad`` (sparse for sparse banks) until
-        :meth:`zero_grad`. The forward is recomputed here: a shard keeps no activations."""
+        gradients add up in ``self.grads`` until a step or :meth:`zero_grad`. It uses the
+        activations the forward ``keep`` kept, or recomputes the forward."""
         if self.bank is None:
             raise ShardNotReadyError(f"shard {self.shard_id} is loading its experts")
         local = torch.from_numpy(local_ids)
         if digest is not None:
             self._check_places(local, digest)
-        xt = torch.from_numpy(np.array(x)).to(self.device).requires_grad_()
-        w = torch.from_numpy(np.array(weights)).to(self.device).requires_grad_()
         ids = local.to(self.device)
+        kept = self.kept.take(keep, ids, self.bank)
+        if kept is None:
+            xt = torch.from_numpy(np.array(x)).to(self.device)
+            w = torch.from_numpy(np.array(weights)).to(self.device)
+            kept = forward_kept(self.bank, xt, ids, w)
+        xt, w, y = kept.x, kept.weights, kept.y
         with torch.enable_grad():
-            y = self.bank(xt, ids, w)
             y.backward(torch.from_numpy(grad_y).to(self.device, y.dtype))
         reached = touched(ids)
         accumulate(self.grads, self.bank, reached, self.expert_ids[reached.cpu()])

@@ -24,12 +24,32 @@ from raymoe._private.data.shard import STATE_PREFIX
 from raymoe.errors import ExpertIdError, InvalidInputError, PoolUnavailableError, ShapeError
 
 
-async def backward(router, x, expert_ids, weights, grad_y, layer: int, timeout_s: float):
+async def forward(router, x, expert_ids, weights, layer: int, keep: int, timeout_s: float):
+    """A training forward with client routes -> y [..., d]: each shard keeps its activations
+    under ``keep`` for :func:`backward`. Not batched with other requests, and its replicas
+    are picked as its backward will pick them."""
+    req, ids, w = await _routes(router, x, expert_ids, weights, layer, timeout_s)
+    flat = req.flat
+    if not len(flat):
+        return np.zeros(req.x.shape, np.float32)
+
+    def call(s):
+        digest = places_digest(s.local_ids, s.expert_ids)
+        args = (flat[s.tokens].numpy(), s.local_ids.numpy(), s.weights.numpy(), digest, keep)
+        return router.shards.compute(s.shard, *args)
+
+    subs, got = await _each_shard(router, ids, w, call, timeout_s)
+    parts = [(s, torch.from_numpy(np.asarray(y))) for s, y in zip(subs, got, strict=True)]
+    return combine(flat.shape[0], flat.shape[1], parts, flat).reshape(req.x.shape).numpy()
+
+
+async def backward(
+    router, x, expert_ids, weights, grad_y, layer: int, timeout_s: float, keep: int | None = None
+):
     """-> (grad of ``x`` [..., d], grad of ``weights`` [T, S]) for the output gradient
-    ``grad_y`` of ``router.forward(x, expert_ids, weights, layer=layer)``."""
-    if expert_ids is None or weights is None:
-        raise InvalidInputError("a backward through the pool needs the forward's client routes")
-    req = router._check(x, expert_ids, weights, None, 0.0, layer)
+    ``grad_y`` of the forward of ``x`` with these routes (:func:`forward` with ``keep``, whose
+    activations the shards use; else any forward, which the shards recompute)."""
+    req, ids, w = await _routes(router, x, expert_ids, weights, layer, timeout_s)
     g = torch.from_numpy(np.ascontiguousarray(grad_y)) if grad_y is not None else None
     if g is None or tuple(g.shape) != tuple(req.x.shape) or g.dtype != req.flat.dtype:
         got = None if g is None else (list(g.shape), str(g.dtype))
@@ -39,33 +59,43 @@ async def backward(router, x, expert_ids, weights, grad_y, layer: int, timeout_s
     T, S = req.expert_ids.shape
     if T == 0:
         return np.zeros(req.x.shape, np.float32), np.zeros((0, S), np.float32)
+    flat, g = req.flat, g.reshape(T, -1)
+
+    def call(s):
+        digest = places_digest(s.local_ids, s.expert_ids)
+        args = (flat[s.tokens].numpy(), s.local_ids.numpy(), s.weights.numpy())
+        return router.shards.backward(s.shard, *args, g[s.tokens].numpy(), digest, keep)
+
+    subs, got = await _each_shard(router, ids, w, call, timeout_s)
+    grad_x, grad_w = assemble(subs, got, flat, S)
+    return grad_x.reshape(req.x.shape).numpy(), grad_w.numpy()
+
+
+async def _routes(router, x, expert_ids, weights, layer: int, timeout_s: float):
+    """The checked request and its routes (flat expert ids [T, S], float32 weights), once
+    the router serves."""
+    if expert_ids is None or weights is None:
+        raise InvalidInputError("training through the pool needs client routes")
+    req = router._check(x, expert_ids, weights, None, 0.0, layer)
     try:
         await asyncio.wait_for(router._ready.wait(), timeout_s)
     except TimeoutError:
         raise PoolUnavailableError("the router has no shards configured yet") from None
-    table, gates = router.table, router.gates
-    ids = gates.flat(req.layer, req.expert_ids.long())
-    w = req.weights.to(torch.float32)
-    flat, g = req.flat, g.reshape(T, -1)
+    ids = router.gates.flat(req.layer, req.expert_ids.long())
+    return req, ids, req.weights.to(torch.float32)
+
+
+async def _each_shard(router, ids, w, call, timeout_s: float):
+    """Split the pairs by shard under one placement version, replicas picked from the ids
+    alone, and ``call`` every sub-batch. -> (sub-batches, answers)."""
+    table = router.table
     router._running[table.version] += 1  # make before break: old places stay until done
     try:
-        subs = split_by_shard(ids, w, table)
-        calls = [
-            router.shards.backward(
-                s.shard,
-                flat[s.tokens].numpy(),
-                s.local_ids.numpy(),
-                s.weights.numpy(),
-                g[s.tokens].numpy(),
-                places_digest(s.local_ids, s.expert_ids),
-            )
-            for s in subs
-        ]
-        got = await asyncio.wait_for(asyncio.gather(*calls), timeout_s)
+        subs = split_by_shard(ids, w, table, deal=False)
+        got = await asyncio.wait_for(asyncio.gather(*(call(s) for s in subs)), timeout_s)
     finally:
         router._running[table.version] -= 1
-    grad_x, grad_w = assemble(subs, got, flat, S)
-    return grad_x.reshape(req.x.shape).numpy(), grad_w.numpy()
+    return subs, got
 
 
 def assemble(subs, got, flat: torch.Tensor, S: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -59,23 +59,25 @@ class GrpcShardCalls:
             self._stubs[shard] = (channel, shard_pb2_grpc.ExpertShardServiceStub(channel))
         return self._stubs[shard][1]
 
-    async def compute(self, shard, x, local_ids, weights, digest):
+    async def compute(self, shard, x, local_ids, weights, digest, keep=None):
         req = shard_pb2.ComputeRequest(
             x=to_tensor(x),
             local_ids=to_tensor(local_ids),
             weights=to_tensor(weights),
             places_digest=digest,
+            keep=keep,
         )
         reply = await self._call(shard, "Compute", req)
         return from_tensor(reply.y, "y")
 
-    async def backward(self, shard, x, local_ids, weights, grad_y, digest):
+    async def backward(self, shard, x, local_ids, weights, grad_y, digest, keep=None):
         req = shard_pb2.BackwardRequest(
             x=to_tensor(x),
             local_ids=to_tensor(local_ids),
             weights=to_tensor(weights),
             grad_y=to_tensor(grad_y),
             places_digest=digest,
+            keep=keep,
         )
         reply = await self._call(shard, "Backward", req)
         return from_tensor(reply.grad_x, "grad_x"), from_tensor(reply.grad_weights, "grad_weights")
@@ -110,9 +112,8 @@ class _Servicer(shard_pb2_grpc.ExpertShardServiceServicer):
     def Compute(self, request, context):
         def run():
             x, ids, w = self._inputs(request)
-            return shard_pb2.ComputeReply(
-                y=to_tensor(self.shard.compute(x, ids, w, self._digest(request)))
-            )
+            y = self.shard.compute(x, ids, w, self._digest(request), self._keep(request))
+            return shard_pb2.ComputeReply(y=to_tensor(y))
 
         return self._serve(run, context)
 
@@ -120,7 +121,7 @@ class _Servicer(shard_pb2_grpc.ExpertShardServiceServicer):
         def run():
             x, ids, w = self._inputs(request)
             gy = from_tensor(request.grad_y, "grad_y", max_bytes=self.max_bytes)
-            gx, gw = self.shard.backward(x, ids, w, gy, self._digest(request))
+            gx, gw = self.shard.backward(x, ids, w, gy, self._digest(request), self._keep(request))
             return shard_pb2.BackwardReply(grad_x=to_tensor(gx), grad_weights=to_tensor(gw))
 
         return self._serve(run, context)
@@ -134,6 +135,10 @@ class _Servicer(shard_pb2_grpc.ExpertShardServiceServicer):
     @staticmethod
     def _digest(request):
         return request.places_digest if request.HasField("places_digest") else None
+
+    @staticmethod
+    def _keep(request):
+        return request.keep if request.HasField("keep") else None
 
     def _serve(self, run, context):
         try:

@@ -26,8 +26,11 @@ class Calls:
     def __init__(self, shards):
         self.handles = shards
 
-    async def compute(self, n, x, ids, w, digest):
-        return self.handles[n].compute(x, ids, w, digest)
+    async def compute(self, n, x, ids, w, digest, keep=None):
+        return self.handles[n].compute(x, ids, w, digest, keep)
+
+    async def backward(self, n, x, ids, w, grad_y, digest, keep=None):
+        return self.handles[n].backward(x, ids, w, grad_y, digest, keep)
 
     def retryable(self, error):
         return False
