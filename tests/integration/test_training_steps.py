@@ -1,7 +1,8 @@
 """Training steps through a served pool equal an in-process run, step for step (fp32, 1e-5):
 ``RemoteMoE`` + ``PoolOptimizer`` against ``MoELayer`` + ``ExpertOptimizer``, with gradient
 accumulation, clipping by a global norm, every expert on 2 shards, and the pool changing in
-the middle (a drained shard, a rebalance, added experts)."""
+the middle: a drained shard and a rebalance between micro-batches (gradients pending), added
+and removed experts between steps."""
 
 from __future__ import annotations
 
@@ -64,15 +65,22 @@ def _new_experts(ref: MoELayer, moe: RemoteMoE, count: int, g) -> dict[str, torc
     return out
 
 
-def _grown(ref: MoELayer, moe: RemoteMoE, new: dict[str, torch.Tensor]) -> MoELayer:
-    """``ref`` with the added experts: its experts and the new rows; the gate as ``moe``'s
-    after ``sync`` (its trained rows were just checked equal to ``ref``'s)."""
+def _follow(ref: MoELayer, moe: RemoteMoE, new: dict[str, torch.Tensor] | None = None):
+    """``ref`` as the pool changed it: its experts (and ``new`` rows of added ones); the
+    gate as ``moe``'s after ``sync`` (its trained rows were just checked equal to ``ref``'s)."""
     out = MoELayer(moe.spec)
     with torch.no_grad():
         out.router.load_state_dict(moe.gate.router.state_dict())
         for k, p in out.experts.named_parameters():
-            p.copy_(torch.cat([getattr(ref.experts, k), new[f"experts.{k}"]]))
+            rows = [getattr(ref.experts, k)] + ([new[f"experts.{k}"]] if new else [])
+            p.copy_(torch.cat(rows))
     return out
+
+
+def _live(spec) -> torch.Tensor:
+    removed = torch.tensor(spec.experts.removed, dtype=torch.int64)
+    every = torch.arange(spec.num_experts)
+    return every[~torch.isin(every, removed)]
 
 
 def _check(pool, moe: RemoteMoE, ref: MoELayer, step: int) -> None:
@@ -81,10 +89,11 @@ def _check(pool, moe: RemoteMoE, ref: MoELayer, step: int) -> None:
     ):
         a = a[tuple(slice(0, n) for n in b.shape)]  # after sync, before ref grows
         assert float((a - b).detach().abs().max()) <= 1e-5, (step, name)
-    ids = torch.arange(ref.spec.num_experts)
+    ids = _live(moe.spec)  # the pool's live experts that ref has
+    ids = ids[ids < ref.spec.num_experts]
     first, second = pool.expert_weights(ids, replica=0), pool.expert_weights(ids, replica=1)
     for name, p in ref.experts.named_parameters():
-        assert float((first[name] - p).detach().abs().max()) <= 1e-5, (step, name)
+        assert float((first[name] - p[ids]).detach().abs().max()) <= 1e-5, (step, name)
         assert torch.equal(first[name], second[name]), (step, name)  # replicas agree
 
 
@@ -99,20 +108,24 @@ def test_steps_equal_in_process_across_pool_changes(case, tmp_path):
     g = torch.Generator().manual_seed(11)
     norms = []
     for step in range(STEPS):
-        if step == 5:
-            pool.drain_shard(1)  # every replica on shard 1 moves, its optimizer state with it
-        if step == 9:
-            pool.rebalance()
-        if step == 13:
-            new = _new_experts(ref, moe, added, g)
-            pool.add_experts(added, {k: v.numpy() for k, v in new.items()})
+        if step in (13, 17):  # experts added, then one removed, between steps
+            new = None
+            if step == 13:
+                new = _new_experts(ref, moe, added, g)
+                pool.add_experts(added, {k: v.numpy() for k, v in new.items()})
+            else:
+                pool.remove_experts([1])
             assert moe.sync()
             _check(pool, moe, ref, step)  # before: the trained rows kept
-            ref = _grown(ref, moe, new)
+            ref = _follow(ref, moe, new)
             ref_opt.attach(ref)
             gate_opt = torch.optim.SGD(moe.gate.router.parameters(), lr=LR)
             ref_gate_opt = torch.optim.SGD(ref.router.parameters(), lr=LR)
-        for _ in range(2):  # two micro-batches a step: gradients accumulate
+        for micro in range(2):  # two micro-batches a step: gradients accumulate
+            if micro == 1 and step == 5:  # replicas move while gradients are pending: they
+                pool.drain_shard(1)  # follow their experts, and so does the optimizer state
+            if micro == 1 and step == 9:
+                pool.rebalance()
             x = torch.randn(12, D, generator=g)
             target = torch.randn(12, D, generator=g)
             y_ref = ref(x)
@@ -137,5 +150,7 @@ def test_steps_equal_in_process_across_pool_changes(case, tmp_path):
     manifest = pool.save(tmp_path / "ckpt")
     assert manifest["files"]
     _, weights, _ = checkpoint.read(tmp_path / "ckpt")
+    live = _live(ref.spec).numpy()
     for name, p in ref.experts.named_parameters():
-        assert np.abs(weights[f"experts.{name}"] - p.detach().numpy()).max() <= 1e-5, name
+        got = weights[f"experts.{name}"][live]
+        assert np.abs(got - p.detach().numpy()[live]).max() <= 1e-5, name
