@@ -51,12 +51,14 @@ def step_fn(module, x: torch.Tensor, g: torch.Tensor, optimizers: list):
 
 
 def bench(
-    name: str, sizes: list[int], reps: int, transport: str, kind: str, modes: list[str]
+    name: str, sizes: list[int], reps: int, transport: str, kind: str, modes: list[str], layout
 ) -> list[dict]:
     data = PoolSpec.from_yaml(ROOT / "examples" / "configs" / f"{name}.yaml").model_dump(
         mode="json"
     )
     data["shards"]["transport"] = transport
+    if layout is not None:  # shards x threads each, in place of the config's
+        data["shards"]["count"], data["shards"]["shard_threads"] = layout
     spec = PoolSpec.from_dict(data)
     layer = MoELayer(spec)
     pool = raymoe.serve(
@@ -133,12 +135,15 @@ def main() -> None:
     ap.add_argument("--transports", nargs="+", default=["object_store", "grpc"])
     ap.add_argument("--optimizer", default="adam", choices=["none", *TORCH])
     ap.add_argument("--modes", nargs="+", default=["keep", "recompute"])
+    ap.add_argument(
+        "--layout", type=int, nargs=2, metavar=("SHARDS", "THREADS"), help="shards, threads each"
+    )
     args = ap.parse_args()
     rows = [
         r
         for name in args.configs
         for t in args.transports
-        for r in bench(name, args.sizes, args.reps, t, args.optimizer, args.modes)
+        for r in bench(name, args.sizes, args.reps, t, args.optimizer, args.modes, args.layout)
     ]
     what = "forward+backward" + ("" if args.optimizer == "none" else f"+{args.optimizer} step")
     print(f"\n{what} tokens/s; target through the pool >= 0.7 of in-process at 4k")
