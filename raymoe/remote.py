@@ -24,7 +24,6 @@ from torch import nn
 
 from raymoe._private.data.gates import layer_weights
 from raymoe.config import PoolSpec
-from raymoe.errors import ConfigError
 from raymoe.layer import MoEInfo, MoELayer, check_layer
 from raymoe.routing import LoadStats, tokens_per_expert
 from raymoe.validation import check_hidden
@@ -37,10 +36,9 @@ class _PoolExperts(torch.autograd.Function):
     def forward(ctx, x, w, pool, layer, ids, keep):
         ctx.save_for_backward(x, w, ids)
         ctx.pool, ctx.layer, ctx.keep = pool, layer, keep
-        args = (x.detach(), ids, w.detach())
-        if keep is None:
-            return pool.forward(args[0], layer=layer, expert_ids=ids, weights=args[2])
-        return pool.train_forward(*args, layer=layer, keep=keep)
+        # NOTE: not pool.forward: that adds the pool's shared experts, and this module's own
+        # (trained here) are added by RemoteMoE
+        return pool.train_forward(x.detach(), ids, w.detach(), layer=layer, keep=keep)
 
     @staticmethod
     def backward(ctx, grad_y):
@@ -59,8 +57,9 @@ class RemoteMoE(nn.Module):
     train; the experts' gradients add up on the pool's shards (``pool.expert_grads``,
     ``pool.zero_grad``, or ``raymoe.optim.PoolOptimizer``). ``keep_activations``: the
     shards keep the activations of forwards under autograd for their backward, instead of
-    recomputing them. Routing that mixes tokens (``soft``) and shared experts are not
-    supported yet (:class:`ConfigError`).
+    recomputing them. Shared experts are computed here, like the gate (and trained with
+    it). With ``soft`` routing, the gate mixes each sequence's tokens into slots here, the
+    pool's experts compute the slots, and their outputs are mixed back here.
     """
 
     def __init__(self, pool, layer: int = 0, *, keep_activations: bool = True):
@@ -68,11 +67,7 @@ class RemoteMoE(nn.Module):
         spec = PoolSpec.from_dict(pool.describe().spec)
         self.pool, self.layer = pool, check_layer(spec, layer)
         own = spec.layer(layer)
-        if own.shared is not None:
-            raise ConfigError("RemoteMoE: shared experts are not supported yet")
         self.gate = MoELayer(own, experts=False)
-        if self.gate.router.mixes:
-            raise ConfigError(f"RemoteMoE: {own.routing.kind} routing mixes tokens; unsupported")
         self.spec = own
         self.keep_activations = keep_activations
         self._load_gate(spec, keep={})
@@ -105,19 +100,27 @@ class RemoteMoE(nn.Module):
         self._load_gate(spec, keep=trained)
         return True
 
+    def _experts(self, inputs: torch.Tensor, routes) -> torch.Tensor:
+        """The pool's routed experts of ``inputs`` ([n, d]) under ``routes``."""
+        keep = None
+        if self.keep_activations and torch.is_grad_enabled():
+            keep = secrets.randbits(63)  # this forward's key on the shards
+        return _PoolExperts.apply(inputs, routes.weights, self.pool, self.layer, routes.ids, keep)
+
     def forward(self, x: torch.Tensor, *, token_ids=None, return_info: bool = False):
         spec = self.spec
         T = check_hidden(x, d_model=spec.d_model, dtype=spec.torch_dtype)
         flat = x.reshape(T, spec.d_model)
-        routes = self.gate.route(flat, x, token_ids=token_ids)
-        if T:
-            keep = None
-            if self.keep_activations and torch.is_grad_enabled():
-                keep = secrets.randbits(63)  # this forward's key on the shards
-            y = _PoolExperts.apply(flat, routes.weights, self.pool, self.layer, routes.ids, keep)
+        gate = self.gate
+        if gate.router.mixes and T:  # soft: slots mixed here, computed there, mixed back
+            gate.check_route_inputs(flat, x, token_ids=token_ids)
+            mix = gate.router.mix(x)
+            routes = mix.routes
+            y = gate.router.unmix(self._experts(mix.x, routes), mix)
         else:
-            y = torch.zeros_like(flat)
-        out = y.view(x.shape)
+            routes = gate.route(flat, x, token_ids=token_ids)
+            y = self._experts(flat, routes) if T else torch.zeros_like(flat)
+        out = (y + gate.shared_output(flat)).view(x.shape)
         if not return_info:
             return out
         load = LoadStats(tokens_per_expert(routes.ids, spec.num_experts), routes.dropped)

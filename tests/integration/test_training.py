@@ -1,6 +1,7 @@
 """Training through a served pool: ``RemoteMoE``'s gradients equal ``MoELayer``'s (fp32, 1e-5)
-for every differentiable routing kind, over both router -> shard transports: the gradients of
-the input, of the gate's parameters, and of the experts (read back from the shards)."""
+for every differentiable routing kind (soft routing too) and with a gated shared expert, over
+both router -> shard transports: the gradients of the input, of the gate's and the shared
+expert's parameters, and of the experts (read back from the shards)."""
 
 from __future__ import annotations
 
@@ -24,7 +25,9 @@ FFN_KINDS = [
     {"kind": "expert_choice", "k": 2},
     {"kind": "hash", "vocab_size": 100},
     {"kind": "hierarchical", "n_groups": 4, "k_groups": 2, "k": 2},
+    {"kind": "soft", "slots_per_expert": 2},  # slots mixed by RemoteMoE, computed in the pool
 ]  # fmt: skip
+SHARED = {"hidden": 24, "gate": True}  # a last layer with a gated shared expert
 PEER = spec_dict({"kind": "product_key", "heads": 2, "k": 3, "d_key": 8}, E=64, d=D, kind="peer")
 
 
@@ -33,6 +36,7 @@ def pool_spec(name: str, transport: str, peer: bool) -> PoolSpec:
     data = {**base, "name": name, "shards": {"count": 3, "transport": transport}}
     if not peer:
         data["layers"] = [{"routing": r} for r in FFN_KINDS]
+        data["layers"].append({"routing": {"kind": "topk", "k": 2}, "shared": SHARED})
     # every expert on 2 shards: its gradient is the sum over the replicas that took its pairs
     data["shards"]["min_replicas"] = 2
     return PoolSpec.from_dict(data)
@@ -91,9 +95,10 @@ def test_remote_moe_gradients_equal_moe_layer(trained):
         kind = spec.routing.kind
         assert _maxdiff(y, y_ref) <= 1e-5, kind
         assert _maxdiff(x_pool.grad, x_ref.grad) <= 1e-5, kind
-        gate = dict(moe.gate.router.named_parameters())
-        for name, p in ref.router.named_parameters():
-            assert _maxdiff(_grad(gate[name]), _grad(p)) <= 1e-5, (kind, name)
+        gate = dict(moe.gate.named_parameters())  # the gate, and shared experts if any
+        for name, p in ref.named_parameters():
+            if not name.startswith("experts."):
+                assert _maxdiff(_grad(gate[name]), _grad(p)) <= 1e-5, (kind, name)
         assert any(_grad(p).abs().sum() > 0 for p in gate.values()) or kind == "hash"
         got = pool.expert_grads(torch.arange(spec.num_experts), layer=layer)
         for name, p in ref.experts.named_parameters():

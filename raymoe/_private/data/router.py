@@ -32,7 +32,13 @@ from raymoe._private.data.attempts import Attempts
 from raymoe._private.data.batcher import Batcher, Request
 from raymoe._private.data.dispatch import DispatchTable, SubBatch, combine, places_digest
 from raymoe._private.data.gates import Gates
-from raymoe._private.data.stages import renormalise, route_batch, spans_of, still_valid
+from raymoe._private.data.stages import (
+    as_tensor,
+    renormalise,
+    route_batch,
+    spans_of,
+    still_valid,
+)
 from raymoe._private.data.stats import RouterStats
 from raymoe._private.metrics import Metrics, NullMetrics
 from raymoe.config import PoolSpec
@@ -231,7 +237,7 @@ class Router:
     def _check(self, x, expert_ids, weights, token_ids, deadline, layer) -> Request:
         spec = self.spec
         layer = check_layer(spec, layer)
-        xt = _tensor(x)
+        xt = as_tensor(x)
         T = check_hidden(
             xt,
             d_model=spec.d_model,
@@ -240,7 +246,7 @@ class Router:
             max_tokens=spec.limits.max_request_tokens,
         )
         flat = xt.reshape(T, spec.d_model)
-        ids, w, tok = _tensor(expert_ids), _tensor(weights), _tensor(token_ids)
+        ids, w, tok = as_tensor(expert_ids), as_tensor(weights), as_tensor(token_ids)
         gate = self.gates.layers[layer]
         try:
             gate.check_route_inputs(flat, xt, token_ids=tok, expert_ids=ids, weights=w)
@@ -408,11 +414,3 @@ class Router:
         out["stage_s"] = dict(self._stage_s)
         out["queued"] = len(self.batcher.queue)
         return out
-
-
-def _tensor(a):
-    if a is None or isinstance(a, torch.Tensor):
-        return a
-    if not isinstance(a, np.ndarray):
-        return a  # let validation name the wrong type
-    return torch.from_numpy(np.ascontiguousarray(a))

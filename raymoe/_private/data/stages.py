@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import collections
 
+import numpy as np
 import torch
 
 from raymoe._private.data.batcher import Request
@@ -114,3 +115,11 @@ def _pad(a: torch.Tensor, S: int, value) -> torch.Tensor:
     if a.shape[1] == S:
         return a
     return torch.nn.functional.pad(a, (0, S - a.shape[1]), value=value)
+
+
+def as_tensor(a):
+    """A request's numpy array as a tensor (no copy where contiguous); anything else as it
+    is, for validation to name its type."""
+    if a is None or isinstance(a, torch.Tensor) or not isinstance(a, np.ndarray):
+        return a
+    return torch.from_numpy(np.ascontiguousarray(a))

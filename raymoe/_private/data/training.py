@@ -21,17 +21,19 @@ import torch
 
 from raymoe._private.data.dispatch import combine, places_digest, split_by_shard
 from raymoe._private.data.shard import STATE_PREFIX
+from raymoe._private.data.stages import as_tensor
 from raymoe.errors import ExpertIdError, InvalidInputError, PoolUnavailableError, ShapeError
+from raymoe.layer import check_layer
+from raymoe.validation import check_hidden, check_routes
 
 
 async def forward(router, x, expert_ids, weights, layer: int, keep: int, timeout_s: float):
     """A training forward with client routes -> y [..., d]: each shard keeps its activations
     under ``keep`` for :func:`backward`. Not batched with other requests, and its replicas
     are picked as its backward will pick them."""
-    req, ids, w = await _routes(router, x, expert_ids, weights, layer, timeout_s)
-    flat = req.flat
+    xt, flat, ids, w = await _routes(router, x, expert_ids, weights, layer, timeout_s)
     if not len(flat):
-        return np.zeros(req.x.shape, np.float32)
+        return np.zeros(xt.shape, np.float32)
 
     def call(s):
         digest = places_digest(s.local_ids, s.expert_ids)
@@ -40,7 +42,7 @@ async def forward(router, x, expert_ids, weights, layer: int, keep: int, timeout
 
     subs, got = await _each_shard(router, ids, w, call, timeout_s)
     parts = [(s, torch.from_numpy(np.asarray(y))) for s, y in zip(subs, got, strict=True)]
-    return combine(flat.shape[0], flat.shape[1], parts, flat).reshape(req.x.shape).numpy()
+    return combine(flat.shape[0], flat.shape[1], parts, flat).reshape(xt.shape).numpy()
 
 
 async def backward(
@@ -49,17 +51,17 @@ async def backward(
     """-> (grad of ``x`` [..., d], grad of ``weights`` [T, S]) for the output gradient
     ``grad_y`` of the forward of ``x`` with these routes (:func:`forward` with ``keep``, whose
     activations the shards use; else any forward, which the shards recompute)."""
-    req, ids, w = await _routes(router, x, expert_ids, weights, layer, timeout_s)
+    xt, flat, ids, w = await _routes(router, x, expert_ids, weights, layer, timeout_s)
     g = torch.from_numpy(np.ascontiguousarray(grad_y)) if grad_y is not None else None
-    if g is None or tuple(g.shape) != tuple(req.x.shape) or g.dtype != req.flat.dtype:
+    if g is None or tuple(g.shape) != tuple(xt.shape) or g.dtype != flat.dtype:
         got = None if g is None else (list(g.shape), str(g.dtype))
-        raise ShapeError(f"grad_y must match x ({list(req.x.shape)}, {req.flat.dtype}); got {got}")
+        raise ShapeError(f"grad_y must match x ({list(xt.shape)}, {flat.dtype}); got {got}")
     if not bool(torch.isfinite(g).all()):
         raise InvalidInputError("grad_y has NaN or Inf entries")
-    T, S = req.expert_ids.shape
+    T, S = ids.shape
     if T == 0:
-        return np.zeros(req.x.shape, np.float32), np.zeros((0, S), np.float32)
-    flat, g = req.flat, g.reshape(T, -1)
+        return np.zeros(xt.shape, np.float32), np.zeros((0, S), np.float32)
+    g = g.reshape(T, -1)
 
     def call(s):
         digest = places_digest(s.local_ids, s.expert_ids)
@@ -68,21 +70,35 @@ async def backward(
 
     subs, got = await _each_shard(router, ids, w, call, timeout_s)
     grad_x, grad_w = assemble(subs, got, flat, S)
-    return grad_x.reshape(req.x.shape).numpy(), grad_w.numpy()
+    return grad_x.reshape(xt.shape).numpy(), grad_w.numpy()
 
 
 async def _routes(router, x, expert_ids, weights, layer: int, timeout_s: float):
-    """The checked request and its routes (flat expert ids [T, S], float32 weights), once
-    the router serves."""
+    """The checked input and the routes of the experts' inputs, once the router serves:
+    (x, x as [T, d], flat expert ids [T, S], float32 weights [T, S]). For a layer that mixes
+    tokens (``soft``), ``x`` holds the slots the client mixed, and the routes theirs."""
     if expert_ids is None or weights is None:
         raise InvalidInputError("training through the pool needs client routes")
-    req = router._check(x, expert_ids, weights, None, 0.0, layer)
+    spec = router.spec
+    layer = check_layer(spec, layer)
+    xt, ids, w = as_tensor(x), as_tensor(expert_ids), as_tensor(weights)
+    limits = spec.limits
+    T = check_hidden(
+        xt,
+        d_model=spec.d_model,
+        dtype=spec.torch_dtype,
+        allow_nonfinite=limits.allow_nonfinite,
+        max_tokens=limits.max_request_tokens,
+    )
     try:
         await asyncio.wait_for(router._ready.wait(), timeout_s)
     except TimeoutError:
         raise PoolUnavailableError("the router has no shards configured yet") from None
-    ids = router.gates.flat(req.layer, req.expert_ids.long())
-    return req, ids, req.weights.to(torch.float32)
+    gate = router.gates.layers[layer]
+    removed = gate.router.removed
+    check_routes(ids, w, tokens=T, num_experts=gate.spec.num_experts, removed=removed)
+    flat_ids = router.gates.flat(layer, ids.long())
+    return xt, xt.reshape(T, spec.d_model), flat_ids, w.to(torch.float32)
 
 
 async def _each_shard(router, ids, w, call, timeout_s: float):
