@@ -33,6 +33,7 @@ from safetensors.numpy import load_file
 
 from raymoe.config import PoolSpec
 from raymoe.errors import CheckpointError
+from raymoe.optim.rows import STATE_PREFIX
 
 FORMAT = "raymoe-checkpoint/1"
 MANIFEST = "manifest.json"
@@ -271,7 +272,7 @@ def weights(spec: PoolSpec, shard_rows: list[dict], gate: dict, where: Path) -> 
     flat = {}
     # NOTE: optimizer state (``opt.*``, only in files of shards that stepped) is the
     # shards' to load, not a weight
-    for name in (k for k in full[0] if k != "ids" and not k.startswith("opt.")):
+    for name in (k for k in full[0] if k != "ids" and not k.startswith(STATE_PREFIX)):
         first = full[0][name]
         out = np.zeros((spec.num_experts, *first.shape[1:]), first.dtype)
         for r in full:

@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 
 Rows = dict[str, torch.Tensor]
+STATE_PREFIX = "opt."  # names of state rows beside a bank's: opt.<state>.<name>, opt.step
+STEP = STATE_PREFIX + "step"
 
 
 def _merge(ids: torch.Tensor, rows: Rows, new_ids: torch.Tensor, new: Rows):
@@ -159,17 +161,17 @@ class RowState:
             return {}
         at, found = self._find(ids)
         slot = self.slot[at]
-        out = {"opt.step": torch.where(found, self.steps[slot], 0)}
+        out = {STEP: torch.where(found, self.steps[slot], 0)}
         for s, rows in self.tensors.items():
             for k, t in rows.items():
                 mask = found.view(-1, *([1] * (t.dim() - 1)))
-                out[f"opt.{s}.{k}"] = torch.where(mask, t[slot], 0)
+                out[f"{STATE_PREFIX}{s}.{k}"] = torch.where(mask, t[slot], 0)
         return out
 
     def load(self, ids: torch.Tensor, rows: Rows) -> None:
         """Take the state of ``ids`` from rows of :meth:`export`; rows at step 0 (no state
         where they came from) drop any state held here."""
-        steps = rows.get("opt.step")
+        steps = rows.get(STEP)
         if steps is None:
             return
         steps = torch.as_tensor(steps, dtype=torch.int64)
@@ -181,7 +183,7 @@ class RowState:
         picked = {k: torch.as_tensor(v)[has][order] for k, v in rows.items()}
         names: dict[str, Rows] = {}
         for key, v in picked.items():
-            if key != "opt.step":
+            if key != STEP:
                 _, s, k = key.split(".", 2)
                 names.setdefault(s, {})[k] = v
         like = next(iter(names.values()))
@@ -189,7 +191,7 @@ class RowState:
         for s, group in names.items():
             for k, v in group.items():
                 self.tensors[s][k][slot] = v.to(self.tensors[s][k].dtype)
-        self.steps[slot] = picked["opt.step"]
+        self.steps[slot] = picked[STEP]
 
     def drop(self, ids: torch.Tensor) -> None:
         """Forget the state of ``ids`` (their slots are reused)."""

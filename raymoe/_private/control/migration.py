@@ -23,9 +23,9 @@ import numpy as np
 from raymoe._private import timeouts
 from raymoe._private.control import growth
 from raymoe._private.control.cluster import ActorUnreachable, Cluster
-from raymoe._private.data.shard import STATE_PREFIX
 from raymoe.config import PoolSpec
 from raymoe.errors import ShardNotReadyError
+from raymoe.optim.rows import STATE_PREFIX
 from raymoe.placement import Change, Placement
 
 log = logging.getLogger(__name__)

@@ -8,6 +8,7 @@ into it), recomputes instead: the result is the same, only slower.
 
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -31,8 +32,11 @@ def _versions(bank: ExpertBank) -> tuple[int, ...]:
     return tuple(p._version for p in bank.parameters())
 
 
-def forward_kept(bank: ExpertBank, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor) -> Kept:
-    """``bank(x, ids, w)`` with autograd, its graph kept."""
+def forward_kept(
+    bank: ExpertBank, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, measure: bool = True
+) -> Kept:
+    """``bank(x, ids, w)`` with autograd, its graph kept; with ``measure``, the bytes autograd
+    saved are counted (for the window; a graph used at once need not be)."""
     weights = {p.untyped_storage().data_ptr() for p in bank.parameters()}
     saved = {}
 
@@ -44,7 +48,8 @@ def forward_kept(bank: ExpertBank, x: torch.Tensor, ids: torch.Tensor, w: torch.
 
     x = x.detach().requires_grad_()
     w = w.detach().requires_grad_()
-    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+    with torch.enable_grad(), hooks if measure else contextlib.nullcontext():
         y = bank(x, ids, w)
     return Kept(x, w, y, ids, bank, _versions(bank), sum(saved.values()))
 

@@ -16,9 +16,8 @@ from raymoe.config import PoolSpec
 from raymoe.errors import PlacementMismatchError, ShardNotReadyError
 from raymoe.kernels import make_bank, seeded_bank
 from raymoe.optim import OptimizerSpec, RowGrads, RowState
+from raymoe.optim.rows import STATE_PREFIX
 from raymoe.optim.steps import accumulate, step_rows, touched
-
-STATE_PREFIX = "opt."  # names of optimizer-state rows beside a bank's (RowState.export)
 
 
 class ExpertShard:
@@ -269,7 +268,7 @@ class ExpertShard:
         if kept is None:
             xt = torch.from_numpy(np.array(x)).to(self.device)
             w = torch.from_numpy(np.array(weights)).to(self.device)
-            kept = forward_kept(self.bank, xt, ids, w)
+            kept = forward_kept(self.bank, xt, ids, w, measure=False)
         xt, w, y = kept.x, kept.weights, kept.y
         with torch.enable_grad():
             y.backward(torch.from_numpy(grad_y).to(self.device, y.dtype))

@@ -20,10 +20,10 @@ import numpy as np
 import torch
 
 from raymoe._private.data.dispatch import combine, places_digest, split_by_shard
-from raymoe._private.data.shard import STATE_PREFIX
 from raymoe._private.data.stages import as_tensor
 from raymoe.errors import ExpertIdError, InvalidInputError, PoolUnavailableError, ShapeError
 from raymoe.layer import check_layer
+from raymoe.optim.rows import STATE_PREFIX
 from raymoe.validation import check_hidden, check_routes
 
 
