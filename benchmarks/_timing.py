@@ -20,6 +20,20 @@ def median_time(fn: Callable[[], object], reps: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def interleaved_medians(fns: list[Callable[[], object]], reps: int, warmup: int = 2) -> list:
+    """Median wall time (s) of each of ``fns`` over ``reps`` rounds that call each in turn
+    (after ``warmup`` rounds): a machine that slows down for a while slows all alike, so
+    their ratio holds better than that of timings taken one after the other."""
+    times: list[list[float]] = [[] for _ in fns]
+    for r in range(warmup + reps):
+        for fn, got in zip(fns, times, strict=True):
+            t = time.perf_counter()
+            fn()
+            if r >= warmup:
+                got.append(time.perf_counter() - t)
+    return [sorted(t)[len(t) // 2] for t in times]
+
+
 def threaded(fn: Callable[[], object], threads: int, requests: int, tokens: int) -> float:
     """tokens/s of ``threads`` clients each calling ``fn`` (``tokens`` per call)
     ``requests`` times, all started together."""

@@ -22,7 +22,7 @@ import itertools
 from pathlib import Path
 
 import torch
-from _timing import median_time
+from _timing import interleaved_medians
 
 import raymoe
 from raymoe import MoELayer, PoolSpec, RemoteMoE
@@ -88,8 +88,7 @@ def bench(
             if kind == "none":
                 layer.zero_grad(set_to_none=True)
                 pool.zero_grad()
-            t_local = median_time(local, reps)
-            t_served = median_time(served, reps)
+            t_local, t_served = interleaved_medians([local, served], reps)
             with torch.no_grad():  # both took the same steps
                 err = float((layer(x) - remote(x)).abs().max())
             state = local_opts[0].state if local_opts else None
@@ -131,7 +130,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--configs", nargs="+", default=["mixtral-tiny", "peer-1m"])
     ap.add_argument("--sizes", nargs="+", type=int, default=[1024, 4096])
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=9)
     ap.add_argument("--transports", nargs="+", default=["object_store", "grpc"])
     ap.add_argument("--optimizer", default="adam", choices=["none", *TORCH])
     ap.add_argument("--modes", nargs="+", default=["keep", "recompute"])

@@ -15,7 +15,9 @@ import torch
 from raymoe._private import actors, timeouts
 from raymoe._private.control import durable
 from raymoe._private.control.goal import Goal
+from raymoe._private.data import training
 from raymoe._private.data.attempts import Picker
+from raymoe._private.direct import DirectView
 from raymoe.config import PoolSpec, load_spec
 from raymoe.errors import (
     CheckpointError,
@@ -39,9 +41,10 @@ class PoolHandle:
         self._routers = routers
         self._picker = Picker()  # which router next; silent ones are hedged
         self._no_retry: dict = {}  # router -> its forward method that Ray does not retry
+        self._direct: DirectView | None = None  # training calls' view of the shards
 
     def __getstate__(self) -> dict:  # sent to tasks and actors: handles, not their methods
-        return {**self.__dict__, "_no_retry": {}, "_picker": Picker()}
+        return {**self.__dict__, "_no_retry": {}, "_picker": Picker(), "_direct": None}
 
     def forward_async(
         self, x, *, layer=0, expert_ids=None, weights=None, token_ids=None, timeout_s=None
@@ -148,14 +151,13 @@ class PoolHandle:
     # --- training (see raymoe.RemoteMoE) ---------------------------------------------------
 
     def train_forward(self, x, expert_ids, weights, *, layer=0, keep=None, timeout_s=None):
-        """``forward(x, expert_ids=..., weights=..., layer=layer)`` for training: not batched
-        with other requests, and with ``keep`` (an int key) every shard keeps its
-        activations for the :meth:`backward` of the same key (up to
-        ``shards.activation_window_mb``; past it a backward recomputes)."""
-        router = self._routers[self._pick()]
-        args = (_np(x), _np(expert_ids), _np(weights))
-        y = _get(router.train_forward.remote(*args, layer, keep, timeout_s))
-        return torch.from_numpy(np.array(y)) if isinstance(x, torch.Tensor) else np.array(y)
+        """``forward(x, expert_ids=..., weights=..., layer=layer)`` for training: sent from
+        here straight to the shards (not batched with other requests), and with ``keep`` (an
+        int key) every shard keeps its activations for the :meth:`backward` of the same key
+        (up to ``shards.activation_window_mb``; past it a backward recomputes)."""
+        args = (_np(x), _np(expert_ids), _np(weights), layer, keep)
+        y = self._training().run(training.forward, *args, timeout_s=timeout_s)
+        return y if isinstance(x, torch.Tensor) else y.numpy()
 
     def backward(self, x, expert_ids, weights, grad_y, *, layer=0, keep=None, timeout_s=None):
         """The backward of ``forward(x, expert_ids=..., weights=..., layer=layer)`` for the
@@ -163,32 +165,34 @@ class PoolHandle:
         the kind of ``x``. The experts' gradients add up on the shards
         (:meth:`expert_grads`, :meth:`zero_grad`). ``keep``: the key of a
         :meth:`train_forward` of the same ``x`` and routes, whose activations the shards use
-        instead of recomputing. Not retried: a failure raises, and the step is to be redone
-        after :meth:`zero_grad`."""
-        i = self._pick()
-        method = self._routers[i].backward.options(max_task_retries=0)
-        args = (_np(x), _np(expert_ids), _np(weights), _np(grad_y))
-        gx, gw = _get(method.remote(*args, layer=layer, timeout_s=timeout_s, keep=keep))
-        if isinstance(x, torch.Tensor):
-            return torch.from_numpy(np.array(gx)), torch.from_numpy(np.array(gw))
-        return np.array(gx), np.array(gw)
+        instead of recomputing. A shard that refuses its part (its places changed) gets it
+        again under the new placement; any other failure raises, and the step is to be
+        redone after :meth:`zero_grad`."""
+        args = (_np(x), _np(expert_ids), _np(weights), _np(grad_y), layer, keep)
+        gx, gw = self._training().run(training.backward, *args, timeout_s=timeout_s)
+        return (gx, gw) if isinstance(x, torch.Tensor) else (gx.numpy(), gw.numpy())
 
     def expert_grads(self, expert_ids, *, layer=0) -> dict[str, torch.Tensor]:
         """The gradients accumulated for layer ``layer``'s experts ``expert_ids``, summed over
         their replicas, by bank name (``w_gate``, ``u``, ...): ``{name: [n, ...]}``."""
-        got = _get(self._routers[self._pick()].expert_grads.remote(_np(expert_ids), layer))
+        got = self._training().run(training.expert_grads, _np(expert_ids), layer)
         return {k: torch.from_numpy(np.array(v)) for k, v in got.items()}
 
     def zero_grad(self) -> None:
         """Drop every expert's accumulated gradient."""
-        _get(self._routers[self._pick()].zero_grad.remote())
+        self._training().run(training.zero_grad)
 
     def expert_weights(self, expert_ids, *, layer=0, replica=0) -> dict[str, torch.Tensor]:
         """The weights of ``layer``'s experts ``expert_ids`` by bank name (``w_gate``, ``u``,
         ...): ``{name: [n, ...]}``, as replica ``replica`` of each holds them."""
-        router = self._routers[self._pick()]
-        got = _get(router.expert_weights.remote(_np(expert_ids), layer, int(replica)))
+        got = self._training().run(training.expert_weights, _np(expert_ids), layer, int(replica))
         return {k: torch.from_numpy(np.array(v)) for k, v in got.items()}
+
+    def _training(self) -> DirectView:
+        """This handle's view of the shards, for training calls (made on first use)."""
+        if self._direct is None:
+            self._direct = DirectView(lambda: self._routers[self._pick()].published.remote())
+        return self._direct
 
     def grad_square_sum(self) -> float:
         """The sum of squares of the experts' accumulated gradients (for clipping by a

@@ -242,6 +242,11 @@ class RayShardCalls:
     def retryable(self, error: BaseException) -> bool:
         return shard_down(error)
 
+    def refused(self, error: BaseException) -> bool:
+        return isinstance(error, ray.exceptions.RayTaskError) and isinstance(
+            error.as_instanceof_cause(), ShardNotReadyError
+        )
+
 
 def shard_down(error: BaseException) -> bool:
     """Whether a shard call failed because the shard is down or reloading."""

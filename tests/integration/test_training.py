@@ -10,6 +10,7 @@ import torch
 
 import raymoe
 from raymoe import InvalidInputError, MoEStack, PoolSpec, RemoteMoE, ShapeError
+from raymoe._private import direct
 from tests.helpers import spec_dict
 
 pytestmark = pytest.mark.integration
@@ -124,3 +125,55 @@ def test_backward_refuses_bad_input_and_zero_grad_clears(trained):
     pool.zero_grad()
     for v in pool.expert_grads(list(range(spec.num_experts))).values():
         assert float(v.abs().sum()) == 0.0
+
+
+def test_a_backward_whose_kept_forward_is_gone_recomputes_it(trained):
+    """The first backward of a kept forward sends the shards only the output gradient; a
+    second one of the same key finds nothing kept, so the router sends the inputs and the
+    shards recompute: the same gradients either way."""
+    pool, stack = trained
+    n = stack.layers[0].spec.num_experts
+    g = torch.Generator().manual_seed(11)
+    x, grad_y = torch.randn(6, D, generator=g), torch.randn(6, D, generator=g)
+    ids = torch.stack([torch.randperm(n, generator=g)[:2] for _ in range(6)])
+    w = torch.rand(6, 2, generator=g)
+    pool.train_forward(x, ids, w, keep=11)
+    answers, grads = [], []
+    for _ in range(2):  # kept, then recomputed
+        pool.zero_grad()
+        answers.append(pool.backward(x, ids, w, grad_y, keep=11))
+        grads.append(pool.expert_grads(torch.arange(n)))
+    for a, b in zip(*answers, strict=True):
+        assert _maxdiff(a, b) <= 1e-6
+    for name, v in grads[0].items():
+        assert _maxdiff(v, grads[1][name]) <= 1e-6 and float(v.abs().sum()) > 0, name
+
+
+def test_a_backward_whose_experts_moved_since_its_forward(trained, monkeypatch):
+    """A shard drained between a forward and its backward refuses its part (its places are
+    free now); the trainer takes the new placement and sends those pairs to the experts'
+    other replicas, which recompute them: gradients still equal ``MoELayer``'s. Last in the
+    module: the pool keeps a drained shard."""
+    pool, stack = trained
+    monkeypatch.setattr(direct, "REFRESH_S", 1e9)  # the view moves on only when refused
+    ref = stack.layers[0]
+    g = torch.Generator().manual_seed(5)
+    x, grad_y = torch.randn(12, D, generator=g), torch.randn(12, D, generator=g)
+    ref.zero_grad(set_to_none=True)
+    x_ref = x.clone().requires_grad_()
+    y_ref, info_ref = ref(x_ref, return_info=True)
+    ((y_ref * grad_y).sum() + info_ref.aux_loss).backward()
+
+    moe = RemoteMoE(pool, layer=0)
+    pool.zero_grad()
+    seen = pool._training().table.version
+    x_pool = x.clone().requires_grad_()
+    y, info = moe(x_pool, return_info=True)
+    pool.drain_shard(0)
+    ((y * grad_y).sum() + info.aux_loss).backward()
+    assert pool._training().table.version > seen  # refused, and sent again
+
+    assert _maxdiff(x_pool.grad, x_ref.grad) <= 1e-5
+    got = pool.expert_grads(torch.arange(ref.spec.num_experts), layer=0)
+    for name, p in ref.experts.named_parameters():
+        assert _maxdiff(got[name], _grad(p)) <= 1e-5, name

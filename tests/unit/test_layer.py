@@ -96,6 +96,12 @@ BAD_INPUTS = [
         NonFiniteError,
         "1 NaN/Inf",
     ),
+    (
+        "-inf among values",
+        lambda: {"x": torch.randn(4, 16).index_fill_(1, torch.tensor([3]), float("-inf"))},
+        NonFiniteError,
+        "4 NaN/Inf",
+    ),
     ("non-contiguous", lambda: {"x": torch.randn(16, 4).T}, LayoutError, "contiguous"),
     ("wrong device", lambda: {"x": torch.randn(2, 16, device="meta")}, LayoutError, "meta"),
     ("not a tensor", lambda: {"x": [[0.0] * 16]}, InvalidInputError, "torch.Tensor"),

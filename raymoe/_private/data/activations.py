@@ -72,8 +72,10 @@ class ActivationWindow:
 
     def take(self, key: int | None, local_ids: torch.Tensor, bank: ExpertBank) -> Kept | None:
         """The forward kept under ``key``, if it computed these ``local_ids`` with ``bank``
-        as it is now; gone from the window either way."""
-        kept = self._pop(key) if key is not None else None
+        as it is now; gone from the window either way. (No key: nothing, and no miss.)"""
+        if key is None:
+            return None
+        kept = self._pop(key)
         ok = (
             kept is not None
             and kept.bank is bank

@@ -153,10 +153,13 @@ def split_by_shard(
     return out
 
 
-def resplit(sub: SubBatch, table: DispatchTable, avoid: torch.Tensor) -> list[SubBatch]:
-    """The pairs of a failed ``sub`` split again, away from ``avoid``ed shards where possible."""
+def resplit(
+    sub: SubBatch, table: DispatchTable, avoid: torch.Tensor | None, deal: bool = True
+) -> list[SubBatch]:
+    """The pairs of a failed ``sub`` split again (under ``table``, a newer placement version
+    maybe), away from ``avoid``ed shards where possible; ``deal`` as in :func:`split_by_shard`."""
     out = []
-    for s in split_by_shard(sub.expert_ids, sub.weights, table, avoid=avoid):
+    for s in split_by_shard(sub.expert_ids, sub.weights, table, avoid=avoid, deal=deal):
         slots = None
         if sub.slots is not None:
             slots = torch.where(

@@ -27,7 +27,6 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from raymoe._private.data import training
 from raymoe._private.data.attempts import Attempts
 from raymoe._private.data.batcher import Batcher, Request
 from raymoe._private.data.dispatch import DispatchTable, SubBatch, combine, places_digest
@@ -74,10 +73,16 @@ class ShardCalls(Protocol):
         """Whether ``error`` means the shard is down or reloading (worth another attempt)."""
         ...
 
+    def refused(self, error: BaseException) -> bool:
+        """Whether ``error`` is a shard's refusal, before doing any of the call: it is
+        reloading, or its places hold other experts than the call means."""
+        ...
+
     async def backward(
         self, shard: int, x, local_ids, weights, grad_y, digest: int, keep: int | None = None
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """The backward of :meth:`compute` for ``grad_y`` -> (grad of x, grad of weights)."""
+    ) -> tuple[np.ndarray, np.ndarray] | None:
+        """The backward of :meth:`compute` for ``grad_y`` -> (grad of x, grad of weights);
+        None when ``x`` and ``weights`` are None and the shard kept no forward ``keep``."""
         ...
 
     async def forget(self, shard: int) -> None:
@@ -259,7 +264,7 @@ class Router:
 
     async def _run_batch(self, batch: list[Request]) -> None:
         table, gates = self.table, self.gates  # the one version this batch runs under
-        self._running[table.version] += 1
+        self._running[table.version] += 1  # make before break: old places stay until done
         try:
             await self._run_batch_under(batch, table, gates)
         finally:
@@ -362,41 +367,15 @@ class Router:
             y[rows] += gate.shared_output(flat[rows])
         return y
 
-    # --- training (:mod:`.training`) --------------------------------------------------------
-
-    async def train_forward(
-        self, x, expert_ids, weights, layer: int = 0, keep=None, timeout_s=None
-    ):
-        """A forward with client routes whose shards keep their activations under ``keep``
-        for :meth:`backward` (not batched with other requests)."""
-        timeout = self._timeout(timeout_s)
-        return await training.forward(self, x, expert_ids, weights, layer, keep, timeout)
-
-    async def backward(
-        self, x, expert_ids, weights, grad_y, layer: int = 0, timeout_s=None, keep=None
-    ):
-        """The backward of ``forward(x, expert_ids, weights, layer=layer)`` for its output
-        gradient ``grad_y`` -> (grad of x, grad of weights); the experts' gradients add up
-        on the shards. ``keep``: the key of a :meth:`train_forward` of the same input."""
-        timeout = self._timeout(timeout_s)
-        return await training.backward(self, x, expert_ids, weights, grad_y, layer, timeout, keep)
-
-    def _timeout(self, timeout_s: float | None) -> float:
-        limits = self.spec.limits
-        return min(timeout_s or limits.request_timeout_s, limits.request_timeout_s)
-
-    async def expert_grads(self, expert_ids, layer: int = 0) -> dict[str, np.ndarray]:
-        return await training.expert_grads(self, expert_ids, check_layer(self.spec, layer))
-
-    async def zero_grad(self) -> None:
-        await training.zero_grad(self)
-
-    async def expert_weights(self, expert_ids, layer: int = 0, replica: int = 0):
-        return await training.expert_weights(
-            self, expert_ids, check_layer(self.spec, layer), replica
-        )
-
     # --- introspection ------------------------------------------------------------------
+
+    def published(self) -> dict | None:
+        """What a caller needs to call the shards itself (training does): the spec, the
+        dispatch table of the placement version in service and the shard actors (spares
+        standing in included), all of one version; None until configured."""
+        if not self.ready():
+            return None
+        return {"spec": self.spec, "table": self.table, "handles": list(self.shards.handles)}
 
     def describe(self) -> dict:
         t = self.table

@@ -247,17 +247,19 @@ class ExpertShard:
 
     def backward(
         self,
-        x: np.ndarray,
+        x: np.ndarray | None,
         local_ids: np.ndarray,
-        weights: np.ndarray,
+        weights: np.ndarray | None,
         grad_y: np.ndarray,
         digest: int | None = None,
         keep: int | None = None,
-    ) -> tuple[np.ndarray, np.ndarray]:
+    ) -> tuple[np.ndarray, np.ndarray] | None:
         """The backward of :meth:`compute` for ``grad_y`` ([t, d], the gradient of its
         output): -> (grad of ``x`` [t, d], grad of ``weights`` [t, S]). The experts'
         gradients add up in ``self.grads`` until a step or :meth:`zero_grad`. It uses the
-        activations the forward ``keep`` kept, or recomputes the forward."""
+        activations the forward ``keep`` kept, or recomputes the forward from ``x`` and
+        ``weights``; without them (None: the caller counts on the kept forward) and with no
+        kept forward, it does nothing and answers None: the caller sends them."""
         if self.bank is None:
             raise ShardNotReadyError(f"shard {self.shard_id} is loading its experts")
         local = torch.from_numpy(local_ids)
@@ -266,6 +268,8 @@ class ExpertShard:
         ids = local.to(self.device)
         kept = self.kept.take(keep, ids, self.bank)
         if kept is None:
+            if x is None or weights is None:
+                return None
             xt = torch.from_numpy(np.array(x)).to(self.device)
             w = torch.from_numpy(np.array(weights)).to(self.device)
             kept = forward_kept(self.bank, xt, ids, w, measure=False)

@@ -5,6 +5,7 @@ degrade mode, each layer's rows); see :mod:`.router` for the data path they belo
 from __future__ import annotations
 
 import collections
+import warnings
 
 import numpy as np
 import torch
@@ -122,4 +123,12 @@ def as_tensor(a):
     is, for validation to name its type."""
     if a is None or isinstance(a, torch.Tensor) or not isinstance(a, np.ndarray):
         return a
-    return torch.from_numpy(np.ascontiguousarray(a))
+    return read_only(np.ascontiguousarray(a))
+
+
+def read_only(a: np.ndarray) -> torch.Tensor:
+    """``a`` as a tensor, no copy, for reading only: an array out of the object store is not
+    writable, which torch warns of (once a process) and which is fine here."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(a)

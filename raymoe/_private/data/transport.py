@@ -27,7 +27,12 @@ TRANSPORTS = ("object_store", "grpc")
 
 
 class ShardUnreachableError(Exception):
-    """A shard's gRPC endpoint did not answer (dead, restarting, or moved to a new port)."""
+    """A shard's gRPC endpoint did not answer (dead, restarting, or moved to a new port), or
+    ``refused`` the call before doing any of it (reloading, or its places changed)."""
+
+    def __init__(self, message: str, refused: bool = False):
+        super().__init__(message)
+        self.refused = refused
 
 
 class GrpcShardCalls:
@@ -71,15 +76,20 @@ class GrpcShardCalls:
         return from_tensor(reply.y, "y")
 
     async def backward(self, shard, x, local_ids, weights, grad_y, digest, keep=None):
+        """-> (grad of x, grad of weights), or None: without ``x`` and ``weights`` (None), the
+        shard kept no forward ``keep`` and wants them."""
         req = shard_pb2.BackwardRequest(
-            x=to_tensor(x),
             local_ids=to_tensor(local_ids),
-            weights=to_tensor(weights),
             grad_y=to_tensor(grad_y),
             places_digest=digest,
             keep=keep,
         )
+        if x is not None and weights is not None:
+            req.x.CopyFrom(to_tensor(x))
+            req.weights.CopyFrom(to_tensor(weights))
         reply = await self._call(shard, "Backward", req)
+        if not reply.HasField("grad_x"):
+            return None
         return from_tensor(reply.grad_x, "grad_x"), from_tensor(reply.grad_weights, "grad_weights")
 
     async def _call(self, shard: int, method: str, req):
@@ -92,10 +102,15 @@ class GrpcShardCalls:
             channel, _ = self._stubs.pop(shard, (None, None))
             if channel is not None and e.code() == grpc.StatusCode.UNAVAILABLE:
                 await channel.close()  # NOTE: a restarted shard listens on a new port
-            raise ShardUnreachableError(f"shard {shard}: {e.code().name}: {e.details()}") from e
+            refused = e.code() == grpc.StatusCode.FAILED_PRECONDITION
+            message = f"shard {shard}: {e.code().name}: {e.details()}"
+            raise ShardUnreachableError(message, refused) from e
 
     def retryable(self, error: BaseException) -> bool:
         return isinstance(error, ShardUnreachableError) or self._also(error)
+
+    def refused(self, error: BaseException) -> bool:
+        return isinstance(error, ShardUnreachableError) and error.refused
 
     async def forget(self, shard: int) -> None:
         """Look shard ``shard``'s endpoint up again on its next call (another actor serves
@@ -119,16 +134,21 @@ class _Servicer(shard_pb2_grpc.ExpertShardServiceServicer):
 
     def Backward(self, request, context):
         def run():
-            x, ids, w = self._inputs(request)
+            x, ids, w = self._inputs(request, optional=("x", "weights"))
             gy = from_tensor(request.grad_y, "grad_y", max_bytes=self.max_bytes)
-            gx, gw = self.shard.backward(x, ids, w, gy, self._digest(request), self._keep(request))
+            got = self.shard.backward(x, ids, w, gy, self._digest(request), self._keep(request))
+            if got is None:  # no kept forward, and no inputs to recompute it: send them
+                return shard_pb2.BackwardReply()
+            gx, gw = got
             return shard_pb2.BackwardReply(grad_x=to_tensor(gx), grad_weights=to_tensor(gw))
 
         return self._serve(run, context)
 
-    def _inputs(self, request):
+    def _inputs(self, request, optional: tuple[str, ...] = ()):
         return tuple(
-            from_tensor(getattr(request, f), f, max_bytes=self.max_bytes)
+            None
+            if f in optional and not request.HasField(f)
+            else from_tensor(getattr(request, f), f, max_bytes=self.max_bytes)
             for f in ("x", "local_ids", "weights")
         )
 

@@ -56,6 +56,21 @@ def test_window_drops_the_oldest_and_a_changed_bank_recomputes():
     assert (shard.kept.hits, shard.kept.misses) == (0, 3)
 
 
+def test_a_backward_without_inputs_uses_the_kept_forward_or_asks_for_them():
+    kept, plain = _shard(), _shard()
+    x, ids, w, gy = _batch(4)
+    kept.compute(x, ids, w, keep=9)
+    got, want = kept.backward(None, ids, None, gy, keep=9), plain.backward(x, ids, w, gy)
+    for a, b in zip(got, want, strict=True):
+        assert np.allclose(a, b, atol=1e-6)
+    before = kept.expert_grads(np.arange(4))
+    assert kept.backward(None, ids, None, gy, keep=9) is None  # used up: send the inputs
+    assert kept.backward(None, ids, None, gy) is None
+    for k, v in kept.expert_grads(np.arange(4)).items():  # and nothing changed
+        assert np.array_equal(v, before[k]), k
+    assert (kept.kept.hits, kept.kept.misses) == (1, 1)
+
+
 def test_no_window_keeps_nothing():
     shard = _shard(0)
     x, ids, w, _ = _batch(3)
