@@ -191,8 +191,18 @@ class PoolHandle:
     def _training(self) -> DirectView:
         """This handle's view of the shards, for training calls (made on first use)."""
         if self._direct is None:
-            self._direct = DirectView(lambda: self._routers[self._pick()].published.remote())
+            self._direct = DirectView(self._publication)
         return self._direct
+
+    async def _publication(self) -> dict | None:
+        """One router's publication for training calls (:meth:`Router.published`); a router
+        that is down is suspect, and the next call asks another."""
+        i = self._pick()
+        try:
+            return await self._routers[i].published.remote()
+        except ray.exceptions.RayActorError:
+            self._picker.suspect(i)
+            raise
 
     def grad_square_sum(self) -> float:
         """The sum of squares of the experts' accumulated gradients (for clipping by a
@@ -300,6 +310,9 @@ class PoolHandle:
 
     def shutdown(self) -> None:
         """Stop every actor of the pool and forget its saved state."""
+        if self._direct is not None:
+            self._direct.close()
+            self._direct = None
         _get(self._controller.shutdown.remote())
         actors.kill([self._controller])
         actors.kill(actors.gateways(self.name))  # any the controller did not know of

@@ -5,7 +5,12 @@ expert's parameters, and of the experts (read back from the shards)."""
 
 from __future__ import annotations
 
+import os
+import signal
+import time
+
 import pytest
+import ray
 import torch
 
 import raymoe
@@ -147,6 +152,45 @@ def test_a_backward_whose_kept_forward_is_gone_recomputes_it(trained):
         assert _maxdiff(a, b) <= 1e-6
     for name, v in grads[0].items():
         assert _maxdiff(v, grads[1][name]) <= 1e-6 and float(v.abs().sum()) > 0, name
+
+
+def test_training_goes_on_while_the_router_restarts(trained, monkeypatch):
+    """Training calls reach the shards without a router: with the pool's only router killed
+    (SIGKILL, Ray restarts it) and the view trying to take a new publication at every call,
+    a forward and its backward still answer, equal to ``MoELayer``'s."""
+    pool, stack = trained
+    monkeypatch.setattr(direct, "REFRESH_S", 0.0)
+    ref = stack.layers[0]
+    moe = RemoteMoE(pool, layer=0)
+    router = ray.get_actor(f"{pool.name}:router:0", namespace="raymoe")
+    os.kill(ray.get(router.__ray_call__.remote(lambda self: os.getpid())), signal.SIGKILL)
+    g = torch.Generator().manual_seed(9)
+    for _ in range(3):  # each call starts a refresh that finds the router down
+        x, grad_y = torch.randn(10, D, generator=g), torch.randn(10, D, generator=g)
+        ref.zero_grad(set_to_none=True)
+        x_ref = x.clone().requires_grad_()
+        y_ref, info_ref = ref(x_ref, return_info=True)
+        ((y_ref * grad_y).sum() + info_ref.aux_loss).backward()
+        pool.zero_grad()
+        x_pool = x.clone().requires_grad_()
+        y, info = moe(x_pool, return_info=True)
+        ((y * grad_y).sum() + info.aux_loss).backward()
+        assert _maxdiff(y, y_ref) <= 1e-5
+        assert _maxdiff(x_pool.grad, x_ref.grad) <= 1e-5
+    _until_ready(pool)
+
+
+def _until_ready(pool, timeout_s: float = 60.0) -> None:
+    """Wait for the restarted router to serve again (the tests after this one use it)."""
+    end = time.monotonic() + timeout_s
+    while True:
+        try:
+            pool.forward(torch.zeros(1, D), timeout_s=5.0)
+            return
+        except raymoe.PoolUnavailableError:
+            if time.monotonic() > end:
+                raise
+            time.sleep(0.1)
 
 
 def test_a_backward_whose_experts_moved_since_its_forward(trained, monkeypatch):

@@ -15,7 +15,8 @@ raises:
    :class:`~.nodes.ShardNodes`): repaired when a node died and its shards restarted on
    others.
 
-Runtime operations (:mod:`.operations`) run one at a time: each is planned by a pure function of
+Runtime operations (:mod:`.operations`, a mixin, as is :mod:`.spreading` for the failure
+domains) run one at a time: each is planned by a pure function of
 :mod:`.plans` and applied make before break (:meth:`Controller.apply`, the stages of
 :class:`~.migration.Migrator`).
 Serving never pauses. The pending change is saved first, so a controller that dies midway
@@ -50,6 +51,7 @@ from raymoe._private.control.migration import Migrator
 from raymoe._private.control.nodes import ShardNodes
 from raymoe._private.control.operations import Operations
 from raymoe._private.control.roster import Roster
+from raymoe._private.control.spreading import FailureDomains
 from raymoe._private.control.standby import Standby
 from raymoe._private.control.training import Stepper
 from raymoe._private.data.stats import check_load_bins, load_map, merge
@@ -57,7 +59,7 @@ from raymoe._private.metrics import Metrics, NullMetrics, top_experts
 from raymoe.config import PoolSpec
 from raymoe.errors import PoolUnavailableError, ResourceLimitError
 from raymoe.kernels import expert_bytes
-from raymoe.placement import Change, Placement, diff, domains
+from raymoe.placement import Change, Placement, diff
 from raymoe.reports import PoolDescription, PoolStats
 from raymoe.store import MetadataStore
 
@@ -65,7 +67,7 @@ log = logging.getLogger(__name__)
 BUDGET_SHARE = 0.8  # of the cluster's memory: the default memory budget
 
 
-class Controller(Operations):
+class Controller(Operations, FailureDomains):
     def __init__(
         self,
         spec: PoolSpec,
@@ -364,37 +366,6 @@ class Controller(Operations):
         )
         return change
 
-    # --- failure domains ----------------------------------------------------------------
-
-    def spread(self, target: Placement) -> Placement:
-        """``target`` with every expert on ``shards.min_replicas`` shards and as many nodes
-        (:mod:`raymoe.placement.domains`); itself when it already is."""
-        m = self.spec.shards.min_replicas
-        if m <= 1:
-            return target
-        doms = self.nodes.domains(target.num_shards)
-        return domains.spread(target, doms, m, self.spec.pins, self._active(target.num_shards))
-
-    def _active(self, num_shards: int) -> np.ndarray:
-        active = np.ones(num_shards, bool)
-        active[[d for d in self.goal.drained if d < num_shards]] = False
-        return active
-
-    def _spread_due(self) -> bool:
-        p, m = self.placement, self.spec.shards.min_replicas
-        if m <= 1 or self.ops.locked() or not self._idle(("spread", 0)):
-            return False
-        return self.nodes.due(p, m, self.spec.pins, self._active(p.num_shards))
-
-    async def _respread(self) -> None:
-        """Repair the placement after the shards' nodes changed (a node died and its shards
-        restarted on others)."""
-        async with self.ops:
-            target = self.spread(self.placement)
-            if target is not self.placement:
-                log.info("spreading replicas over the shards' nodes again")
-                await self.apply(target.bump(), op="spread")
-
     def _record_change(self, op: str, change: Change) -> None:
         m = self.metrics
         m.inc("raymoe_changes_total", op=op)
@@ -436,47 +407,6 @@ class Controller(Operations):
 
     def _load(self) -> np.ndarray:
         return self.load.or_uniform(self.spec.removed_ids)
-
-    async def save_checkpoint(self, path: str) -> dict:
-        """Write a checkpoint (:mod:`raymoe.checkpoint`) to ``path`` under one placement
-        version (no change applies meanwhile; traffic flows). From then on the pool reloads
-        from it. -> the manifest."""
-        async with self.ops:
-            gate = dict(await self.roster.gate_weights())
-
-            async def write_rows(n: int, file, ids):
-                return await self.cluster.call(
-                    self.shards[n], "write_rows", file, ids, timeout=timeouts.CHECKPOINT_S
-                )
-
-            manifest, sources, gate_file = await durable.write_checkpoint(
-                path, self.spec, self.placement, gate, write_rows
-            )
-            self.goal = self.goal.replace(sources=sources, gate_file=gate_file)
-            self.save(strict=False)
-            self._prune()
-            return manifest
-
-    def _prune(self) -> None:
-        """Drop the pool's weight files the goal no longer names."""
-        g = self.goal
-        durable.prune(self.spec.name, [*g.sources, *([g.gate_file] if g.gate_file else [])])
-
-    # --- training (control/training.py) ---------------------------------------------------
-
-    async def grad_square_sum(self) -> float:
-        """The sum of squares of every expert's accumulated gradients (summed over its
-        replicas, which it gathers at the expert's owner)."""
-        async with self.ops:
-            return await self.stepper.grad_square_sum(self.placement, self.shards)
-
-    async def step(self, optimizer: dict, scale: float = 1.0) -> dict:
-        """One optimizer step of every expert with gradients, under one placement version."""
-        async with self.ops:
-            experts, refreshed = await self.stepper.step(
-                self.placement, self.shards, optimizer, scale
-            )
-        return {"experts": experts, "replicas_refreshed": refreshed}
 
     # --- introspection ------------------------------------------------------------------
 

@@ -1,14 +1,16 @@
 """The runtime operations of a pool, the admin plane's methods of :class:`~.controller.Controller`
-(a mixin, so the controller module holds the lifecycle and the reconcile loop). Each one is
-idempotent, holds ``self.ops`` (one at a time), plans with a pure function of
-:mod:`.plans`, applies make before break (``Controller.apply``) and returns an
-:class:`~raymoe.reports.OpReport`."""
+(a mixin, so the controller module holds the lifecycle and the reconcile loop). Each one
+holds ``self.ops`` (one at a time). A placement change is idempotent, plans with a pure
+function of :mod:`.plans`, applies make before break (``Controller.apply``) and returns an
+:class:`~raymoe.reports.OpReport`; the others write a checkpoint or step the optimizer
+(:mod:`.training`) under one placement version."""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
 
+from raymoe._private import timeouts
 from raymoe._private.control import durable, growth, plans
 from raymoe.errors import ResourceLimitError
 from raymoe.layer import check_layer
@@ -168,3 +170,44 @@ class Operations:
         before = self.imbalance()
         change = await self.apply(target, *routing, op=op)
         return plans.report(self.goal, self._load(), change, target, self.expert_bytes, before)
+
+    # --- not placement changes: checkpoints and training steps --------------------------
+
+    async def save_checkpoint(self, path: str) -> dict:
+        """Write a checkpoint (:mod:`raymoe.checkpoint`) to ``path`` under one placement
+        version (no change applies meanwhile; traffic flows). From then on the pool reloads
+        from it. -> the manifest."""
+        async with self.ops:
+            gate = dict(await self.roster.gate_weights())
+
+            async def write_rows(n: int, file, ids):
+                return await self.cluster.call(
+                    self.shards[n], "write_rows", file, ids, timeout=timeouts.CHECKPOINT_S
+                )
+
+            manifest, sources, gate_file = await durable.write_checkpoint(
+                path, self.spec, self.placement, gate, write_rows
+            )
+            self.goal = self.goal.replace(sources=sources, gate_file=gate_file)
+            self.save(strict=False)
+            self._prune()
+            return manifest
+
+    def _prune(self) -> None:
+        """Drop the pool's weight files the goal no longer names."""
+        g = self.goal
+        durable.prune(self.spec.name, [*g.sources, *([g.gate_file] if g.gate_file else [])])
+
+    async def grad_square_sum(self) -> float:
+        """The sum of squares of every expert's accumulated gradients (summed over its
+        replicas, which it gathers at the expert's owner)."""
+        async with self.ops:
+            return await self.stepper.grad_square_sum(self.placement, self.shards)
+
+    async def step(self, optimizer: dict, scale: float = 1.0) -> dict:
+        """One optimizer step of every expert with gradients, under one placement version."""
+        async with self.ops:
+            experts, refreshed = await self.stepper.step(
+                self.placement, self.shards, optimizer, scale
+            )
+        return {"experts": experts, "replicas_refreshed": refreshed}

@@ -13,35 +13,41 @@ actors.py). Replies are the typed values of :mod:`raymoe.reports`, converted in 
   ``RESOURCE_EXHAUSTED`` at once, never a queue), ``gateway.stream_window`` requests of one
   stream at once. A call's deadline goes on to the router, which stops waiting at it.
 - Errors: a raymoe error becomes its status code with the class name in the ``raymoe-error``
-  trailing metadata (``wire.status_of``); anything else is ``INTERNAL`` with no detail.
+  trailing metadata (``wire.status_of``); anything else is ``INTERNAL`` with no detail. The
+  server's plumbing (this, call counting, refusing malformed messages, TLS) is
+  :mod:`.serving`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import inspect
 import json
 import logging
 import threading
-from collections.abc import AsyncIterator, Awaitable
-from pathlib import Path
-from typing import Any, Protocol
+from collections.abc import AsyncIterator
+from typing import Protocol
 
 import grpc
 import numpy as np
-from google.protobuf import message_factory
-from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from raymoe._private import timeouts
 from raymoe._private.data import wire
 from raymoe._private.data.auth import Tokens, _AuthInterceptor
+from raymoe._private.data.serving import (
+    MALFORMED,
+    CallCounter,
+    add_service,
+    answer,
+    fail,
+    server_credentials,
+    status,
+)
 from raymoe._private.data.stats import check_load_bins
 from raymoe._private.metrics import Metrics, NullMetrics
 from raymoe.config import GatewaySpec, PoolSpec
-from raymoe.errors import InvalidInputError, PoolOverloadedError, RaymoeError
+from raymoe.errors import InvalidInputError, PoolOverloadedError
 from raymoe.reports import OpReport, PoolDescription, PoolStats
 from raymoe.v1 import admin_pb2, admin_pb2_grpc, pool_pb2, pool_pb2_grpc
 
@@ -72,36 +78,12 @@ class PoolBackend(Protocol):
 # --- services ------------------------------------------------------------------------------
 
 
-def _status(error: BaseException) -> tuple[grpc.StatusCode, str, str]:
-    """(status code, raymoe error class, message) of a failed call."""
-    if isinstance(error, RaymoeError):
-        return *wire.status_of(error), str(error)
-    if isinstance(error, TimeoutError):
-        return grpc.StatusCode.DEADLINE_EXCEEDED, "DeadlineExceededError", "deadline passed"
-    log.error("gateway: unexpected %s", type(error).__name__, exc_info=error)
-    return (
-        grpc.StatusCode.INTERNAL,
-        "RaymoeError",
-        (f"internal error ({type(error).__name__}); see the gateway's log"),
-    )
-
-
-async def _answer(context, work: Awaitable[Any]):
-    """Await ``work``; a failure becomes a clean status (and the call ends)."""
-    try:
-        return await work
-    except Exception as e:
-        code, name, message = _status(e)
-    context.set_trailing_metadata(((wire.ERROR_TYPE_KEY, name),))
-    await context.abort(code, message)
-
-
 class _PoolServicer(pool_pb2_grpc.PoolServiceServicer):
     def __init__(self, gateway: Gateway):
         self.gw = gateway
 
     async def Forward(self, request, context):
-        return await _answer(context, self.gw.forward(request, context.time_remaining()))
+        return await answer(context, self.gw.forward(request, context.time_remaining()))
 
     async def ForwardStream(self, request_iterator, context) -> AsyncIterator:
         # NOTE: a reader task feeds a bounded queue of in-flight requests while this generator
@@ -123,7 +105,7 @@ class _PoolServicer(pool_pb2_grpc.PoolServiceServicer):
                 try:
                     yield await task
                 except Exception as e:
-                    code, name, message = _status(e)
+                    code, name, message = status(e)
                     err = pool_pb2.Error(code=code.value[0], type=name, message=message)
                     yield pool_pb2.ForwardReply(request_id=rid, error=err)
             await reader  # surfaces a broken request stream
@@ -135,7 +117,7 @@ class _PoolServicer(pool_pb2_grpc.PoolServiceServicer):
 
     async def Stats(self, request, context):
         stats = self.gw.stats(request.window_s, request.load_bins)
-        return wire.stats_to_proto(await _answer(context, stats))
+        return wire.stats_to_proto(await answer(context, stats))
 
 
 class _AdminServicer(admin_pb2_grpc.AdminServiceServicer):
@@ -144,10 +126,10 @@ class _AdminServicer(admin_pb2_grpc.AdminServiceServicer):
 
     async def _op(self, context, name: str, *args, **kwargs) -> admin_pb2.OperationReport:
         work = self.gw.backend.op(name, *args, **kwargs)
-        return wire.report_to_proto(await _answer(context, work))
+        return wire.report_to_proto(await answer(context, work))
 
     async def Describe(self, request, context):
-        return wire.describe_to_proto(await _answer(context, self.gw.backend.describe()))
+        return wire.describe_to_proto(await answer(context, self.gw.backend.describe()))
 
     async def Rebalance(self, request, context):
         return await self._op(context, "rebalance", request.dry_run, request.policy or None)
@@ -170,14 +152,14 @@ class _AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         return await self._op(context, "scale_shards", request.count)
 
     async def AddExperts(self, request, context):
-        weights = await _answer(context, self.gw.decode_weights(request.weights))
+        weights = await answer(context, self.gw.decode_weights(request.weights))
         args = (request.count, weights)
         return await self._op(context, "add_experts", *args, layer=request.layer)
 
     async def Checkpoint(self, request, context):
         if not request.path.startswith("/"):
-            await _answer(context, _raise(InvalidInputError("path: an absolute path, please")))
-        manifest = await _answer(context, self.gw.backend.save_checkpoint(request.path))
+            await answer(context, fail(InvalidInputError("path: an absolute path, please")))
+        manifest = await answer(context, self.gw.backend.save_checkpoint(request.path))
         return admin_pb2.CheckpointReply(
             placement_version=manifest["placement_version"], manifest_json=json.dumps(manifest)
         )
@@ -269,18 +251,18 @@ class Gateway:
             ("grpc.so_reuseport", 0),
         ]
         server = grpc.aio.server(
-            interceptors=[_CallCounter(self.metrics), _AuthInterceptor(self.tokens)],
+            interceptors=[CallCounter(self.metrics), _AuthInterceptor(self.tokens)],
             options=options,
             maximum_concurrent_rpcs=4 * c.max_inflight,
         )
-        _add_service(server, _PoolServicer(self), POOL_SERVICE_DESC)
-        _add_service(server, _AdminServicer(self), ADMIN_SERVICE_DESC)
+        add_service(server, _PoolServicer(self), POOL_SERVICE_DESC)
+        add_service(server, _AdminServicer(self), ADMIN_SERVICE_DESC)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         names = (POOL_SERVICE, ADMIN_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME)
         reflection.enable_server_reflection(names, server)
         address = f"{c.host}:{c.port}"
         if c.tls_cert_file:
-            port = server.add_secure_port(address, _server_credentials(c))
+            port = server.add_secure_port(address, server_credentials(c))
         else:
             port = server.add_insecure_port(address)
         await server.start()
@@ -320,122 +302,6 @@ class Gateway:
         if self._server is not None:
             await self._health.enter_graceful_shutdown()
             await self._server.stop(grace_s)
-
-
-class _CallCounter(grpc.aio.ServerInterceptor):
-    """Counts every call by method and final status code (refused ones included: it runs
-    before the token check)."""
-
-    def __init__(self, metrics: Metrics):
-        self.metrics = metrics
-
-    async def intercept_service(self, continuation, details):
-        handler = await continuation(details)
-        if handler is None:  # an unknown method: gRPC answers UNIMPLEMENTED
-            return None
-        method = details.method.rsplit("/", 1)[-1]
-        kw = {
-            "request_deserializer": handler.request_deserializer,
-            "response_serializer": handler.response_serializer,
-        }
-        if handler.unary_unary is not None:
-            fn = handler.unary_unary
-
-            async def unary(request, context):
-                with self._counting(method, context):
-                    return await fn(request, context)
-
-            return grpc.unary_unary_rpc_method_handler(unary, **kw)
-        if handler.unary_stream is not None or handler.stream_stream is not None:
-            fn = handler.unary_stream or handler.stream_stream
-
-            async def stream(request, context):
-                with self._counting(method, context):
-                    out = fn(request, context)
-                    if inspect.isawaitable(out):  # a handler that writes with context.write
-                        await out
-                    else:
-                        async for reply in out:
-                            yield reply
-
-            make = grpc.unary_stream_rpc_method_handler
-            if handler.stream_stream is not None:
-                make = grpc.stream_stream_rpc_method_handler
-            return make(stream, **kw)
-        return handler
-
-    @contextlib.contextmanager
-    def _counting(self, method: str, context):
-        code = None
-        try:
-            yield
-        except asyncio.CancelledError:
-            code = grpc.StatusCode.CANCELLED
-            raise
-        finally:
-            code = code or context.code() or grpc.StatusCode.OK
-            name = code.name if isinstance(code, grpc.StatusCode) else str(code)
-            self.metrics.inc("raymoe_gateway_calls_total", method=method, code=name)
-
-
-class _Malformed:
-    """What a request that is not a valid protobuf message decodes to."""
-
-
-MALFORMED = _Malformed()
-
-
-def _add_service(server: grpc.aio.Server, servicer, service) -> None:
-    """Like the generated ``add_*Servicer_to_server``, except that a request that does not
-    parse reaches the servicer as :data:`MALFORMED` and gets INVALID_ARGUMENT (gRPC itself
-    would answer INTERNAL)."""
-    handlers = {}
-    for m in service.methods:
-        request_cls = message_factory.GetMessageClass(m.input_type)
-        reply_cls = message_factory.GetMessageClass(m.output_type)
-        fn = getattr(servicer, m.name)
-        kw = {
-            "request_deserializer": _tolerant(request_cls.FromString),
-            "response_serializer": reply_cls.SerializeToString,
-        }
-        if m.client_streaming:
-            handlers[m.name] = grpc.stream_stream_rpc_method_handler(fn, **kw)
-        else:
-            handlers[m.name] = grpc.unary_unary_rpc_method_handler(_refuse_malformed(fn), **kw)
-    server.add_generic_rpc_handlers(
-        (grpc.method_handlers_generic_handler(service.full_name, handlers),)
-    )
-
-
-def _tolerant(parse):
-    def deserialize(data: bytes):
-        try:
-            return parse(data)
-        except DecodeError:
-            return MALFORMED
-
-    return deserialize
-
-
-def _refuse_malformed(fn):
-    async def handler(request, context):
-        if request is MALFORMED:
-            return await _answer(context, _raise(InvalidInputError("malformed request message")))
-        return await fn(request, context)
-
-    return handler
-
-
-async def _raise(error: Exception):
-    raise error
-
-
-def _server_credentials(c: GatewaySpec) -> grpc.ServerCredentials:
-    key, cert = Path(c.tls_key_file).read_bytes(), Path(c.tls_cert_file).read_bytes()
-    ca = Path(c.tls_client_ca_file).read_bytes() if c.tls_client_ca_file else None
-    return grpc.ssl_server_credentials(
-        [(key, cert)], root_certificates=ca, require_client_auth=ca is not None
-    )
 
 
 class GatewayThread:

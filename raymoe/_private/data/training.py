@@ -60,9 +60,11 @@ class ShardView(Protocol):
     spec: PoolSpec
     table: DispatchTable
     shards: object  # a router's ShardCalls: the transport to the shards
+    # NOTE: a call reads (table, shards) once, together, and holds them: the view may take
+    # a newer publication meanwhile
 
-    async def newer(self, version: int, deadline: float) -> DispatchTable:
-        """A table of a placement version above ``version`` (spec and shards with it);
+    async def newer(self, version: int, deadline: float) -> tuple[DispatchTable, object]:
+        """(table, shards) of a placement version above ``version`` (the spec with them);
         :class:`PoolUnavailableError` if none comes before ``deadline``."""
         ...
 
@@ -75,18 +77,18 @@ async def forward(view: ShardView, x, expert_ids, weights, layer: int, keep, tim
     xt, flat, ids, w = _routes(view.spec, x, expert_ids, weights, layer)
     if not len(flat):
         return torch.zeros_like(xt)
-    table = view.table
+    table, shards = view.table, view.shards  # of one version
     for attempt in itertools.count(1):
         subs = split_by_shard(ids, w, table, deal=False)
-        calls = [_within(deadline, _compute(view, s, flat, keep)) for s in subs]
+        calls = [_within(deadline, _compute(shards, s, flat, keep)) for s in subs]
         got = await asyncio.gather(*calls, return_exceptions=True)
         error = next((e for e in got if isinstance(e, BaseException)), None)
         if error is None:
             parts = [(s, read_only(np.asarray(y))) for s, y in zip(subs, got, strict=True)]
             return combine(flat.shape[0], flat.shape[1], parts, flat).reshape(xt.shape)
-        if not view.shards.refused(error) or attempt == ATTEMPTS:
+        if not shards.refused(error) or attempt == ATTEMPTS:
             raise _failed(error) from None
-        table = await view.newer(table.version, deadline)
+        table, shards = await view.newer(table.version, deadline)
     raise AssertionError("unreachable")
 
 
@@ -109,21 +111,21 @@ async def backward(
         return torch.zeros_like(xt), torch.zeros((0, S))
     g = g.reshape(T, -1)
 
-    async def part(s: SubBatch, table: DispatchTable, attempt: int, key):
+    async def part(s: SubBatch, table: DispatchTable, shards, attempt: int, key):
         """[(sub-batch, its answer)] for ``s`` and, if refused, its pairs sent again."""
         try:
-            return [(s, await _within(deadline, _backward(view, s, flat, g, key)))]
+            return [(s, await _within(deadline, _backward(shards, s, flat, g, key)))]
         except Exception as e:
-            if not view.shards.refused(e) or attempt == ATTEMPTS:
+            if not shards.refused(e) or attempt == ATTEMPTS:
                 raise _failed(e) from None
-        table = await view.newer(table.version, deadline)  # the refusal did nothing
+        table, shards = await view.newer(table.version, deadline)  # the refusal did nothing
         again = resplit(s, table, None, deal=False)
-        got = await asyncio.gather(*(part(t, table, attempt + 1, None) for t in again))
+        got = await asyncio.gather(*(part(t, table, shards, attempt + 1, None) for t in again))
         return [p for ps in got for p in ps]
 
-    table = view.table
+    table, shards = view.table, view.shards  # of one version
     subs = split_by_shard(ids, w, table, deal=False)
-    got = await asyncio.gather(*(part(s, table, 1, keep) for s in subs))
+    got = await asyncio.gather(*(part(s, table, shards, 1, keep) for s in subs))
     subs, answers = zip(*[p for ps in got for p in ps], strict=True) if got else ((), ())
     grad_x, grad_w = assemble(subs, answers, flat, S)
     return grad_x.reshape(xt.shape), grad_w
@@ -136,18 +138,17 @@ async def _within(deadline: float, call):
         raise PoolUnavailableError("a shard did not answer a training call in time") from None
 
 
-async def _compute(view: ShardView, s: SubBatch, flat: torch.Tensor, keep):
+async def _compute(shards, s: SubBatch, flat: torch.Tensor, keep):
     digest = places_digest(s.local_ids, s.expert_ids)
     args = (flat[s.tokens].numpy(), s.local_ids.numpy(), s.weights.numpy(), digest, keep)
-    return await view.shards.compute(s.shard, *args)
+    return await shards.compute(s.shard, *args)
 
 
-async def _backward(view: ShardView, s: SubBatch, flat: torch.Tensor, g: torch.Tensor, keep):
+async def _backward(shards, s: SubBatch, flat: torch.Tensor, g: torch.Tensor, keep):
     """Shard ``s.shard``'s part: first with the output gradient alone (the kept forward
     needs nothing else); None back means it kept none, and it is sent the inputs too."""
     digest = places_digest(s.local_ids, s.expert_ids)
     local, gs = s.local_ids.numpy(), g[s.tokens].numpy()
-    shards = view.shards
     if keep is not None:
         got = await shards.backward(s.shard, None, local, None, gs, digest, keep)
         if got is not None:
