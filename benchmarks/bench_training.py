@@ -18,6 +18,7 @@ beside the rows it covers (lazy: rows touched, not experts).
 from __future__ import annotations
 
 import argparse
+import gc
 import itertools
 from pathlib import Path
 
@@ -120,6 +121,14 @@ def bench(
     return rows
 
 
+def bench_collected(*args) -> list[dict]:
+    """:func:`bench`, and let what it held go before the next pool starts (PEER-1M: GBs of
+    layer and state; two at once run this machine out of memory)."""
+    rows = bench(*args)
+    gc.collect()
+    return rows
+
+
 def _dense_mb(layer: MoELayer, kind: str) -> float:
     """What ``torch.optim`` of ``kind`` would hold for every expert."""
     per = {"sgd": 1, "adam": 2, "adamw": 2}[kind]
@@ -142,7 +151,9 @@ def main() -> None:
         r
         for name in args.configs
         for t in args.transports
-        for r in bench(name, args.sizes, args.reps, t, args.optimizer, args.modes, args.layout)
+        for r in bench_collected(
+            name, args.sizes, args.reps, t, args.optimizer, args.modes, args.layout
+        )
     ]
     what = "forward+backward" + ("" if args.optimizer == "none" else f"+{args.optimizer} step")
     print(f"\n{what} tokens/s; target through the pool >= 0.7 of in-process at 4k")

@@ -4,6 +4,8 @@ against, and a way to train :class:`~raymoe.MoELayer` with a million experts).""
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from raymoe.errors import ConfigError
@@ -39,7 +41,13 @@ class ExpertOptimizer(RowOptimizer):
             self._hook.remove()
         self.bank = bank
         self._reached: list[torch.Tensor] = []
-        self._hook = bank.register_forward_pre_hook(self._record)
+        # NOTE: the hook holds the optimizer weakly: the layer does not keep it alive (the
+        # two would hold each other, GBs of state freed only by the cycle collector)
+        self._hook = bank.register_forward_pre_hook(_recorder(weakref.ref(self)))
+
+    def __del__(self) -> None:
+        if getattr(self, "_hook", None) is not None:
+            self._hook.remove()
 
     def _record(self, bank, args) -> None:
         if torch.is_grad_enabled():
@@ -71,3 +79,14 @@ class ExpertOptimizer(RowOptimizer):
         self._reached = []
         self.grads.drop()
         self.bank.zero_grad(set_to_none=True)
+
+
+def _recorder(optimizer: weakref.ref):
+    """The forward pre-hook of an :class:`ExpertOptimizer`'s bank."""
+
+    def record(bank, args) -> None:
+        opt = optimizer()
+        if opt is not None:
+            opt._record(bank, args)
+
+    return record
