@@ -4,6 +4,9 @@ over to a grown layer."""
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
 
@@ -85,3 +88,22 @@ def test_attach_carries_the_state_to_a_grown_layer():
     assert set(held.tolist()) <= set(opt.state.ids.tolist())
     with pytest.raises(ConfigError, match="no experts"):
         opt.attach(MoELayer(spec, experts=False))
+
+
+def test_a_layer_and_its_optimizer_are_freed_without_the_cycle_collector():
+    """The bank's forward hook holds the optimizer weakly: dropping both frees them at once
+    (at 1M experts, GBs of weights and state), and the hook goes with the optimizer."""
+    gc.disable()
+    try:
+        layer = MoELayer(PoolSpec.from_dict(FFN))
+        opt = ExpertOptimizer(layer, "adam", lr=0.01)
+        layer(torch.randn(4, 16, requires_grad=True)).sum().backward()
+        opt.step()
+        refs = weakref.ref(layer), weakref.ref(opt)
+        hooks = layer.experts._forward_pre_hooks
+        del opt
+        assert refs[1]() is None and not hooks  # the optimizer, and its hook
+        del layer
+        assert refs[0]() is None
+    finally:
+        gc.enable()
