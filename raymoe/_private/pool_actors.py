@@ -243,15 +243,19 @@ class RayShardCalls:
         return shard_down(error)
 
     def refused(self, error: BaseException) -> bool:
-        return isinstance(error, ray.exceptions.RayTaskError) and isinstance(
-            error.as_instanceof_cause(), ShardNotReadyError
-        )
+        return shard_refused(error)
 
 
 def shard_down(error: BaseException) -> bool:
     """Whether a shard call failed because the shard is down or reloading."""
     if isinstance(error, ray.exceptions.RayActorError | ray.exceptions.ObjectLostError):
         return True
+    return shard_refused(error)
+
+
+def shard_refused(error: BaseException) -> bool:
+    """Whether a shard refused a call before doing any of it (reloading, or its places hold
+    other experts than the call means)."""
     return isinstance(error, ray.exceptions.RayTaskError) and isinstance(
         error.as_instanceof_cause(), ShardNotReadyError
     )

@@ -17,6 +17,16 @@ from raymoe.config import PoolSpec
 from raymoe.routing.losses import load_balancing_loss, router_z_loss
 
 
+def removed_mask(spec: PoolSpec) -> torch.Tensor | None:
+    """[E] bool, True for a (layer) spec's removed experts; None when none are."""
+    gone = list(spec.experts.removed)
+    if not gone:
+        return None
+    out = torch.zeros(spec.num_experts, dtype=torch.bool)
+    out[gone] = True
+    return out
+
+
 @dataclass
 class Routes:
     """One routing decision. Shapes: T tokens, S slots.
@@ -51,9 +61,7 @@ class Gate(nn.Module):
         self.num_experts = spec.num_experts
         self.d_model = spec.d_model
         # [E] bool, True for removed experts (never selected); None when none are
-        removed = torch.zeros(spec.num_experts, dtype=torch.bool)
-        removed[list(spec.experts.removed)] = True
-        self.register_buffer("removed", removed if removed.any() else None, persistent=False)
+        self.register_buffer("removed", removed_mask(spec), persistent=False)
         self.live = spec.experts.live  # experts not removed
         self.aux_loss_coef = spec.routing.aux_loss_coef
         self.z_loss_coef = spec.routing.z_loss_coef

@@ -48,6 +48,7 @@ from raymoe.config import PoolSpec
 from raymoe.errors import ExpertIdError, InvalidInputError, PoolUnavailableError, ShapeError
 from raymoe.layer import check_layer
 from raymoe.optim.rows import STATE_PREFIX
+from raymoe.routing.base import removed_mask
 from raymoe.validation import all_finite, check_hidden, check_routes
 
 ATTEMPTS = 4  # a sub-batch's sends before its shard's refusal fails the call
@@ -184,18 +185,8 @@ def _routes(spec: PoolSpec, x, expert_ids, weights, layer: int):
         max_tokens=limits.max_request_tokens,
     )
     own = spec.layer(layer)
-    check_routes(ids, w, tokens=T, num_experts=own.num_experts, removed=_removed(own))
+    check_routes(ids, w, tokens=T, num_experts=own.num_experts, removed=removed_mask(own))
     return xt, xt.reshape(T, spec.d_model), flat_ids(spec, layer, ids.long()), w.to(torch.float32)
-
-
-def _removed(spec: PoolSpec) -> torch.Tensor | None:
-    """[E] bool of a layer's removed experts; None when none are."""
-    gone = list(spec.experts.removed)
-    if not gone:
-        return None
-    out = torch.zeros(spec.num_experts, dtype=torch.bool)
-    out[gone] = True
-    return out
 
 
 def flat_ids(spec: PoolSpec, layer: int, ids: torch.Tensor) -> torch.Tensor:
