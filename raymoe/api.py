@@ -41,7 +41,7 @@ class PoolHandle:
         self._routers = routers
         self._picker = Picker()  # which router next; silent ones are hedged
         self._no_retry: dict = {}  # router -> its forward method that Ray does not retry
-        self._direct: DirectView | None = None  # training calls' view of the shards
+        self._direct: DirectView | None = None  # the view of the shards: training, small requests
 
     def __getstate__(self) -> dict:  # sent to tasks and actors: handles, not their methods
         return {**self.__dict__, "_no_retry": {}, "_picker": Picker(), "_direct": None}
@@ -100,9 +100,16 @@ class PoolHandle:
         (output, :class:`~raymoe.reports.ForwardInfo`). Raises typed raymoe errors
         (:class:`~raymoe.errors.LayerIndexError` for a layer the pool does not have).
 
-        A router that dies gets the call resent to the next one at once; one that stays
-        silent (its node died) gets it hedged to another (forward is idempotent).
+        A small request (at most ``limits.direct_max_tokens`` tokens) goes from this thread
+        straight to the shards, under the placement a router published last; one that
+        cannot (another runs, a shard refused or failed it) goes through a router. A router
+        that dies gets the call resent to the next one at once; one that stays silent (its
+        node died) gets it hedged to another (forward is idempotent).
         """
+        y = self._view().serve(x, expert_ids, weights, token_ids, layer, timeout_s)
+        if y is not None:
+            out = torch.from_numpy(y) if isinstance(x, torch.Tensor) else y
+            return (out, ForwardInfo(0, direct=True)) if return_info else out
         args = (x, layer, expert_ids, weights, token_ids, timeout_s)
         got = self._forward(args, int(np.prod(np.shape(x)[:-1])), return_info)
         y, info = got if return_info else (got, None)
@@ -156,7 +163,7 @@ class PoolHandle:
         int key) every shard keeps its activations for the :meth:`backward` of the same key
         (up to ``shards.activation_window_mb``; past it a backward recomputes)."""
         args = (_np(x), _np(expert_ids), _np(weights), layer, keep)
-        y = self._training().run(training.forward, *args, timeout_s=timeout_s)
+        y = self._view().run(training.forward, *args, timeout_s=timeout_s)
         return y if isinstance(x, torch.Tensor) else y.numpy()
 
     def backward(self, x, expert_ids, weights, grad_y, *, layer=0, keep=None, timeout_s=None):
@@ -169,37 +176,37 @@ class PoolHandle:
         again under the new placement; any other failure raises, and the step is to be
         redone after :meth:`zero_grad`."""
         args = (_np(x), _np(expert_ids), _np(weights), _np(grad_y), layer, keep)
-        gx, gw = self._training().run(training.backward, *args, timeout_s=timeout_s)
+        gx, gw = self._view().run(training.backward, *args, timeout_s=timeout_s)
         return (gx, gw) if isinstance(x, torch.Tensor) else (gx.numpy(), gw.numpy())
 
     def expert_grads(self, expert_ids, *, layer=0) -> dict[str, torch.Tensor]:
         """The gradients accumulated for layer ``layer``'s experts ``expert_ids``, summed over
         their replicas, by bank name (``w_gate``, ``u``, ...): ``{name: [n, ...]}``."""
-        got = self._training().run(training.expert_grads, _np(expert_ids), layer)
+        got = self._view().run(training.expert_grads, _np(expert_ids), layer)
         return {k: torch.from_numpy(np.array(v)) for k, v in got.items()}
 
     def zero_grad(self) -> None:
         """Drop every expert's accumulated gradient."""
-        self._training().run(training.zero_grad)
+        self._view().run(training.zero_grad)
 
     def expert_weights(self, expert_ids, *, layer=0, replica=0) -> dict[str, torch.Tensor]:
         """The weights of ``layer``'s experts ``expert_ids`` by bank name (``w_gate``, ``u``,
         ...): ``{name: [n, ...]}``, as replica ``replica`` of each holds them."""
-        got = self._training().run(training.expert_weights, _np(expert_ids), layer, int(replica))
+        got = self._view().run(training.expert_weights, _np(expert_ids), layer, int(replica))
         return {k: torch.from_numpy(np.array(v)) for k, v in got.items()}
 
-    def _training(self) -> DirectView:
+    def _view(self) -> DirectView:
         """This handle's view of the shards, for training calls (made on first use)."""
         if self._direct is None:
             self._direct = DirectView(self._publication)
         return self._direct
 
-    async def _publication(self) -> dict | None:
-        """One router's publication for training calls (:meth:`Router.published`); a router
-        that is down is suspect, and the next call asks another."""
+    async def _publication(self, gates_of: int | None, traffic: dict | None) -> dict | None:
+        """One router's publication for this handle's view (:meth:`Router.published`); a
+        router that is down is suspect, and the next call asks another."""
         i = self._pick()
         try:
-            return await self._routers[i].published.remote()
+            return await self._routers[i].published.remote(gates_of, traffic)
         except ray.exceptions.RayActorError:
             self._picker.suspect(i)
             raise

@@ -41,9 +41,12 @@ class _Report:
 class ForwardInfo(_Report):
     """Beside a forward pass's output: ``degraded_tokens``, the rows served without some of
     their experts (``faults.on_unreachable: degrade`` and every replica of those experts
-    unreachable; their remaining weights were renormalised). 0 for a full answer."""
+    unreachable; their remaining weights were renormalised), 0 for a full answer; and
+    ``direct``, whether the caller sent it straight to the shards (a small request,
+    ``limits.direct_max_tokens``) rather than through a router."""
 
     degraded_tokens: int = 0
+    direct: bool = False
 
 
 @dataclass(frozen=True)

@@ -14,11 +14,12 @@ import numpy as np
 import ray
 import torch
 
+from raymoe._private import timeouts
 from raymoe._private.control.goal import Goal
-from raymoe._private.control.roster import layout_of
+from raymoe._private.control.roster import fence_of, layout_of
 from raymoe._private.data.router import Router
 from raymoe._private.data.shard import ExpertShard
-from raymoe._private.data.transport import GrpcShardCalls, serve_shard
+from raymoe._private.data.transport import BlockingGrpcShards, GrpcShardCalls, serve_shard
 from raymoe._private.metrics import RayMetrics
 from raymoe.config import PoolSpec
 from raymoe.errors import PlacementMismatchError, ShardNotReadyError
@@ -69,6 +70,7 @@ class ShardActor(ExpertShard):
         try:
             goal = Goal.load(open_store({**os.environ, **env}), self.spec.name)
             layout = layout_of(goal, self.shard_id)
+            self.fence(fence_of(goal))
             self.configure(layout, None, True, goal.spec, list(goal.sources))
             self.loaded_by = "self"
             log.info("shard %d reloaded itself: %d experts", self.shard_id, (layout >= 0).sum())
@@ -91,10 +93,10 @@ class ShardActor(ExpertShard):
     def endpoint(self) -> str | None:
         return self._endpoint
 
-    def compute(self, x, local_ids, weights, digest=None, keep=None):
+    def compute(self, x, local_ids, weights, digest=None, keep=None, routing=None):
         with self._lock:
             try:
-                return super().compute(x, local_ids, weights, digest, keep)
+                return super().compute(x, local_ids, weights, digest, keep, routing)
             except PlacementMismatchError as e:
                 if self.mismatches & (self.mismatches - 1) == 0:  # the 1st, 2nd, 4th, ...
                     log.warning("%s (%d so far)", e, self.mismatches)
@@ -155,6 +157,10 @@ class ShardActor(ExpertShard):
     def mark_ready(self):
         with self._lock:
             super().mark_ready()
+
+    def fence(self, routing_version):
+        with self._lock:
+            super().fence(routing_version)
 
     @ray.method(concurrency_group="copy")
     def place(self, local, global_ids, rows=None, spec=None):
@@ -246,6 +252,34 @@ class RayShardCalls:
         return shard_refused(error)
 
 
+class BlockingRayShards:
+    """Compute calls from the caller's own thread (small requests sent straight to the
+    shards, :mod:`raymoe._private.direct`) over Ray actor calls."""
+
+    def start(self, handle, x, local_ids, weights, digest: int, routing: int):
+        """Send one sub-batch, gated under routing version ``routing`` -> the pending call
+        (for :meth:`results`)."""
+        return handle.compute.remote(x, local_ids, weights, digest, None, routing)
+
+    def results(self, calls: list, timeout_s: float) -> list:
+        """The calls' outputs, in order; the first failure (or ``timeout_s`` passing) raises."""
+        try:
+            return ray.get(calls, timeout=timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            raise TimeoutError(f"a shard did not answer within {timeout_s:.3g} s") from None
+
+    @staticmethod
+    def refused(error: BaseException) -> bool:
+        """Whether ``error`` is a shard's refusal, before doing any of the call."""
+        return shard_refused(error)
+
+    def keep_only(self, handles: list) -> None:
+        """Nothing kept per shard: each call names its actor."""
+
+    def close(self) -> None:
+        """Nothing held open."""
+
+
 def shard_down(error: BaseException) -> bool:
     """Whether a shard call failed because the shard is down or reloading."""
     if isinstance(error, ray.exceptions.RayActorError | ray.exceptions.ObjectLostError):
@@ -259,6 +293,15 @@ def shard_refused(error: BaseException) -> bool:
     return isinstance(error, ray.exceptions.RayTaskError) and isinstance(
         error.as_instanceof_cause(), ShardNotReadyError
     )
+
+
+def blocking_shard_calls(spec: PoolSpec):
+    """:func:`shard_calls`, from the caller's own thread (compute calls only)."""
+    if spec.shards.transport == "grpc":
+        return BlockingGrpcShards(
+            spec, lambda h: ray.get(h.endpoint.remote(), timeout=timeouts.STATUS_S)
+        )
+    return BlockingRayShards()
 
 
 def shard_calls(spec: PoolSpec, handles: list):

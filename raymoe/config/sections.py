@@ -159,6 +159,10 @@ class LimitsSpec(_Section):
     max_queued_requests: PositiveInt = 1024
     request_timeout_s: PositiveFloat = 60.0
     allow_nonfinite: bool = False
+    # a PoolHandle sends requests of at most this many tokens from the caller's thread
+    # straight to the shards (one at a time per handle; more go through a router, which
+    # batches them); 0: every request through a router
+    direct_max_tokens: int = Field(64, ge=0, le=4096)
     # expert bytes the pool may hold over all replicas; an admin change past it is refused
     # (ResourceLimitError). None: 80% of the memory Ray reports for the cluster's nodes
     max_pool_bytes: PositiveInt | None = None

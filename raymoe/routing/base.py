@@ -16,6 +16,21 @@ from torch import nn
 from raymoe.config import PoolSpec
 from raymoe.routing.losses import load_balancing_loss, router_z_loss
 
+SMALL_SOFTMAX = 1 << 15  # elements: below this, softmax() runs on the calling thread
+LOG2_E = 1.4426950408889634
+
+
+def softmax(t: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """``t.softmax(dim)``. On a small tensor it is computed as ``exp2`` of the scaled
+    differences over their sum: torch's softmax (and ``exp``) hand even a few hundred
+    elements to MKL's vector math, whose OpenMP threads then spin for ~4 ms of a core
+    (measured here), a core a pool's other processes on the same machine were waiting for.
+    MoELayer and the pool both gate through this, so their results stay equal."""
+    if t.numel() >= SMALL_SOFTMAX:
+        return t.softmax(dim)
+    e = torch.exp2((t - t.amax(dim, keepdim=True)) * LOG2_E)
+    return e / e.sum(dim, keepdim=True)
+
 
 def removed_mask(spec: PoolSpec) -> torch.Tensor | None:
     """[E] bool, True for a (layer) spec's removed experts; None when none are."""

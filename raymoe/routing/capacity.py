@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from raymoe.config import ExpertChoiceRouting, PoolSpec, SwitchRouting
-from raymoe.routing.base import Gate, Routes, register_gate, seeded_rows
+from raymoe.routing.base import Gate, Routes, register_gate, seeded_rows, softmax
 from raymoe.routing.select import select_topk
 
 
@@ -115,4 +115,4 @@ def _masked_softmax(gate: Gate, x: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     logits = F.linear(x.float(), gate.weight.float())
     if gate.removed is not None:
         logits = logits.masked_fill(gate.removed, float("-inf"))
-    return logits.softmax(-1), logits
+    return softmax(logits, -1), logits

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from raymoe.config import HierarchicalRouting, PoolSpec
-from raymoe.routing.base import Gate, Routes, register_gate, seeded_rows
+from raymoe.routing.base import Gate, Routes, register_gate, seeded_rows, softmax
 from raymoe.routing.select import select_topk
 
 
@@ -46,9 +46,9 @@ class HierarchicalGate(Gate):
         if self.removed is not None:  # as if their gate rows were deleted
             group_logits = group_logits.masked_fill(self.empty_groups, float("-inf"))
             within = within.masked_fill(self.removed, float("-inf"))
-        p_group = group_logits.softmax(-1)
+        p_group = softmax(group_logits, -1)
         gv, gi = select_topk(p_group, r.k_groups)  # [T, g]
-        p_within = within.view(T, r.n_groups, m).softmax(-1).nan_to_num(0.0)
+        p_within = softmax(within.view(T, r.n_groups, m), -1).nan_to_num(0.0)
         p_expert = p_within.gather(1, gi.unsqueeze(-1).expand(-1, -1, m))  # [T, g, m]
         ev, ei = select_topk(p_expert, r.k)  # [T, g, k]
         ids = (gi.unsqueeze(-1) * m + ei).reshape(T, -1)

@@ -23,7 +23,14 @@ import torch
 from torch import nn
 
 from raymoe.config import PoolSpec, ProductKeyRouting
-from raymoe.routing.base import Gate, Routes, gate_rows, register_gate, seeded_parameter
+from raymoe.routing.base import (
+    Gate,
+    Routes,
+    gate_rows,
+    register_gate,
+    seeded_parameter,
+    softmax,
+)
 from raymoe.routing.select import select_topk
 
 
@@ -105,11 +112,11 @@ class ProductKeyGate(Gate):
             cv, ci = select_topk(cand, k)
             ids = ids.gather(-1, ci)
             empty = torch.isinf(cv)
-            w = cv.softmax(-1).nan_to_num(0.0).masked_fill(empty, 0.0)
+            w = softmax(cv, -1).nan_to_num(0.0).masked_fill(empty, 0.0)
             ids = ids.masked_fill(empty, -1)
             return Routes(ids.reshape(T, -1), w.reshape(T, -1))
         cv, ci = select_topk(cand, k)
         a = torch.div(ci, k, rounding_mode="floor")
         ids = i1.gather(-1, a) * cols + i2.gather(-1, ci - a * k)
-        w = cv.softmax(-1)
+        w = softmax(cv, -1)
         return Routes(ids.reshape(T, -1), w.reshape(T, -1))

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from raymoe.config import PoolSpec
-from raymoe.routing.base import Gate, Routes, register_gate, seeded_rows
+from raymoe.routing.base import Gate, Routes, register_gate, seeded_rows, softmax
 
 
 @dataclass
@@ -58,11 +58,11 @@ class SoftGate(Gate):
         B, _, d = x.shape
         phi = self.weight[self.slots].float()
         logits = torch.einsum("bld,nd->bln", x.float(), phi)
-        slots = torch.einsum("bln,bld->bnd", logits.softmax(dim=1), x.float())
+        slots = torch.einsum("bln,bld->bnd", softmax(logits, 1), x.float())
         n = phi.shape[0]
         ids = self.slot_expert.to(x.device).repeat(B).unsqueeze(1)
         routes = Routes(ids, torch.ones(B * n, 1, device=x.device))
-        return Mix(slots.reshape(B * n, d).to(x.dtype), routes, logits.softmax(dim=2))
+        return Mix(slots.reshape(B * n, d).to(x.dtype), routes, softmax(logits, 2))
 
     def unmix(self, y: torch.Tensor, mix: Mix) -> torch.Tensor:
         """``y`` [B*n, d], the slots' outputs -> [B*L, d], each token's mix of them."""

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from raymoe.config import PoolSpec, TopKRouting
-from raymoe.routing.base import Gate, Routes, register_gate, seeded_rows
+from raymoe.routing.base import Gate, Routes, register_gate, seeded_rows, softmax
 from raymoe.routing.select import select_topk
 
 
@@ -55,7 +55,7 @@ class TopKGate(Gate):
     def forward(self, x, *, token_ids=None, seq_len=None) -> Routes:
         r = self.cfg
         logits = self.logits(x)
-        scores = logits.softmax(-1) if r.score == "softmax" else logits.sigmoid()
+        scores = softmax(logits, -1) if r.score == "softmax" else logits.sigmoid()
         choice = scores.detach()
         if self.correction_bias is not None:
             choice = choice + self.correction_bias
@@ -102,7 +102,7 @@ class DenseGate(Gate):
         logits = F.linear(x.float(), self.weight.float())
         if self.removed is not None:
             logits = logits.masked_fill(self.removed, float("-inf"))
-        probs = logits.softmax(-1)
+        probs = softmax(logits, -1)
         ids = torch.arange(self.num_experts, device=x.device).expand(x.shape[0], -1)
         aux = self._aux_losses(logits, probs, ids)
         if self.removed is not None:  # live experts only

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from raymoe.v1 import tensor_pb2 as raymoe_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15raymoe/v1/shard.proto\x12\traymoe.v1\x1a\x16raymoe/v1/tensor.proto\"\xc2\x01\n\x0e\x43omputeRequest\x12\x1c\n\x01x\x18\x01 \x01(\x0b\x32\x11.raymoe.v1.Tensor\x12$\n\tlocal_ids\x18\x02 \x01(\x0b\x32\x11.raymoe.v1.Tensor\x12\"\n\x07weights\x18\x03 \x01(\x0b\x32\x11.raymoe.v1.Tensor\x12\x1a\n\rplaces_digest\x18\x04 \x01(\x03H\x00\x88\x01\x01\x12\x11\n\x04keep\x18\x05 \x01(\x04H\x01\x88\x01\x01\x42\x10\n\x0e_places_digestB\x07\n\x05_keep\",\n\x0c\x43omputeReply\x12\x1c\n\x01y\x18\x01 \x01(\x0b\x32\x11.raymoe.v1.Tensor\"\xe6\x01\n\x0f\x42\x61\x63kwardRequest\x12\x1c\n\x01x\x18\x01 \x01(\x0b\x32\x11.raymoe.v1.Tensor\x12$\n\tlocal_ids\x18\x02 \x01(\x0b\x32\x11.raymoe.v1.Tensor\x12\"\n\x07weights\x18\x03 \x01(\x0b\x32\x11.raymoe.v1.Tensor\x12!\n\x06grad_y\x18\x04 \x01(\x0b\x32\x11.raymoe.v1.Tensor\x12\x1a\n\rplaces_digest\x18\x05 \x01(\x03H\x00\x88\x01\x01\x12\x11\n\x04keep\x18\x06 \x01(\x04H\x01\x88\x01\x01\x42\x10\n\x0e_places_digestB\x07\n\x05_keep\"[\n\rBackwardReply\x12!\n\x06grad_x\x18\x01 \x01(\x0b\x32\x11.raymoe.v1.Tensor\x12\'\n\x0cgrad_weights\x18\x02 \x01(\x0b\x32\x11.raymoe.v1.Tensor2\x95\x01\n\x12\x45xpertShardService\x12=\n\x07\x43ompute\x12\x19.raymoe.v1.ComputeRequest\x1a\x17.raymoe.v1.ComputeReply\x12@\n\x08\x42\x61\x63kward\x12\x1a.raymoe.v1.BackwardRequest\x1a\x18.raymoe.v1.BackwardReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15raymoe/v1/shard.proto\x12\traymoe.v1\x1a\x16raymoe/v1/tensor.proto\"\xf4\x01\n\x0e\x43omputeRequest\x12\x1c\n\x01x\x18\x01 \x01(\x0b\x32\x11.raymoe.v1.Tensor\x12$\n\tlocal_ids\x18\x02 \x01(\x0b\x32\x11.raymoe.v1.Tensor\x12\"\n\x07weights\x18\x03 \x01(\x0b\x32\x11.raymoe.v1.Tensor\x12\x1a\n\rplaces_digest\x18\x04 \x01(\x03H\x00\x88\x01\x01\x12\x11\n\x04keep\x18\x05 \x01(\x04H\x01\x88\x01\x01\x12\x1c\n\x0frouting_version\x18\x06 \x01(\x03H\x02\x88\x01\x01\x42\x10\n\x0e_places_digestB\x07\n\x05_keepB\x12\n\x10_routing_version\",\n\x0c\x43omputeReply\x12\x1c\n\x01y\x18\x01 \x01(\x0b\x32\x11.raymoe.v1.Tensor\"\xe6\x01\n\x0f\x42\x61\x63kwardRequest\x12\x1c\n\x01x\x18\x01 \x01(\x0b\x32\x11.raymoe.v1.Tensor\x12$\n\tlocal_ids\x18\x02 \x01(\x0b\x32\x11.raymoe.v1.Tensor\x12\"\n\x07weights\x18\x03 \x01(\x0b\x32\x11.raymoe.v1.Tensor\x12!\n\x06grad_y\x18\x04 \x01(\x0b\x32\x11.raymoe.v1.Tensor\x12\x1a\n\rplaces_digest\x18\x05 \x01(\x03H\x00\x88\x01\x01\x12\x11\n\x04keep\x18\x06 \x01(\x04H\x01\x88\x01\x01\x42\x10\n\x0e_places_digestB\x07\n\x05_keep\"[\n\rBackwardReply\x12!\n\x06grad_x\x18\x01 \x01(\x0b\x32\x11.raymoe.v1.Tensor\x12\'\n\x0cgrad_weights\x18\x02 \x01(\x0b\x32\x11.raymoe.v1.Tensor2\x95\x01\n\x12\x45xpertShardService\x12=\n\x07\x43ompute\x12\x19.raymoe.v1.ComputeRequest\x1a\x17.raymoe.v1.ComputeReply\x12@\n\x08\x42\x61\x63kward\x12\x1a.raymoe.v1.BackwardRequest\x1a\x18.raymoe.v1.BackwardReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,13 +33,13 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'raymoe.v1.shard_pb2', _glob
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_COMPUTEREQUEST']._serialized_start=61
-  _globals['_COMPUTEREQUEST']._serialized_end=255
-  _globals['_COMPUTEREPLY']._serialized_start=257
-  _globals['_COMPUTEREPLY']._serialized_end=301
-  _globals['_BACKWARDREQUEST']._serialized_start=304
-  _globals['_BACKWARDREQUEST']._serialized_end=534
-  _globals['_BACKWARDREPLY']._serialized_start=536
-  _globals['_BACKWARDREPLY']._serialized_end=627
-  _globals['_EXPERTSHARDSERVICE']._serialized_start=630
-  _globals['_EXPERTSHARDSERVICE']._serialized_end=779
+  _globals['_COMPUTEREQUEST']._serialized_end=305
+  _globals['_COMPUTEREPLY']._serialized_start=307
+  _globals['_COMPUTEREPLY']._serialized_end=351
+  _globals['_BACKWARDREQUEST']._serialized_start=354
+  _globals['_BACKWARDREQUEST']._serialized_end=584
+  _globals['_BACKWARDREPLY']._serialized_start=586
+  _globals['_BACKWARDREPLY']._serialized_end=677
+  _globals['_EXPERTSHARDSERVICE']._serialized_start=680
+  _globals['_EXPERTSHARDSERVICE']._serialized_end=829
 # @@protoc_insertion_point(module_scope)

@@ -345,6 +345,8 @@ class Controller(Operations, FailureDomains):
             self.load.resize(spec.num_experts, spec.removed_ids)
         self.goal = self.goal.replace(placement=target)
         await self.roster.publish_all(self.goal, self.gate, routing=spec is not None)  # 2.
+        if spec is not None:  # callers' own gates from before are stale from now on
+            await self.roster.fence_all(self.goal)
         t.append(time.perf_counter())
         drain_s = self.spec.control.drain_timeout_s
         await self.migrator.drain(self.routers, target.version, drain_s)  # 3.

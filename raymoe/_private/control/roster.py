@@ -37,7 +37,21 @@ class Roster:
         seeded weights in place of lost ones."""
         args = (layout_of(goal, n), None, True, goal.spec, list(goal.sources))  # one call
         actor = self.shards[n] if into is None else into
+        await self.cluster.call(actor, "fence", fence_of(goal), timeout=timeouts.STATUS_S)
         await self.cluster.call(actor, "configure", *args, timeout=timeouts.CONFIGURE_S)
+
+    async def fence_all(self, goal: Goal) -> None:
+        """Every shard refuses sub-batches gated under routing versions older than the
+        goal's (:meth:`~raymoe._private.data.shard.ExpertShard.fence`); one that does not
+        answer is restarting, and is fenced before it loads (:meth:`configure_shard`)."""
+
+        async def one(n: int, h) -> None:
+            try:
+                await self.cluster.call(h, "fence", fence_of(goal), timeout=timeouts.STATUS_S)
+            except ActorUnreachable:
+                log.warning("shard %d missed fence %d", n, goal.routing_version)
+
+        await asyncio.gather(*(one(n, h) for n, h in enumerate(self.shards)))
 
     def revive(self, role: str, i: int) -> bool:
         """Actor ``i`` of ``role`` ("shard" or "router") did not answer: if it was gone for
@@ -109,6 +123,14 @@ class Roster:
         gone = self.shards[count:]
         self.shards = self.shards[:count] + new
         return gone
+
+
+def fence_of(goal: Goal) -> int:
+    """The oldest routing version a shard may serve a caller's own gating under: the
+    goal's, or the one a change in flight brings (the gates change with it)."""
+    if goal.pending is not None and goal.pending_spec is not None:
+        return goal.pending.version
+    return goal.routing_version
 
 
 def layout_of(goal: Goal, n: int) -> np.ndarray:

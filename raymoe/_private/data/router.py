@@ -29,10 +29,11 @@ import torch
 
 from raymoe._private.data.attempts import Attempts
 from raymoe._private.data.batcher import Batcher, Request
-from raymoe._private.data.dispatch import DispatchTable, SubBatch, combine, places_digest
+from raymoe._private.data.dispatch import DispatchTable, SubBatch, places_digest
 from raymoe._private.data.gates import Gates
 from raymoe._private.data.stages import (
-    as_tensor,
+    checked,
+    combine_rows,
     renormalise,
     route_batch,
     spans_of,
@@ -41,10 +42,8 @@ from raymoe._private.data.stages import (
 from raymoe._private.data.stats import RouterStats
 from raymoe._private.metrics import Metrics, NullMetrics
 from raymoe.config import PoolSpec
-from raymoe.errors import DeadlineExceededError, InvalidInputError, PoolUnavailableError
-from raymoe.layer import check_layer
+from raymoe.errors import DeadlineExceededError, PoolUnavailableError
 from raymoe.placement import Placement
-from raymoe.validation import check_hidden
 
 INLINE_TOKENS = 256  # batches smaller than this are gated and combined on the event loop
 
@@ -240,27 +239,10 @@ class Router:
         return out, req.degraded
 
     def _check(self, x, expert_ids, weights, token_ids, deadline, layer) -> Request:
-        spec = self.spec
-        layer = check_layer(spec, layer)
-        xt = as_tensor(x)
-        T = check_hidden(
-            xt,
-            d_model=spec.d_model,
-            dtype=spec.torch_dtype,
-            allow_nonfinite=spec.limits.allow_nonfinite,
-            max_tokens=spec.limits.max_request_tokens,
-        )
-        flat = xt.reshape(T, spec.d_model)
-        ids, w, tok = as_tensor(expert_ids), as_tensor(weights), as_tensor(token_ids)
-        gate = self.gates.layers[layer]
-        try:
-            gate.check_route_inputs(flat, xt, token_ids=tok, expert_ids=ids, weights=w)
-        except InvalidInputError as e:
-            if not spec.multi_layer:
-                raise
-            raise type(e)(f"layer {layer}: {e}") from None
         fut = asyncio.get_running_loop().create_future()
-        return Request(xt, flat, ids, w, tok, deadline, fut, layer)
+        return checked(
+            self.spec, self.gates, x, expert_ids, weights, token_ids, deadline, fut, layer
+        )
 
     async def _run_batch(self, batch: list[Request]) -> None:
         table, gates = self.table, self.gates  # the one version this batch runs under
@@ -351,31 +333,29 @@ class Router:
             places_digest(sub.local_ids, sub.expert_ids),
         )
 
-    @torch.no_grad()
     def _combine(self, flat, parts, gates: Gates, spans: dict, scale=None) -> torch.Tensor:
-        """The shards' partial sums (times ``scale`` [R, 1] in degrade mode), plus each
-        layer's shared experts on its rows (``spans``: layer -> [rows of its requests])."""
-        y = combine(flat.shape[0], self.spec.d_model, parts, flat)
-        if scale is not None:
-            y *= scale.to(y.dtype)
-        for layer, rows in spans.items():
-            gate = gates.layers[layer]
-            if gate.shared is None:
-                continue
-            if len(spans) == 1:
-                return y + gate.shared_output(flat)
-            y[rows] += gate.shared_output(flat[rows])
-        return y
+        return combine_rows(self.spec.d_model, flat, parts, gates, spans, scale)
 
     # --- introspection ------------------------------------------------------------------
 
-    def published(self) -> dict | None:
-        """What a caller needs to call the shards itself (training does): the spec, the
-        dispatch table of the placement version in service and the shard actors (spares
-        standing in included), all of one version; None until configured."""
+    def published(self, gates_of: int | None = None, traffic: dict | None = None) -> dict | None:
+        """What a caller needs to call the shards itself (training, and small requests
+        sent straight to the shards): the spec, the dispatch table of the placement version
+        in service and the shard actors (spares standing in included), all of one version,
+        and the gates unless the caller holds those of this ``routing_version`` already
+        (``gates_of``); None until configured. ``traffic``: what the caller's own requests
+        routed since its last call (:meth:`RouterStats.served_directly`), counted here."""
+        if traffic:
+            self.traffic.served_directly(**traffic)
         if not self.ready():
             return None
-        return {"spec": self.spec, "table": self.table, "handles": list(self.shards.handles)}
+        return {
+            "spec": self.spec,
+            "table": self.table,
+            "handles": list(self.shards.handles),
+            "routing_version": self.routing_version,
+            "gates": None if gates_of == self.routing_version else self.gates,
+        }
 
     def describe(self) -> dict:
         t = self.table

@@ -47,6 +47,7 @@ class ExpertShard:
         self._bank = None  # the bank being built or loaded
         self.expert_ids = torch.zeros(0, dtype=torch.int64)
         self.mismatches = 0  # sub-batches refused by the places check
+        self.routing_version = 0  # sub-batches gated under older gates are refused (fence)
         self.grads = RowGrads()
         self.state = RowState()
         self.kept = ActivationWindow(spec.shards.activation_window_mb << 20)
@@ -88,6 +89,12 @@ class ExpertShard:
 
     def mark_ready(self) -> None:
         self.bank = self._bank
+
+    def fence(self, routing_version: int) -> None:
+        """Refuse, from now on, sub-batches gated under routing versions older than
+        ``routing_version`` (a caller's gates from before experts were added or removed, or
+        the gate weights changed: the pool's function changed with them)."""
+        self.routing_version = max(self.routing_version, int(routing_version))
 
     def load_files(self, files: list[str]) -> int:
         """Load the rows of the experts held here from ``files`` (safetensors of expert
@@ -226,13 +233,22 @@ class ExpertShard:
         weights: np.ndarray,
         digest: int | None = None,
         keep: int | None = None,
+        routing: int | None = None,
     ) -> np.ndarray:
         """``x`` [t, d], ``local_ids`` [t, S] (-1 = not here), ``weights`` [t, S] -> [t, d].
         ``digest``: :func:`places_digest` of the experts the router means at those places;
         refused (:class:`PlacementMismatchError`) when the places hold others. ``keep``: a
-        training forward's key; its activations stay (bounded) for :meth:`backward`."""
+        training forward's key; its activations stay (bounded) for :meth:`backward`.
+        ``routing``: the routing version of the gates of a caller that gated the sub-batch
+        itself; refused when older than the shard's :meth:`fence`."""
         if self.bank is None:
             raise ShardNotReadyError(f"shard {self.shard_id} is loading its experts")
+        if routing is not None and routing < self.routing_version:
+            self.mismatches += 1
+            raise PlacementMismatchError(
+                f"shard {self.shard_id}: a sub-batch gated under routing version {routing}, "
+                f"older than {self.routing_version}; not computed"
+            )
         local = torch.from_numpy(local_ids)
         if digest is not None:
             self._check_places(local, digest)

@@ -11,9 +11,37 @@ import numpy as np
 import torch
 
 from raymoe._private.data.batcher import Request
-from raymoe._private.data.dispatch import SubBatch
+from raymoe._private.data.dispatch import SubBatch, combine
 from raymoe._private.data.gates import Gates
-from raymoe.layer import MoELayer
+from raymoe.config import PoolSpec
+from raymoe.errors import InvalidInputError
+from raymoe.layer import MoELayer, check_layer
+from raymoe.validation import check_hidden
+
+
+def checked(
+    spec: PoolSpec, gates: Gates, x, expert_ids, weights, token_ids, deadline, future, layer
+):
+    """A caller's forward arguments, validated (typed errors, naming the layer of a
+    multi-layer pool), as a :class:`Request`."""
+    layer = check_layer(spec, layer)
+    xt = as_tensor(x)
+    T = check_hidden(
+        xt,
+        d_model=spec.d_model,
+        dtype=spec.torch_dtype,
+        allow_nonfinite=spec.limits.allow_nonfinite,
+        max_tokens=spec.limits.max_request_tokens,
+    )
+    flat = xt.reshape(T, spec.d_model)
+    ids, w, tok = as_tensor(expert_ids), as_tensor(weights), as_tensor(token_ids)
+    try:
+        gates.layers[layer].check_route_inputs(flat, xt, token_ids=tok, expert_ids=ids, weights=w)
+    except InvalidInputError as e:
+        if not spec.multi_layer:
+            raise
+        raise type(e)(f"layer {layer}: {e}") from None
+    return Request(xt, flat, ids, w, tok, deadline, future, layer)
 
 
 @torch.no_grad()
@@ -68,6 +96,24 @@ def _route_layer(batch, mine: list[int], layer: MoELayer, rows, mixes, routes) -
         t = batch[i].tokens
         routes[i] = (rt.ids[start : start + t], rt.weights[start : start + t])
         start += t
+
+
+@torch.no_grad()
+def combine_rows(d: int, flat, parts, gates: Gates, spans: dict, scale=None) -> torch.Tensor:
+    """The shards' partial sums (``parts``: [(sub-batch, [t, d])], times ``scale`` [R, 1] in
+    degrade mode), plus each layer's shared experts on its rows (``spans``: layer -> [rows
+    of its requests])."""
+    y = combine(flat.shape[0], d, parts, flat)
+    if scale is not None:
+        y *= scale.to(y.dtype)
+    for layer, rows in spans.items():
+        gate = gates.layers[layer]
+        if gate.shared is None:
+            continue
+        if len(spans) == 1:
+            return y + gate.shared_output(flat)
+        y[rows] += gate.shared_output(flat[rows])
+    return y
 
 
 def renormalise(w: torch.Tensor, dropped: list[SubBatch]):

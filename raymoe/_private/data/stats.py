@@ -86,6 +86,26 @@ class RouterStats:
         self.batch_tokens.append((self.clock(), tokens))
         self.counters["batches"] += 1
 
+    def served_directly(
+        self, experts: np.ndarray, pairs: np.ndarray, shard_pairs: np.ndarray, latency_s: list
+    ) -> None:
+        """A caller's requests sent straight to the shards, since it last said: ``pairs[i]``
+        pairs to expert ``experts[i]``, ``shard_pairs`` [N] per shard, and each request's
+        (tokens, seconds) (``latency_s``). Counted as this router's own traffic (the load
+        the controller balances), without a batch."""
+        self._roll()
+        experts, pairs = np.asarray(experts, np.int64), np.asarray(pairs, np.int64)
+        known = (experts >= 0) & (experts < len(self.total))  # experts removed since: dropped
+        torch.from_numpy(self.total).index_add_(
+            0, torch.from_numpy(experts[known]), torch.from_numpy(pairs[known])
+        )
+        shard_pairs = np.asarray(shard_pairs, np.int64)
+        n = min(len(shard_pairs), len(self._shard))
+        self._shard[:n] += shard_pairs[:n]
+        self.counters["direct_requests"] += len(latency_s)
+        for tokens, seconds in latency_s[-MAX_REQUESTS:]:
+            self.request(int(tokens), float(seconds))
+
     def request(self, tokens: int, latency_s: float) -> None:
         now = self.clock()
         self._roll()

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Awaitable, Callable
 from concurrent import futures
 
@@ -120,6 +121,76 @@ class GrpcShardCalls:
             await channel.close()
 
 
+class BlockingGrpcShards:
+    """Compute calls from the caller's own thread (small requests sent straight to the
+    shards, :mod:`raymoe._private.direct`) over each shard's gRPC endpoint, with a channel
+    per shard actor kept across placement versions; ``endpoint(handle)`` looks its
+    "host:port" up (blocking)."""
+
+    def __init__(self, spec: PoolSpec, endpoint: Callable[[object], str]):
+        self.max_bytes = max_message_bytes(spec)
+        self._endpoint = endpoint
+        self._stubs: dict = {}  # actor id -> (channel, stub)
+
+    def start(self, handle, x, local_ids, weights, digest: int, routing: int):
+        """Send one sub-batch, gated under routing version ``routing`` -> the pending call
+        (for :meth:`results`)."""
+        key = handle._actor_id
+        if key not in self._stubs:
+            channel = grpc.insecure_channel(
+                self._endpoint(handle), options=_options(self.max_bytes)
+            )
+            self._stubs[key] = (channel, shard_pb2_grpc.ExpertShardServiceStub(channel))
+        req = shard_pb2.ComputeRequest(
+            x=to_tensor(x),
+            local_ids=to_tensor(local_ids),
+            weights=to_tensor(weights),
+            places_digest=digest,
+            routing_version=routing,
+        )
+        return key, self._stubs[key][1].Compute.future(req)
+
+    def results(self, calls: list, timeout_s: float) -> list:
+        """The calls' outputs, in order; the first failure (or ``timeout_s`` passing) raises,
+        and cancels the rest. A shard that did not answer is looked up again next time (it
+        may be back on another port)."""
+        end = time.monotonic() + timeout_s
+        try:
+            return [
+                from_tensor(c.result(max(end - time.monotonic(), 0.0)).y, "y") for _, c in calls
+            ]
+        except BaseException as e:
+            for key, c in calls:
+                c.cancel()
+                code = c.code() if c.done() and not c.cancelled() else None
+                if code == grpc.StatusCode.UNAVAILABLE or not c.done():
+                    self._drop(key)
+            if isinstance(e, grpc.FutureTimeoutError):
+                raise TimeoutError(f"a shard did not answer within {timeout_s:.3g} s") from None
+            raise
+
+    @staticmethod
+    def refused(error: BaseException) -> bool:
+        """Whether ``error`` is a shard's refusal, before doing any of the call."""
+        return (
+            isinstance(error, grpc.RpcError) and error.code() == grpc.StatusCode.FAILED_PRECONDITION
+        )
+
+    def keep_only(self, handles: list) -> None:
+        """Close the channels of shard actors no longer in ``handles``."""
+        now = {h._actor_id for h in handles}
+        for key in [k for k in self._stubs if k not in now]:
+            self._drop(key)
+
+    def close(self) -> None:
+        self.keep_only([])
+
+    def _drop(self, key) -> None:
+        channel, _ = self._stubs.pop(key, (None, None))
+        if channel is not None:
+            channel.close()
+
+
 class _Servicer(shard_pb2_grpc.ExpertShardServiceServicer):
     def __init__(self, shard, lock: threading.Lock, max_bytes: int):
         self.shard, self.lock, self.max_bytes = shard, lock, max_bytes
@@ -127,7 +198,8 @@ class _Servicer(shard_pb2_grpc.ExpertShardServiceServicer):
     def Compute(self, request, context):
         def run():
             x, ids, w = self._inputs(request)
-            y = self.shard.compute(x, ids, w, self._digest(request), self._keep(request))
+            routing = request.routing_version if request.HasField("routing_version") else None
+            y = self.shard.compute(x, ids, w, self._digest(request), self._keep(request), routing)
             return shard_pb2.ComputeReply(y=to_tensor(y))
 
         return self._serve(run, context)

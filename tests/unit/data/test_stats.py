@@ -118,3 +118,19 @@ def test_load_map_bins_are_bounded(bins):
 
     with pytest.raises(InvalidInputError, match="load_bins"):
         S.load_map(np.zeros(4), contiguous(4, 2), bins)
+
+
+def test_requests_served_directly_count_as_load_and_requests_without_a_batch():
+    r, _ = _router(E=4)
+    r.served_directly(
+        experts=np.array([1, 3, 9]),  # 9: an expert removed since, dropped
+        pairs=np.array([2, 5, 7]),
+        shard_pairs=np.array([2, 5]),
+        latency_s=[(16, 0.004), (8, 0.003)],
+    )
+    w = r.window(60)
+    assert w["expert_load"].tolist() == [0, 2, 0, 5]
+    assert w["shard_pairs"].tolist() == [2, 5]
+    assert w["requests"] == 2 and w["tokens"] == 24 and w["latency_s"] == [0.004, 0.003]
+    assert w["counters"]["direct_requests"] == 2 and "batches" not in w["counters"]
+    assert r.take_load().tolist() == [0, 2, 0, 5]
