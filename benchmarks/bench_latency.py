@@ -1,14 +1,16 @@
-"""Where a 16-token request's time goes: a profile per stage, over both router -> shard
-transports and through the gateway, beside the in-process layer and the floors measured in
-the same run (a Ray actor call, a fan-out to the pool's shards, a gRPC unary echo).
+"""Where a 16-token request's time goes: a profile per stage, over both shard transports,
+straight from the caller to the shards (the direct path of small requests), through a
+router, and through the gateway, beside the in-process layer and the floors measured in the
+same run (a Ray actor call, a fan-out to the pool's shards, a gRPC unary echo).
 
 For each transport one pool (``--config``, mixtral-tiny) is served with its gateway on
-loopback and 16-token requests go one at a time through ``PoolHandle`` and ``raymoe.Client``.
-The routers report the seconds of their stages (gate, dispatch, combine) per batch; the
-shards' expert compute is timed in process on the very sub-batches the router sends them
-(the dispatch stage includes it). What is left is the hop: the call to the router, its
-queue, and the reply. Last, per transport, the request with no router at all: the caller
-gates it, calls the shards itself and combines (the floor of a direct fast path).
+loopback, and 16-token requests go one at a time through ``PoolHandle`` (direct), a handle
+that sends everything through a router (``raymoe.connect(name, direct=False)``), and
+``raymoe.Client``. The routers report the seconds of their stages (gate, dispatch, combine)
+per batch, and the handle those of its direct requests; the shards' expert compute is timed
+in process on the sub-batches a router sends them (the dispatch stage includes it). What is
+left is the hop: the call to the router, its queue and the reply, or for the direct path
+the caller's own checks and bookkeeping.
 
     PYTHONPATH=. .venv/bin/python benchmarks/bench_latency.py [--n 300]
 """
@@ -19,7 +21,6 @@ import argparse
 import time
 from pathlib import Path
 
-import grpc
 import numpy as np
 import ray
 import torch
@@ -28,11 +29,9 @@ from bench_gateway import grpc_echo_ms
 
 import raymoe
 from raymoe import MoELayer, PoolSpec
-from raymoe._private.data.dispatch import DispatchTable, combine, places_digest, split_by_shard
+from raymoe._private.data.dispatch import DispatchTable, split_by_shard
 from raymoe._private.data.shard import ExpertShard
-from raymoe._private.data.wire import from_tensor, to_tensor
 from raymoe.placement import initial
-from raymoe.v1 import shard_pb2, shard_pb2_grpc
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -92,62 +91,6 @@ def per_batch_ms(before: dict, after: dict) -> dict:
     return {k: (after[k] - before[k]) / n * 1e3 for k in ("route", "dispatch", "combine")}
 
 
-def direct(spec: PoolSpec, layer: MoELayer, x: torch.Tensor, n: int) -> dict:
-    """p50/p99 (ms) of the request with no router: the caller gates it itself, calls the
-    pool's shards over the pool's transport and combines (a fast path's floor; the output
-    must equal the layer's)."""
-    shards = [ray.get_actor(f"{spec.name}:shard:{i}") for i in range(spec.shards.count)]
-    placement = initial(spec.num_experts, spec.shards.count, replicas=spec.shards.replicas)
-    table = DispatchTable(placement)
-    if spec.shards.transport == "grpc":
-        stubs = [
-            shard_pb2_grpc.ExpertShardServiceStub(grpc.insecure_channel(e))
-            for e in ray.get([s.endpoint.remote() for s in shards])
-        ]
-
-        def send(sub, args):
-            req = shard_pb2.ComputeRequest(
-                x=to_tensor(args[0]),
-                local_ids=to_tensor(args[1]),
-                weights=to_tensor(args[2]),
-                places_digest=args[3],
-            )
-            return stubs[sub.shard].Compute.future(req)
-
-        def wait(calls):
-            return [from_tensor(c.result().y, "y") for c in calls]
-    else:
-
-        def send(sub, args):
-            return shards[sub.shard].compute.remote(*args)
-
-        wait = ray.get
-
-    @torch.no_grad()
-    def once() -> torch.Tensor:
-        routes = layer.route(x, x)
-        subs = split_by_shard(routes.ids, routes.weights, table)
-        calls = [
-            send(
-                s,
-                (
-                    x[s.tokens].numpy(),
-                    s.local_ids.numpy(),
-                    s.weights.float().numpy(),
-                    places_digest(s.local_ids, s.expert_ids),
-                ),
-            )
-            for s in subs
-        ]
-        parts = [torch.from_numpy(np.asarray(p)) for p in wait(calls)]
-        return combine(x.shape[0], spec.d_model, list(zip(subs, parts, strict=True)), x)
-
-    with torch.no_grad():
-        err = float((once() - layer(x)).abs().max())
-    assert err <= 1e-5, f"direct path off the layer by {err}"
-    return latency_ms(once, n)
-
-
 def profile(base: PoolSpec, transport: str, x: torch.Tensor, n: int) -> dict:
     data = base.model_dump(mode="json")
     data["name"] = f"lat-{transport}"
@@ -155,42 +98,60 @@ def profile(base: PoolSpec, transport: str, x: torch.Tensor, n: int) -> dict:
     data["gateway"] = {"enabled": True, "host": "127.0.0.1", "port": 0}
     spec = PoolSpec.from_dict(data)
     pool = raymoe.serve(spec)
+    layer = MoELayer(spec).eval()
     out = {}
     try:
         (endpoint,) = pool.gateways()
-        with raymoe.Client(endpoint) as client:
-            for via, call in (("handle", pool.forward), ("client", client.forward)):
-                latency_ms(lambda call=call: call(x), 50, 0)  # warm-up
-                before = router_stages(spec.name)
+        routed = raymoe.connect(spec.name, direct=False)
+        with raymoe.Client(endpoint) as client, torch.no_grad():
+            paths = (("direct", pool), ("router", routed), ("client", client))
+            for via, handle in paths:
+                latency_ms(lambda h=handle: h.forward(x), 50, 0)  # warm-up
+                if via == "direct":
+                    y, info = pool.forward(x, return_info=True)
+                    assert info.direct and (y - layer(x)).abs().max().item() <= 1e-5
+                before = _stages(spec.name, pool)
                 t = time.perf_counter()
-                lat = latency_ms(lambda call=call: call(x), n, 0)
+                lat = latency_ms(lambda h=handle: h.forward(x), n, 0)
                 wall = time.perf_counter() - t
-                after = router_stages(spec.name)
-                out[via] = {**lat, **per_batch_ms(before, after), "mean": wall / n * 1e3}
-        out["direct"] = direct(spec, MoELayer(spec).eval(), x, n)
+                after = _stages(spec.name, pool)
+                kind = "direct" if via == "direct" else "router"
+                stages = per_batch_ms(before[kind], after[kind])
+                out[via] = {**lat, **stages, "mean": wall / n * 1e3}
     finally:
         pool.shutdown()
     return out
 
 
+def _stages(name: str, pool) -> dict:
+    """Seconds per stage so far: the routers' (per batch), and the handle's own direct
+    requests' (per request)."""
+    view = pool._view()
+    direct = {k: view.stage_s.get(k, 0.0) for k in ("route", "dispatch", "combine")}
+    return {"router": router_stages(name), "direct": {**direct, "batches": view.stage_s["n"]}}
+
+
 def report(inproc: float, compute: float, floors: dict, echo: float, rows: dict) -> None:
-    print(f"\n16-token request, p50 ms (the router stages are means per batch), {inproc=:.2f}")
-    paths = ("handle", "client")
-    head = f"{'stage':<44}" + "".join(f"{t + ' ' + v:>20}" for t in rows for v in paths)
+    print(
+        f"\n16-token request, p50 ms (stages are means per batch: a router's, or the caller's "
+        f"own for the direct path), {inproc=:.2f}"
+    )
+    paths = ("direct", "router", "client")
+    head = f"{'stage':<44}" + "".join(f"{t[:4] + ' ' + v:>13}" for t in rows for v in paths)
     print(head)
 
     def line(label: str, get) -> None:
-        cells = "".join(f"{get(rows[t][v]):>20.2f}" for t in rows for v in paths)
+        cells = "".join(f"{get(rows[t][v]):>13.2f}" for t in rows for v in paths)
         print(f"{label:<44}{cells}")
 
     line("total (mean)", lambda r: r["mean"])
     line("total p50", lambda r: r["p50"])
     line("total p99", lambda r: r["p99"])
-    line("  router: gate (route)", lambda r: r["route"])
-    line("  router: dispatch (shard calls + compute)", lambda r: r["dispatch"])
+    line("  gate (route)", lambda r: r["route"])
+    line("  dispatch (shard calls + compute)", lambda r: r["dispatch"])
     line(f"    of it: slowest shard's compute {compute:.2f}", lambda r: compute)
-    line("  router: combine", lambda r: r["combine"])
-    line("  the rest: hop to router, queue, reply", lambda r: r["mean"] - _router(r))
+    line("  combine", lambda r: r["combine"])
+    line("  the rest: hop to the router, queue, reply", lambda r: r["mean"] - _stage_sum(r))
     line("total p50 - in-process layer", lambda r: r["p50"] - inproc)
     print(
         f"\nfloors in this run: Ray actor call {floors['actor_call']:.2f} ms, fan-out to "
@@ -198,21 +159,15 @@ def report(inproc: float, compute: float, floors: dict, echo: float, rows: dict)
         f"in-process MoELayer {inproc:.2f} ms"
     )
     for t in rows:
-        d = rows[t]["direct"]
+        h, r, c = rows[t]["direct"], rows[t]["router"], rows[t]["client"]
         print(
-            f"{t}: no router (the caller gates and calls the shards itself): p50 "
-            f"{d['p50']:.2f} ms = in-process + {d['p50'] - inproc:.2f} ms, p99 {d['p99']:.2f} ms"
-        )
-    for t in rows:
-        h = rows[t]["handle"]
-        print(
-            f"{t}: handle p50 = in-process + {h['p50'] - inproc:.2f} ms (target +1.5), "
-            f"p99/p50 {h['p99'] / h['p50']:.2f} (target <= 2); client p50 = in-process + "
-            f"{rows[t]['client']['p50'] - inproc:.2f} ms (target +2.5)"
+            f"{t}: handle p50 = in-process + {h['p50'] - inproc:.2f} ms (target +1.5; through "
+            f"a router + {r['p50'] - inproc:.2f}), p99/p50 {h['p99'] / h['p50']:.2f} (target "
+            f"<= 2); client p50 = in-process + {c['p50'] - inproc:.2f} ms (target +2.5)"
         )
 
 
-def _router(r: dict) -> float:
+def _stage_sum(r: dict) -> float:
     return r["route"] + r["dispatch"] + r["combine"]
 
 

@@ -35,8 +35,9 @@ from raymoe.store import open_store
 class PoolHandle:
     """A client of one pool; safe to pass to other Ray tasks and actors."""
 
-    def __init__(self, name: str, controller, routers: list):
+    def __init__(self, name: str, controller, routers: list, direct: bool = True):
         self.name = name
+        self.direct = direct  # small requests straight to the shards (limits.direct_max_tokens)
         self._controller = controller
         self._routers = routers
         self._picker = Picker()  # which router next; silent ones are hedged
@@ -106,7 +107,11 @@ class PoolHandle:
         that dies gets the call resent to the next one at once; one that stays silent (its
         node died) gets it hedged to another (forward is idempotent).
         """
-        y = self._view().serve(x, expert_ids, weights, token_ids, layer, timeout_s)
+        y = (
+            self._view().serve(x, expert_ids, weights, token_ids, layer, timeout_s)
+            if self.direct
+            else None
+        )
         if y is not None:
             out = torch.from_numpy(y) if isinstance(x, torch.Tensor) else y
             return (out, ForwardInfo(0, direct=True)) if return_info else out
@@ -245,8 +250,14 @@ class PoolHandle:
         """Traffic over the last ``window_s`` seconds, ending now: tokens/s, latency p50/p99,
         batch sizes, (token, expert) pairs per shard and their imbalance (max/mean over the
         shards holding experts), pairs per expert (numpy); with ``load_bins``, the load map
-        (shard x bins of experts, :class:`~raymoe.reports.PoolStats`)."""
+        (shard x bins of experts, :class:`~raymoe.reports.PoolStats`). This handle's own
+        direct requests are handed to a router first, so they count."""
+        self._flush()
         return _get(self._controller.stats.remote(window_s, load_bins))
+
+    def _flush(self) -> None:
+        if self._direct is not None:
+            self._direct.flush()
 
     # --- runtime operations: idempotent; each returns an OpReport (placement version,
     # replicas added and dropped, bytes moved, imbalance before and after). Traffic keeps
@@ -254,7 +265,9 @@ class PoolHandle:
 
     def rebalance(self, dry_run: bool = False, policy: str | None = None) -> OpReport:
         """Plan a placement for the measured load (the spec's ``control.policy``, default
-        ``balanced``) and apply it; ``dry_run`` only reports the plan."""
+        ``balanced``) and apply it; ``dry_run`` only reports the plan. This handle's own
+        direct requests count in the load."""
+        self._flush()
         return self._op("rebalance", dry_run, policy)
 
     # Operations on experts take the ``layer`` they belong to (multi-layer pools).
@@ -432,15 +445,17 @@ def _merged(spec: PoolSpec, saved: PoolSpec, path: Path) -> PoolSpec:
     )
 
 
-def connect(name: str = "default") -> PoolHandle:
-    """A handle to the running pool ``name`` (from any driver, task or actor in the cluster)."""
+def connect(name: str = "default", *, direct: bool = True) -> PoolHandle:
+    """A handle to the running pool ``name`` (from any driver, task or actor in the cluster).
+    ``direct=False``: every request goes through a router, small ones too (they are batched
+    with other callers' there, rather than sent straight to the shards)."""
     if not ray.is_initialized():
         ray.init(address="auto", namespace=actors.NAMESPACE, log_to_driver=False)
     try:
         controller = actors.get_controller(name)
     except ValueError:
         raise PoolNotFoundError(f"no raymoe pool named {name!r} runs in this cluster") from None
-    return PoolHandle(name, controller, _get(controller.routers.remote()))
+    return PoolHandle(name, controller, _get(controller.routers.remote()), direct)
 
 
 _get = actors.wait

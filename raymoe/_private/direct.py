@@ -75,6 +75,7 @@ class DirectView:
         self._one = threading.Lock()  # one small request at a time
         self._cold_until = 0.0  # no small requests before this (after a shard failed one)
         self._traffic = _Traffic()
+        self.stage_s: collections.Counter = collections.Counter()  # small requests' stages, and n
 
     def serve(self, x, expert_ids, weights, token_ids, layer: int, timeout_s: float | None):
         """A small request straight to the shards, in the caller's thread -> the output
@@ -116,7 +117,22 @@ class DirectView:
         finally:
             self._one.release()
         self._traffic.add(routed, y.shape, time.perf_counter() - start)
+        self.stage_s.update(routed.stages)
+        self.stage_s["n"] += 1
         return y
+
+    def flush(self, timeout_s: float = timeouts.STATUS_S) -> None:
+        """Hand what this view's small requests routed to a router now (bounded; a router
+        that does not take it leaves it for the next refresh)."""
+        end = time.monotonic() + timeout_s
+        for _ in range(2):  # a refresh under way took some, and this call takes the rest
+            refresh = self._refresh
+            if refresh is not None and not refresh.done():
+                with contextlib.suppress(Exception):
+                    refresh.result(max(end - time.monotonic(), 0.0))
+            if self.now is None or not self._traffic.pending():
+                return
+            self._take_soon(force=True)
 
     def _take_soon(self, force: bool = False) -> None:
         """Take a new publication in the background (unless one is being taken)."""
@@ -137,8 +153,8 @@ class DirectView:
         start = time.monotonic()
         if self.spec is None:
             await self._take(start + (timeout_s or SETUP_S))
-        elif start - self._taken > REFRESH_S and (self._refresh is None or self._refresh.done()):
-            self._refresh = asyncio.ensure_future(self._take_quietly())  # calls go on meanwhile
+        elif start - self._taken > REFRESH_S:
+            self._take_soon()  # calls go on meanwhile
         limit = self.spec.limits.request_timeout_s
         timeout = min(timeout_s or limit, limit)
         try:
@@ -259,6 +275,9 @@ class _Traffic:
                 self._shard_pairs = np.pad(self._shard_pairs, (0, n - len(self._shard_pairs)))
             self._shard_pairs[:n] += routed.shard_pairs
             self._requests.append((int(np.prod(shape[:-1])), seconds))
+
+    def pending(self) -> bool:
+        return bool(self._requests)
 
     def take(self) -> dict | None:
         """-> :meth:`RouterStats.served_directly`'s arguments (None: nothing since)."""

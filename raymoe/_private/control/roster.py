@@ -37,7 +37,8 @@ class Roster:
         seeded weights in place of lost ones."""
         args = (layout_of(goal, n), None, True, goal.spec, list(goal.sources))  # one call
         actor = self.shards[n] if into is None else into
-        await self.cluster.call(actor, "fence", fence_of(goal), timeout=timeouts.STATUS_S)
+        if fence_of(goal):  # before it loads: it never serves older gates meanwhile
+            await self.cluster.call(actor, "fence", fence_of(goal), timeout=timeouts.CONFIGURE_S)
         await self.cluster.call(actor, "configure", *args, timeout=timeouts.CONFIGURE_S)
 
     async def fence_all(self, goal: Goal) -> None:

@@ -16,6 +16,7 @@ removed, new gate weights) returns, every shard is fenced at its routing version
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,6 +46,7 @@ class Routed:
 
     experts: np.ndarray  # [P]
     shard_pairs: np.ndarray  # [N]
+    stages: dict  # seconds: route, dispatch (the shards' calls), combine
 
 
 class Missed(Exception):
@@ -70,7 +72,9 @@ def forward(
         raise Missed(e) from None
     if req.tokens == 0:
         raise Missed(ValueError("no tokens"))
+    t0 = time.perf_counter()
     flat, ids, w, mixes = route_batch([req], gates)
+    t1 = time.perf_counter()
     subs = split_by_shard(ids, w, now.table)
     sent = [
         calls.start(
@@ -87,6 +91,7 @@ def forward(
         got = calls.results(sent, wait_s)
     except Exception as e:
         raise Missed(e) from None
+    t2 = time.perf_counter()
     parts = [(s, read_only(np.asarray(y))) for s, y in zip(subs, got, strict=True)]
     y = combine_rows(spec.d_model, flat, parts, gates, spans_of([req], mixes))
     if mixes[0] is not None:
@@ -94,4 +99,5 @@ def forward(
     shard_pairs = np.zeros(now.table.num_shards, np.int64)
     for s in subs:
         shard_pairs[s.shard] += int((s.local_ids >= 0).sum())
-    return y.reshape(req.x.shape).numpy(), Routed(ids[ids >= 0].numpy(), shard_pairs)
+    stages = {"route": t1 - t0, "dispatch": t2 - t1, "combine": time.perf_counter() - t2}
+    return y.reshape(req.x.shape).numpy(), Routed(ids[ids >= 0].numpy(), shard_pairs, stages)

@@ -304,6 +304,16 @@ class Router:
             if not r.future.done():
                 r.future.set_result(out.reshape(r.x.shape).numpy())
 
+    def _record_direct(self, traffic: dict) -> None:
+        """A caller's direct requests in this router's metrics, as if it had served them."""
+        m = self.metrics
+        for tokens, seconds in traffic["latency_s"]:
+            m.inc("raymoe_requests_total")
+            m.inc("raymoe_tokens_total", tokens)
+            m.observe("raymoe_request_latency_seconds", seconds)
+        for n in np.flatnonzero(traffic["shard_pairs"]).tolist():
+            m.inc("raymoe_shard_pairs_total", int(traffic["shard_pairs"][n]), shard=str(n))
+
     def _record_batch(self, stages: dict, shard_pairs: np.ndarray, tokens: int) -> None:
         m = self.metrics
         for stage, seconds in stages.items():
@@ -347,6 +357,7 @@ class Router:
         routed since its last call (:meth:`RouterStats.served_directly`), counted here."""
         if traffic:
             self.traffic.served_directly(**traffic)
+            self._record_direct(traffic)
         if not self.ready():
             return None
         return {

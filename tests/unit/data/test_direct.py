@@ -117,7 +117,7 @@ def test_traffic_is_counted_up_per_expert_and_bounded(monkeypatch):
     t = direct._Traffic()
     assert t.take() is None
     for ids, shard_pairs in (([1, 2, 2], [3]), ([2, 7, 7, 7], [1, 3]), ([1], [0, 1])):
-        t.add(Routed(np.array(ids), np.array(shard_pairs)), (4, 16), 0.002)
+        t.add(Routed(np.array(ids), np.array(shard_pairs), {}), (4, 16), 0.002)
     got = t.take()
     assert dict(zip(got["experts"].tolist(), got["pairs"].tolist(), strict=True)) == {
         1: 2,
