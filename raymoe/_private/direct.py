@@ -77,6 +77,17 @@ class DirectView:
         self._traffic = _Traffic()
         self.stage_s: collections.Counter = collections.Counter()  # small requests' stages, and n
 
+    def may_serve(self, tokens: int) -> bool:
+        """Whether :meth:`serve` would try a request of ``tokens`` now (the view taken, not
+        cold after a failure, the request small enough, no other one running); takes a
+        new publication when the view's is due."""
+        now = self.now
+        if now is None or time.monotonic() - self._taken > REFRESH_S:
+            self._take_soon()
+        if now is None or time.monotonic() < self._cold_until or self._one.locked():
+            return False
+        return tokens <= now.spec.limits.direct_max_tokens
+
     def serve(self, x, expert_ids, weights, token_ids, layer: int, timeout_s: float | None):
         """A small request straight to the shards, in the caller's thread -> the output
         (numpy), or None: a router is to serve it (too big, another one running, the view

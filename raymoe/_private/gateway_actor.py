@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 
@@ -14,6 +15,7 @@ from raymoe._private import timeouts
 from raymoe._private.actors import get_controller, wait_async
 from raymoe._private.data.attempts import Picker
 from raymoe._private.data.gateway import Gateway, GatewayThread
+from raymoe._private.direct import DirectView
 from raymoe._private.metrics import RayMetrics
 from raymoe.config import PoolSpec
 from raymoe.errors import PoolUnavailableError
@@ -21,13 +23,17 @@ from raymoe.reports import OpReport, PoolDescription, PoolStats
 
 
 class RayPoolBackend:
-    """:class:`raymoe._private.gateway.PoolBackend` over a pool's named actors."""
+    """:class:`raymoe._private.gateway.PoolBackend` over a pool's named actors. Small
+    requests go straight to the shards (:mod:`raymoe._private.direct`, one at a time, on a
+    worker thread), as from a ``PoolHandle``."""
 
     def __init__(self, pool: str):
         self.pool = pool
         self._controller = None
         self._routers: list = []
         self._picker = Picker()  # which router next; silent ones are hedged
+        self._view = DirectView(self._publication)
+        self._asked = itertools.count()  # which router the view asks next
 
     async def _attach(self):
         if self._controller is None:
@@ -48,13 +54,26 @@ class RayPoolBackend:
             self._controller = None  # the pool may have been shut down and started again
             raise
 
+    async def _publication(self, gates_of: int | None, traffic: dict | None) -> dict | None:
+        """One router's publication, for the view (on the view's own event loop)."""
+        routers = self._routers
+        if not routers:
+            return None  # not attached yet: the first forward attaches
+        router = routers[next(self._asked) % len(routers)]
+        return await router.published.remote(gates_of, traffic)
+
     async def forward(self, x, expert_ids, weights, token_ids, timeout_s, layer=0):
-        """On the next router; a call whose router dies is resent to the next one at once,
-        one whose router stays silent (its node died) is hedged to another (forward is
-        idempotent)."""
+        """Straight to the shards if small (and no other such request runs), else on the
+        next router; a call whose router dies is resent to the next one at once, one whose
+        router stays silent (its node died) is hedged to another (forward is idempotent)."""
         await self._attach()
-        routes = {"expert_ids": expert_ids, "weights": weights, "token_ids": token_ids}
         tokens = int(np.prod(np.shape(x)[:-1]))
+        if self._view.may_serve(tokens):
+            args = (x, expert_ids, weights, token_ids, layer, timeout_s)
+            y = await asyncio.to_thread(self._view.serve, *args)
+            if y is not None:
+                return y, 0
+        routes = {"expert_ids": expert_ids, "weights": weights, "token_ids": token_ids}
         n = len(self._routers)
 
         def send(i: int) -> asyncio.Future:
@@ -103,12 +122,15 @@ class RayPoolBackend:
                 fut.cancel()
 
     async def stats(self, window_s: float, load_bins: int = 0) -> PoolStats:
+        await asyncio.to_thread(self._view.flush)  # its direct requests count
         return await self._call(lambda: self._controller, "stats", window_s, load_bins)
 
     async def describe(self) -> PoolDescription:
         return await self._call(lambda: self._controller, "describe")
 
     async def op(self, name: str, *args, **kwargs) -> OpReport:
+        if name == "rebalance":  # its direct requests count in the load
+            await asyncio.to_thread(self._view.flush)
         return await self._call(lambda: self._controller, "op", name, *args, **kwargs)
 
     async def save_checkpoint(self, path: str) -> dict:

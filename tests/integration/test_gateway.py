@@ -50,6 +50,19 @@ def test_client_forward_equals_moelayer(served):
         assert c.stats().requests >= 5
 
 
+def test_the_gateway_sends_small_requests_straight_to_the_shards(served):
+    """As a ``PoolHandle`` does: they equal ``MoELayer`` and count in the pool's stats."""
+    _, endpoint, layer = served
+    with raymoe.Client(endpoint, token=DATA) as c:
+        before = c.stats(window_s=3600).counters.get("direct_requests", 0)
+        end = time.monotonic() + 30
+        while c.stats(window_s=3600).counters.get("direct_requests", 0) < before + 20:
+            assert time.monotonic() < end, "the gateway sent no request straight to the shards"
+            for n in (1, 16):
+                x = torch.randn(n, D)
+                assert (c.forward(x) - want(layer, x)).abs().max() <= 1e-5
+
+
 def test_stream_equals_moelayer(served):
     _, endpoint, layer = served
     xs = [torch.randn(n, D, generator=torch.Generator().manual_seed(n)) for n in range(1, 21)]
