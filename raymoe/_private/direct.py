@@ -92,16 +92,11 @@ class DirectView:
         """A small request straight to the shards, in the caller's thread -> the output
         (numpy), or None: a router is to serve it (too big, another one running, the view
         not taken yet, or it missed)."""
-        now = self.now
-        if now is None or time.monotonic() - self._taken > REFRESH_S:
-            self._take_soon()
-        if now is None or time.monotonic() < self._cold_until:
-            return None
-        limits = now.spec.limits
-        if int(np.prod(np.shape(x)[:-1])) > limits.direct_max_tokens:
+        if not self.may_serve(int(np.prod(np.shape(x)[:-1]))):
             return None
         if not self._one.acquire(blocking=False):
             return None
+        now, limits = self.now, self.now.spec.limits
         try:
             if (
                 self._calls is None

@@ -14,7 +14,6 @@ import numpy as np
 import ray
 import torch
 
-from raymoe._private import timeouts
 from raymoe._private.control.goal import Goal
 from raymoe._private.control.roster import fence_of, layout_of
 from raymoe._private.data.router import Router
@@ -298,9 +297,8 @@ def shard_refused(error: BaseException) -> bool:
 def blocking_shard_calls(spec: PoolSpec):
     """:func:`shard_calls`, from the caller's own thread (compute calls only)."""
     if spec.shards.transport == "grpc":
-        return BlockingGrpcShards(
-            spec, lambda h: ray.get(h.endpoint.remote(), timeout=timeouts.STATUS_S)
-        )
+        wait = spec.faults.hedge_after_s  # NOTE: a shard restarting answers late: a miss
+        return BlockingGrpcShards(spec, lambda h: ray.get(h.endpoint.remote(), timeout=wait))
     return BlockingRayShards()
 
 

@@ -76,18 +76,18 @@ def forward(
     flat, ids, w, mixes = route_batch([req], gates)
     t1 = time.perf_counter()
     subs = split_by_shard(ids, w, now.table)
-    sent = [
-        calls.start(
-            now.handles[s.shard],
-            flat[s.tokens].numpy(),
-            s.local_ids.numpy(),
-            s.weights.to(torch.float32).numpy(),
-            places_digest(s.local_ids, s.expert_ids),
-            now.routing_version,
-        )
-        for s in subs
-    ]
-    try:
+    try:  # NOTE: a send may fail too (a shard's endpoint looked up while it restarts)
+        sent = [
+            calls.start(
+                now.handles[s.shard],
+                flat[s.tokens].numpy(),
+                s.local_ids.numpy(),
+                s.weights.to(torch.float32).numpy(),
+                places_digest(s.local_ids, s.expert_ids),
+                now.routing_version,
+            )
+            for s in subs
+        ]
         got = calls.results(sent, wait_s)
     except Exception as e:
         raise Missed(e) from None

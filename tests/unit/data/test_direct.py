@@ -93,6 +93,14 @@ def test_bad_input_and_a_refusal_are_misses_that_change_nothing():
         direct_forward.forward(now, calls, torch.randn(16, 16), None, None, None, 0, 1.0)
     assert isinstance(e.value.cause, PlacementMismatchError)
 
+    class Unreachable(InProcess):
+        def start(self, *args):
+            raise TimeoutError("its endpoint did not answer")  # a shard restarting
+
+    with pytest.raises(Missed) as e:
+        direct_forward.forward(now, Unreachable([]), torch.randn(4, 16), None, None, None, 0, 1.0)
+    assert isinstance(e.value.cause, TimeoutError)
+
 
 def test_a_shard_fenced_at_a_newer_routing_version_refuses_older_gates():
     layer, now, calls = _pool({"kind": "topk", "k": 2})
