@@ -14,10 +14,11 @@ channels live there).
 
 Small requests (at most ``limits.direct_max_tokens`` tokens) run in the caller's own thread,
 one at a time per view: more at once go through a router, which batches them. What they
-routed is counted and handed to a router with the next publication it is asked for, so the
-load the controller balances includes them. One that misses (a refusal, a shard down or
-slow past ``faults.hedge_after_s``) goes through a router; after a miss that was not a
-refusal, every request does for ``faults.suspect_s``.
+routed is counted and handed to a router with the next publication it is asked for (within
+``REFRESH_S``, more requests or not), so the load the controller balances includes them.
+One that misses (a refusal, a shard down or slow past ``faults.hedge_after_s``) goes
+through a router; after a miss that was not a refusal, every request does for
+``faults.suspect_s``.
 """
 
 from __future__ import annotations
@@ -122,6 +123,9 @@ class DirectView:
             return None
         finally:
             self._one.release()
+        if not self._traffic.pending():  # handed over within REFRESH_S, more requests or not
+            loop = _event_loop()
+            loop.call_soon_threadsafe(loop.call_later, REFRESH_S, self._take_soon)
         self._traffic.add(routed, y.shape, time.perf_counter() - start)
         self.stage_s.update(routed.stages)
         self.stage_s["n"] += 1

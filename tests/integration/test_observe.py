@@ -64,7 +64,10 @@ def test_scraped_metrics_match_stats_describe_and_reports(ray_cluster, metrics_p
             pool.forward(x, expert_ids=hot, weights=np.full((40, 2), 0.5, np.float32))
         with pytest.raises(ShapeError):
             pool.forward(np.zeros((2, 15), np.float32))
-        st = pool.stats(window_s=600)
+        end = time.monotonic() + 10  # the gateway hands its direct requests over within 1 s
+        while (st := pool.stats(window_s=600)).requests < 10:
+            assert time.monotonic() < end, st
+            time.sleep(0.2)
         replicated = pool.replicate(5, 2)
         deadline = time.monotonic() + 30  # the controller's load window sees the hot set
         while pool.rebalance(dry_run=True).imbalance_before < 1.5:
