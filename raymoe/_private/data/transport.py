@@ -161,9 +161,9 @@ class BlockingGrpcShards:
             ]
         except BaseException as e:
             for key, c in calls:
+                answered = c.done()
                 c.cancel()
-                code = c.code() if c.done() and not c.cancelled() else None
-                if code == grpc.StatusCode.UNAVAILABLE or not c.done():
+                if not answered or c.code() == grpc.StatusCode.UNAVAILABLE:
                     self._drop(key)
             if isinstance(e, grpc.FutureTimeoutError):
                 raise TimeoutError(f"a shard did not answer within {timeout_s:.3g} s") from None
