@@ -5,9 +5,11 @@ shards over Ray calls. ``ray.remote`` and the actor options are applied in
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
+import time
 import warnings
 
 import numpy as np
@@ -262,10 +264,21 @@ class BlockingRayShards:
 
     def results(self, calls: list, timeout_s: float) -> list:
         """The calls' outputs, in order; the first failure (or ``timeout_s`` passing) raises."""
+        end = time.monotonic() + timeout_s
         try:
             return ray.get(calls, timeout=timeout_s)
         except ray.exceptions.GetTimeoutError:
             raise TimeoutError(f"a shard did not answer within {timeout_s:.3g} s") from None
+        except Exception:
+            # NOTE: the other calls' errors (shards refuse together) are read too, else Ray
+            # reports each as an unhandled error when its reference goes
+            done, _ = ray.wait(
+                calls, num_returns=len(calls), timeout=max(end - time.monotonic(), 0)
+            )
+            for ref in done:
+                with contextlib.suppress(Exception):
+                    ray.get(ref, timeout=0)
+            raise
 
     @staticmethod
     def refused(error: BaseException) -> bool:
