@@ -66,13 +66,7 @@ class GrpcShardCalls:
         return self._stubs[shard][1]
 
     async def compute(self, shard, x, local_ids, weights, digest, keep=None):
-        req = shard_pb2.ComputeRequest(
-            x=to_tensor(x),
-            local_ids=to_tensor(local_ids),
-            weights=to_tensor(weights),
-            places_digest=digest,
-            keep=keep,
-        )
+        req = compute_request(x, local_ids, weights, digest, keep=keep)
         reply = await self._call(shard, "Compute", req)
         return from_tensor(reply.y, "y")
 
@@ -141,13 +135,7 @@ class BlockingGrpcShards:
                 self._endpoint(handle), options=_options(self.max_bytes)
             )
             self._stubs[key] = (channel, shard_pb2_grpc.ExpertShardServiceStub(channel))
-        req = shard_pb2.ComputeRequest(
-            x=to_tensor(x),
-            local_ids=to_tensor(local_ids),
-            weights=to_tensor(weights),
-            places_digest=digest,
-            routing_version=routing,
-        )
+        req = compute_request(x, local_ids, weights, digest, routing=routing)
         return key, self._stubs[key][1].Compute.future(req)
 
     def results(self, calls: list, timeout_s: float) -> list:
@@ -189,6 +177,18 @@ class BlockingGrpcShards:
         channel, _ = self._stubs.pop(key, (None, None))
         if channel is not None:
             channel.close()
+
+
+def compute_request(x, local_ids, weights, digest: int, keep=None, routing=None):
+    """A shard's ``Compute`` message (``keep``, ``routing``: unset when None)."""
+    return shard_pb2.ComputeRequest(
+        x=to_tensor(x),
+        local_ids=to_tensor(local_ids),
+        weights=to_tensor(weights),
+        places_digest=digest,
+        keep=keep,
+        routing_version=routing,
+    )
 
 
 class _Servicer(shard_pb2_grpc.ExpertShardServiceServicer):
