@@ -1,6 +1,6 @@
 """raymoe: an elastic expert-pool service for Mixture-of-Experts models on Ray."""
 
-from raymoe.api import PoolHandle, connect, resume, serve
+from raymoe.api import PoolHandle
 from raymoe.client import TLS, AsyncClient, Client
 from raymoe.config import PoolSpec, load_spec
 from raymoe.errors import (
@@ -27,6 +27,7 @@ from raymoe.errors import (
     ShapeError,
     StoreUnavailableError,
 )
+from raymoe.launch import connect, resume, serve
 from raymoe.layer import MoEInfo, MoELayer, MoEStack
 from raymoe.remote import RemoteMoE
 from raymoe.reports import ForwardInfo, Latency, OpReport, PoolDescription, PoolStats

@@ -1,8 +1,7 @@
-"""Serving on Ray: ``serve`` a pool, ``connect`` to one, and the ``PoolHandle`` to use it."""
+"""The ``PoolHandle``: a client of one served pool (``raymoe.launch`` starts and finds pools)."""
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import math
 import time
@@ -13,23 +12,15 @@ import ray
 import torch
 
 from raymoe._private import actors, timeouts
-from raymoe._private.control import durable
-from raymoe._private.control.goal import Goal
 from raymoe._private.data import training
 from raymoe._private.data.attempts import Picker
 from raymoe._private.direct import DirectView
-from raymoe.config import PoolSpec, load_spec
 from raymoe.errors import (
-    CheckpointError,
-    ConfigError,
     InvalidInputError,
-    PoolExistsError,
-    PoolNotFoundError,
     PoolUnavailableError,
 )
 from raymoe.optim import OptimizerSpec
 from raymoe.reports import ForwardInfo, OpReport, PoolDescription, PoolStats
-from raymoe.store import open_store
 
 
 class PoolHandle:
@@ -72,10 +63,10 @@ class PoolHandle:
                 router, router.forward.options(max_task_retries=0)
             )
         return method.remote(
-            _np(x),
-            expert_ids=_np(expert_ids),
-            weights=_np(weights),
-            token_ids=_np(token_ids),
+            as_numpy(x),
+            expert_ids=as_numpy(expert_ids),
+            weights=as_numpy(weights),
+            token_ids=as_numpy(token_ids),
             timeout_s=timeout_s,
             layer=layer,
             **({"info": True} if info else {}),
@@ -167,7 +158,7 @@ class PoolHandle:
         here straight to the shards (not batched with other requests), and with ``keep`` (an
         int key) every shard keeps its activations for the :meth:`backward` of the same key
         (up to ``shards.activation_window_mb``; past it a backward recomputes)."""
-        args = (_np(x), _np(expert_ids), _np(weights), layer, keep)
+        args = (as_numpy(x), as_numpy(expert_ids), as_numpy(weights), layer, keep)
         y = self._view().run(training.forward, *args, timeout_s=timeout_s)
         return y if isinstance(x, torch.Tensor) else y.numpy()
 
@@ -180,14 +171,14 @@ class PoolHandle:
         instead of recomputing. A shard that refuses its part (its places changed) gets it
         again under the new placement; any other failure raises, and the step is to be
         redone after :meth:`zero_grad`."""
-        args = (_np(x), _np(expert_ids), _np(weights), _np(grad_y), layer, keep)
+        args = (as_numpy(x), as_numpy(expert_ids), as_numpy(weights), as_numpy(grad_y), layer, keep)
         gx, gw = self._view().run(training.backward, *args, timeout_s=timeout_s)
         return (gx, gw) if isinstance(x, torch.Tensor) else (gx.numpy(), gw.numpy())
 
     def expert_grads(self, expert_ids, *, layer=0) -> dict[str, torch.Tensor]:
         """The gradients accumulated for layer ``layer``'s experts ``expert_ids``, summed over
         their replicas, by bank name (``w_gate``, ``u``, ...): ``{name: [n, ...]}``."""
-        got = self._view().run(training.expert_grads, _np(expert_ids), layer)
+        got = self._view().run(training.expert_grads, as_numpy(expert_ids), layer)
         return {k: torch.from_numpy(np.array(v)) for k, v in got.items()}
 
     def zero_grad(self) -> None:
@@ -197,7 +188,7 @@ class PoolHandle:
     def expert_weights(self, expert_ids, *, layer=0, replica=0) -> dict[str, torch.Tensor]:
         """The weights of ``layer``'s experts ``expert_ids`` by bank name (``w_gate``, ``u``,
         ...): ``{name: [n, ...]}``, as replica ``replica`` of each holds them."""
-        got = self._view().run(training.expert_weights, _np(expert_ids), layer, int(replica))
+        got = self._view().run(training.expert_weights, as_numpy(expert_ids), layer, int(replica))
         return {k: torch.from_numpy(np.array(v)) for k, v in got.items()}
 
     def _view(self) -> DirectView:
@@ -299,13 +290,13 @@ class PoolHandle:
         the gate rows (``router.weight`` etc. for ``topk``; ``router.keys`` of the new
         sub-key rows, [heads, rows, d_key/2], for ``product_key``, which grows by whole rows).
         Missing ones take the seeded init of the new ids."""
-        w = {k: _np(v) for k, v in (weights or {}).items()}
+        w = {k: as_numpy(v) for k, v in (weights or {}).items()}
         return self._op("add_experts", count, w, layer=layer)
 
     def remove_experts(self, expert_ids, *, layer: int = 0) -> OpReport:
         """Stop routing to ``layer``'s ``expert_ids`` from the next placement version; free
         them once drained. Their ids are never reused."""
-        return self._op("remove_experts", np.asarray(_np(expert_ids)), layer=layer)
+        return self._op("remove_experts", np.asarray(as_numpy(expert_ids)), layer=layer)
 
     def _op(self, name: str, *args, **kwargs) -> OpReport:
         return _get(self._controller.op.remote(name, *args, **kwargs))
@@ -338,130 +329,11 @@ class PoolHandle:
         actors.kill(actors.gateways(self.name))  # any the controller did not know of
 
 
-def serve(
-    spec: PoolSpec | dict | str | Path | None = None,
-    weights: dict | None = None,
-    name: str | None = None,
-    checkpoint: str | Path | None = None,
-) -> PoolHandle:
-    """Start a pool for ``spec`` (and ``weights`` in neutral names); starts local Ray if needed.
-
-    Given ``weights``, the pool writes them once as its initial checkpoint (under
-    ``$RAYMOE_WEIGHTS_DIR``), which its shards load and reload from: no process keeps a
-    second copy. With ``checkpoint`` (a directory :meth:`PoolHandle.save` wrote), the
-    pool's experts, ids and weights are the checkpoint's, read in place by the shards;
-    ``spec``, if given, sets the rest (shards, control, gateway, limits: onto another shard
-    count too) and must describe the same model. A missing, corrupted or mismatched
-    checkpoint raises :class:`CheckpointError` before anything starts. Raises
-    :class:`PoolExistsError` when a pool of that name already runs.
-    """
-    if checkpoint is not None:
-        spec, goal = _restored(spec, name, checkpoint)
-    elif spec is None:
-        raise ConfigError("serve() needs a spec or a checkpoint")
-    else:
-        spec = load_spec(spec)
-        spec = spec.with_name(name) if name is not None else spec
-        _init_ray()
-        _not_running(spec.name)
-        np_weights = {k: _np(v) for k, v in (weights or {}).items()}
-        goal = durable.served_with(Goal.initial(spec), np_weights or None)
-    return _start(goal)
-
-
-def resume(name: str = "default") -> PoolHandle:
-    """Bring back pool ``name`` after its Ray cluster restarted, from its saved state (Redis
-    at ``$RAYMOE_REDIS_URL``, or the embedded store) and its weight files: the same experts
-    (added and removed ones included), weights, pins and placement version. A change that
-    was under way when the cluster went down is dropped (it was never acknowledged)."""
-    try:
-        goal = Goal.load(open_store(), name)
-    except LookupError:
-        raise PoolNotFoundError(f"no saved state for a raymoe pool named {name!r}") from None
-    _init_ray()
-    _not_running(name)
-    return _start(goal.replace(pending=None, pending_spec=None))
-
-
-def _init_ray() -> None:
-    if not ray.is_initialized():
-        ray.init(namespace=actors.NAMESPACE, include_dashboard=False, log_to_driver=False)
-
-
-def _not_running(name: str) -> None:
-    try:
-        actors.get_controller(name)
-    except ValueError:
-        return
-    raise PoolExistsError(
-        f"a raymoe pool named {name!r} already runs; connect() to it or shut it down first"
-    )
-
-
-def _start(goal: Goal) -> PoolHandle:
-    controller = actors.start_controller(goal.spec)
-    try:
-        _get(controller.start.remote(goal))
-    except BaseException:
-        with contextlib.suppress(Exception):
-            _get(controller.shutdown.remote())
-        actors.kill([controller])
-        raise
-    return PoolHandle(goal.spec.name, controller, _get(controller.routers.remote()))
-
-
-def _restored(spec, name, path) -> tuple[PoolSpec, Goal]:
-    """(spec, goal) to serve checkpoint ``path`` with, ``spec``'s deployment sections: the
-    shards read their rows from the checkpoint's files."""
-    from raymoe import checkpoint
-
-    path = Path(path).resolve()
-    saved, manifest = checkpoint.verify(path)
-    spec = saved if spec is None else _merged(load_spec(spec), saved, path)
-    spec = spec.with_name(name) if name is not None else spec
-    _init_ray()
-    _not_running(spec.name)
-    goal = Goal.initial(spec).replace(
-        sources=tuple(checkpoint.row_files(path, manifest)),
-        gate_file=str(path / checkpoint.GATE),
-    )
-    return spec, goal
-
-
-def _merged(spec: PoolSpec, saved: PoolSpec, path: Path) -> PoolSpec:
-    """``saved`` (the checkpoint's model) with ``spec``'s deployment sections."""
-    model = ("d_model", "dtype", "num_layers")
-    for field in model:
-        if getattr(spec, field) != getattr(saved, field):
-            raise CheckpointError(
-                f"checkpoint {path} holds a model with {field}={getattr(saved, field)}, "
-                f"the spec has {getattr(spec, field)}"
-            )
-    if spec.experts.kind != saved.experts.kind:
-        raise CheckpointError(f"checkpoint {path} holds {saved.experts.kind} experts")
-    deploy = ("name", "shards", "control", "gateway", "limits")
-    return PoolSpec.from_dict(
-        {**saved.model_dump(mode="json"), **{k: spec.model_dump(mode="json")[k] for k in deploy}}
-    )
-
-
-def connect(name: str = "default", *, direct: bool = True) -> PoolHandle:
-    """A handle to the running pool ``name`` (from any driver, task or actor in the cluster).
-    ``direct=False``: every request goes through a router, small ones too (they are batched
-    with other callers' there, rather than sent straight to the shards)."""
-    if not ray.is_initialized():
-        ray.init(address="auto", namespace=actors.NAMESPACE, log_to_driver=False)
-    try:
-        controller = actors.get_controller(name)
-    except ValueError:
-        raise PoolNotFoundError(f"no raymoe pool named {name!r} runs in this cluster") from None
-    return PoolHandle(name, controller, _get(controller.routers.remote()), direct)
-
-
 _get = actors.wait
 
 
-def _np(a):
+def as_numpy(a):
+    """``a`` as a numpy array (tensors detached and moved to the CPU); None and others as is."""
     if a is None or isinstance(a, np.ndarray):
         return a
     if isinstance(a, torch.Tensor):
