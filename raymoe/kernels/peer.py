@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from raymoe.config import PeerExperts, PoolSpec
+from raymoe.kernels import native, tables
 from raymoe.kernels.activations import activation
 from raymoe.kernels.bank import ExpertBank, register_bank
 
@@ -45,9 +46,8 @@ class PeerBank(ExpertBank):
         self.act_name = act
         self.act = activation(act)
         self.sparse_grad = sparse_grad
-        kw = {"dtype": dtype, "device": device}
-        self.u = nn.Parameter(torch.zeros(num_experts, d_model, **kw))
-        self.v = nn.Parameter(torch.zeros(num_experts, d_model, **kw))
+        self.u = nn.Parameter(tables.zeros((num_experts, d_model), dtype, device))
+        self.v = nn.Parameter(tables.zeros((num_experts, d_model), dtype, device))
 
     @classmethod
     def from_spec(
@@ -77,6 +77,10 @@ class PeerBank(ExpertBank):
         if torch.is_grad_enabled() and self.u.requires_grad:
             u = F.embedding(ids.clamp(min=0), self.u, sparse=self.sparse_grad)  # [T, S, d]
             return self._combine(u, x, ids, weights)
+        w = weights.to(x.dtype).contiguous()
+        y = native.peer(x.contiguous(), ids.contiguous(), w, self.u, self.v, self.act_name)
+        if y is not None:  # one pass over the rows, in C
+            return y
         T, S = ids.shape
         step = max(1, GATHERED_PER_CHUNK // (max(S, 1) * self.d_model))
         buf = x.new_empty((min(T, step) * S, self.d_model))  # the chunks' gathered u rows

@@ -19,10 +19,13 @@ k x k candidates, and a slot with no live candidate stays empty (id -1, weight 0
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
 from raymoe.config import PoolSpec, ProductKeyRouting
+from raymoe.kernels import native
 from raymoe.routing.base import (
     Gate,
     Routes,
@@ -80,10 +83,16 @@ class ProductKeyGate(Gate):
             q = self.query_norm(q)
         return q.view(x.shape[0], r.heads, 2, r.d_key // 2).permute(1, 2, 0, 3)
 
-    def sub_key_scores(self, q: torch.Tensor) -> torch.Tensor:
+    def sub_key_scores(self, q: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """``q``: [h, 2, t, c] -> [h, 2, t, n] fp32 scores of every sub-key: one matmul per
-        (head, half), each token's scores a contiguous row for the top-k."""
-        s = torch.matmul(q, self.keys.float().transpose(-1, -2))
+        (head, half), each token's scores a contiguous row for the top-k. ``out``: a buffer
+        to write them into (no autograd), at least as big."""
+        keys = self.keys.float().transpose(-1, -2)
+        if out is None:
+            s = torch.matmul(q, keys)
+        else:
+            shape = (*q.shape[:3], self.n)
+            s = torch.matmul(q, keys, out=out.view(-1)[: math.prod(shape)].view(shape))
         if self.rows != self.cols:  # the shorter half's padding is never selected
             s[:, 0, :, self.rows :] = float("-inf")
             s[:, 1, :, self.cols :] = float("-inf")
@@ -91,32 +100,49 @@ class ProductKeyGate(Gate):
 
     def forward(self, x, *, token_ids=None, seq_len=None) -> Routes:
         q = self.queries(x)
-        step = max(1, SCORES_PER_CHUNK // (q.shape[0] * q.shape[1] * self.n))
-        starts = range(0, max(x.shape[0], 1), step)
-        parts = [self._retrieve(q[:, :, a : a + step]) for a in starts]
+        h, _, T, _ = q.shape
+        step = max(1, SCORES_PER_CHUNK // (h * 2 * self.n))
+        # NOTE: one buffer for every chunk's scores: a fresh 4 MB each time was ~5 ms of page
+        # faults per 1,024 tokens (1M experts, 8 heads)
+        buf = None
+        if step < T and not (torch.is_grad_enabled() and q.requires_grad):
+            buf = q.new_empty((h, 2, step, self.n))
+        starts = range(0, max(T, 1), step)
+        parts = [self._retrieve(q[:, :, a : a + step], buf) for a in starts]
         if len(parts) == 1:
             return parts[0]
         return Routes(torch.cat([p.ids for p in parts]), torch.cat([p.weights for p in parts]))
 
-    def _retrieve(self, q: torch.Tensor) -> Routes:
-        """Routes of the tokens of ``q`` ([h, 2, t, c])."""
+    def _retrieve(self, q: torch.Tensor, buf: torch.Tensor | None = None) -> Routes:
+        """Routes of the tokens of ``q`` ([h, 2, t, c]); ``buf``: see ``sub_key_scores``."""
         k, cols = self.cfg.k, self.cols
-        v, i = select_topk(self.sub_key_scores(q), k)  # [h, 2, t, k]: both halves in one call
+        v, i = select_topk(self.sub_key_scores(q, buf), k)  # [h, 2, t, k]: both halves in one call
         v, i = v.permute(2, 0, 1, 3), i.permute(2, 0, 1, 3)  # [t, h, 2, k]
         v1, v2, i1, i2 = v[:, :, 0], v[:, :, 1], i[:, :, 0], i[:, :, 1]
-        cand = (v1.unsqueeze(-1) + v2.unsqueeze(-2)).flatten(-2)  # [t, h, k*k]
         T = q.shape[2]
         if self.removed is not None:
-            ids = (i1.unsqueeze(-1) * cols + i2.unsqueeze(-2)).flatten(-2)  # [t, h, k*k]
-            cand = cand.masked_fill(self.removed[ids], float("-inf"))
-            cv, ci = select_topk(cand, k)
-            ids = ids.gather(-1, ci)
-            empty = torch.isinf(cv)
-            w = softmax(cv, -1).nan_to_num(0.0).masked_fill(empty, 0.0)
-            ids = ids.masked_fill(empty, -1)
-            return Routes(ids.reshape(T, -1), w.reshape(T, -1))
+            return self._live_pairs(v1, v2, i1, i2)
+        pos = native.pk_pairs(*(h.detach().reshape(-1, k).contiguous() for h in (v1, v2)))
+        if pos is None:  # off the CPU: the whole k x k grid
+            _, pos = select_topk((v1.unsqueeze(-1) + v2.unsqueeze(-2)).flatten(-2), k)
+        pos = pos.view(v1.shape)
+        a = torch.div(pos, k, rounding_mode="floor")
+        b = pos - a * k
+        ids = i1.gather(-1, a) * cols + i2.gather(-1, b)
+        w = softmax(v1.gather(-1, a) + v2.gather(-1, b), -1)  # the pairs' scores, with grads
+        return Routes(ids.reshape(T, -1), w.reshape(T, -1))
+
+    def _live_pairs(self, v1, v2, i1, i2) -> Routes:
+        """Routes among the k x k pairs of the sub-keys' top-k (``v1, v2, i1, i2``: [t, h, k])
+        with removed experts masked: a head takes the best live ones; a slot with none is
+        empty (id -1, weight 0)."""
+        k, cols, T = self.cfg.k, self.cols, v1.shape[0]
+        cand = (v1.unsqueeze(-1) + v2.unsqueeze(-2)).flatten(-2)  # [t, h, k*k]
+        ids = (i1.unsqueeze(-1) * cols + i2.unsqueeze(-2)).flatten(-2)  # [t, h, k*k]
+        cand = cand.masked_fill(self.removed[ids], float("-inf"))
         cv, ci = select_topk(cand, k)
-        a = torch.div(ci, k, rounding_mode="floor")
-        ids = i1.gather(-1, a) * cols + i2.gather(-1, ci - a * k)
-        w = softmax(cv, -1)
+        ids = ids.gather(-1, ci)
+        empty = torch.isinf(cv)
+        w = softmax(cv, -1).nan_to_num(0.0).masked_fill(empty, 0.0)
+        ids = ids.masked_fill(empty, -1)
         return Routes(ids.reshape(T, -1), w.reshape(T, -1))

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from raymoe.kernels import native
+
 
 def select_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``scores``: [..., M] -> (values [..., k], indices [..., k]) in canonical order.
@@ -19,20 +21,29 @@ def select_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tenso
     lead, M = scores.shape[:-1], scores.shape[-1]
     flat = scores.reshape(-1, M)
     with torch.no_grad():
-        if k < M:
-            idx, vals, tied, thr = _topk_and_ties(flat, k)
-            if bool(tied.any()):
-                rows = tied.nonzero().squeeze(1)
-                idx[rows] = _lowest_index_topk(flat[rows], thr[rows], k)
-            # topk's order (score descending) is canonical but for equal scores inside the
-            # top-k: only rows with a tie are sorted again
-            tied = tied | (vals[:, 1:] == vals[:, :-1]).any(-1)
-            if bool(tied.any()):
-                rows = tied.nonzero().squeeze(1)
-                idx[rows] = _canonical(flat[rows], idx[rows])
-        else:
+        if k >= M:
             idx = _canonical(flat, torch.arange(M, device=scores.device).expand(flat.shape[0], M))
+        else:
+            got = native.topk(flat, k)  # None off the CPU, or where it cannot build
+            if got is not None and not scores.requires_grad:
+                return got[0].view(*lead, k), got[1].view(*lead, k)
+            idx = _torch_topk(flat, k) if got is None else got[1]
     return flat.gather(-1, idx).view(*lead, k), idx.view(*lead, k)
+
+
+def _torch_topk(flat: torch.Tensor, k: int) -> torch.Tensor:
+    """The canonical top-k indices [N, k] of ``flat`` [N, M], k < M, with torch's ops."""
+    idx, vals, tied, thr = _topk_and_ties(flat, k)
+    if bool(tied.any()):
+        rows = tied.nonzero().squeeze(1)
+        idx[rows] = _lowest_index_topk(flat[rows], thr[rows], k)
+    # topk's order (score descending) is canonical but for equal scores inside the top-k:
+    # only rows with a tie are sorted again
+    tied = tied | (vals[:, 1:] == vals[:, :-1]).any(-1)
+    if bool(tied.any()):
+        rows = tied.nonzero().squeeze(1)
+        idx[rows] = _canonical(flat[rows], idx[rows])
+    return idx
 
 
 def _canonical(flat: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
