@@ -21,6 +21,7 @@ import itertools
 import logging
 import os
 import platform
+import shutil
 import subprocess
 import tempfile
 import threading
@@ -56,20 +57,43 @@ def _cpu() -> str:
     return "\n".join(sorted(set(keep)))
 
 
+def _roots() -> list[Path]:
+    """Where the library may go: ``$RAYMOE_NATIVE_DIR``, else the user's cache, else the
+    temp dir (a container whose home is read-only)."""
+    if os.environ.get(DIR_ENV):
+        return [Path(os.environ[DIR_ENV])]
+    cache = Path.home() / ".cache" / "raymoe" / "native"
+    return [cache, Path(tempfile.gettempdir()) / "raymoe-native"]
+
+
 def _build() -> Path:
     src = SOURCE.read_bytes()
     key = hashlib.sha256(src + " ".join(FLAGS).encode() + _cpu().encode()).hexdigest()[:16]
-    root = Path(os.environ.get(DIR_ENV) or Path.home() / ".cache" / "raymoe" / "native")
-    out = root / f"peer-{key}.so"
-    if out.exists():
+    error: OSError | None = None
+    for root in _roots():
+        out = root / f"peer-{key}.so"
+        if out.exists():
+            return out
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(dir=root))
+        except OSError as e:  # not writable: the next place
+            error = e
+            continue
+        try:  # each process builds its own, then renames it into place: a reader never
+            _compile(tmp / out.name)  # sees half a file
+            os.replace(tmp / out.name, out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
         return out
-    root.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=root) as tmp:  # each process builds its own, then
-        part = Path(tmp) / out.name  # renames it into place: a reader never sees half a file
-        cmd = ["cc", *FLAGS, "-o", str(part), str(SOURCE), "-lm"]
-        subprocess.run(cmd, check=True, capture_output=True, timeout=BUILD_TIMEOUT_S)
-        os.replace(part, out)
-    return out
+    raise error or OSError("no place to build raymoe's C kernels")
+
+
+def _compile(out: Path) -> None:
+    cmd = ["cc", *FLAGS, "-o", str(out), str(SOURCE), "-lm"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
+    if done.returncode:
+        raise OSError(f"{' '.join(cmd)} failed: {done.stderr.strip()[-500:]}")
 
 
 def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
@@ -97,6 +121,16 @@ def library() -> ctypes.CDLL | None:
                     log.warning("raymoe's C kernels are off (the torch code runs): %s", e)
             _tried = True
     return _lib
+
+
+def _forget_threads() -> None:
+    """A forked child has none of its parent's threads: it starts a pool of its own."""
+    global _pool, _pool_size
+    _pool, _pool_size = None, 0
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_threads)
 
 
 def _usable(*ts: torch.Tensor) -> bool:

@@ -6,6 +6,7 @@ CI builds them (its machine has ``cc``): a test fails, not skips, where they can
 from __future__ import annotations
 
 import logging
+import os
 
 import pytest
 import torch
@@ -158,3 +159,28 @@ def test_torch_only_select_still_canonical(torch_only):
     _, idx = select.select_topk(s, 17)
     for r in range(50):
         assert idx[r].tolist() == naive.topk_list(s[r].tolist(), 17)
+
+
+def test_a_forked_child_runs_the_threaded_kernels(monkeypatch):
+    monkeypatch.setattr(native, "PARALLEL_MIN", 1)
+    s = torch.randn(64, 100)
+    want = native.topk(s, 5)[1]  # the parent's pool of threads exists now
+    pid = os.fork()
+    if pid == 0:  # the child: exits 0 only if the kernel answers the same
+        ok = torch.equal(native.topk(s, 5)[1], want)
+        os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_an_unwritable_cache_builds_in_the_temp_dir(monkeypatch, tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / ".cache").write_text("a file where the cache directory would go")
+    monkeypatch.setattr(native.Path, "home", lambda: home)
+    monkeypatch.setattr(native.tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.delenv(native.DIR_ENV, raising=False)
+    built = native._build()
+    assert built.parent == tmp_path / "tmp" / "raymoe-native" and built.exists()
+    assert list(built.parent.iterdir()) == [built]  # the build's own directory is gone
