@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from raymoe._private.data.dispatch import DispatchTable, places_digest, split_by_shard
+from raymoe._private.data.dispatch import DispatchTable, digest_of, split_by_shard
 from raymoe._private.data.gates import Gates
 from raymoe._private.data.stages import checked, combine_rows, read_only, route_batch, spans_of
 from raymoe.config import PoolSpec
@@ -83,7 +83,7 @@ def forward(
                 flat[s.tokens].numpy(),
                 s.local_ids.numpy(),
                 s.weights.to(torch.float32).numpy(),
-                places_digest(s.local_ids, s.expert_ids),
+                digest_of(s),
                 now.routing_version,
             )
             for s in subs

@@ -20,9 +20,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from raymoe.kernels import native
 from raymoe.placement import Placement
 
-_DIGEST_K = 0x1E3779B97F4A7C15  # odd and large: spreads an expert id over the high bits
+_DIGEST_K = native.DIGEST_K
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,12 @@ class SubBatch:
     weights: torch.Tensor
     expert_ids: torch.Tensor
     slots: torch.Tensor | None = None
+    digest: int | None = None  # its places_digest, where the split computed it
+
+
+def digest_of(sub: SubBatch) -> int:
+    """``sub``'s :func:`places_digest` (computed by the split where it could)."""
+    return places_digest(sub.local_ids, sub.expert_ids) if sub.digest is None else sub.digest
 
 
 def places_digest(local_ids: torch.Tensor, expert_ids: torch.Tensor) -> int:
@@ -142,7 +149,16 @@ def split_by_shard(
     :meth:`DispatchTable.choose`."""
     T, S = ids.shape
     N = table.num_shards
+    if table._one_place is not None:  # NOTE: the C split gathers each pair's place itself
+        done = native.split(ids, weights, N, table=table._one_place)
+        if done is not None:
+            return [SubBatch(*sub) for sub in done]
     shard, local = table.choose(ids, avoid, deal)
+    if S and shard.dtype == torch.int64:
+        place = torch.where(shard >= 0, (shard << 32) | local, -1)
+        done = native.split(ids, weights, N, place=place)
+        if done is not None:
+            return [SubBatch(*sub) for sub in done]
     key = torch.where(shard >= 0, shard, N)  # empty slots sort last
     order = torch.sort(key, dim=1, stable=True).indices  # [T, S]
     per = torch.zeros((T, N + 1), dtype=torch.int64).scatter_add_(1, key, torch.ones_like(key))

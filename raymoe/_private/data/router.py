@@ -29,7 +29,7 @@ import torch
 
 from raymoe._private.data.attempts import Attempts
 from raymoe._private.data.batcher import Batcher, Request
-from raymoe._private.data.dispatch import DispatchTable, SubBatch, places_digest
+from raymoe._private.data.dispatch import DispatchTable, SubBatch, digest_of
 from raymoe._private.data.gates import Gates
 from raymoe._private.data.stages import (
     checked,
@@ -340,7 +340,7 @@ class Router:
             flat[sub.tokens].numpy(),
             sub.local_ids.numpy(),
             sub.weights.to(torch.float32).numpy(),
-            places_digest(sub.local_ids, sub.expert_ids),
+            digest_of(sub),
         )
 
     def _combine(self, flat, parts, gates: Gates, spans: dict, scale=None) -> torch.Tensor:

@@ -14,7 +14,7 @@ from raymoe._private.data.activations import ActivationWindow, forward_kept
 from raymoe._private.data.dispatch import places_digest
 from raymoe.config import PoolSpec
 from raymoe.errors import PlacementMismatchError, ShardNotReadyError
-from raymoe.kernels import make_bank, seeded_bank
+from raymoe.kernels import make_bank, native, seeded_bank
 from raymoe.optim import OptimizerSpec, RowGrads, RowState
 from raymoe.optim.rows import STATE_PREFIX
 from raymoe.optim.steps import accumulate, step_rows, touched
@@ -356,9 +356,7 @@ class ExpertShard:
         return {k: v for k, v in rows.items() if not k.startswith(STATE_PREFIX)}
 
     def _check_places(self, local: torch.Tensor, digest: int) -> None:
-        size = len(self.expert_ids)
-        beyond = bool((local >= size).any())
-        if not beyond and places_digest(local, self.expert_ids[local.clamp(min=0)]) == digest:
+        if _held_digest(local, self.expert_ids) == digest:
             return
         self.mismatches += 1
         raise PlacementMismatchError(
@@ -396,6 +394,20 @@ class ExpertShard:
             missing = gid[self.expert_ids[local] != gid][:5].tolist()
             raise KeyError(f"shard {self.shard_id} does not hold experts {missing}")
         return local
+
+
+def _held_digest(local: torch.Tensor, expert_ids: torch.Tensor) -> int | None:
+    """The :func:`places_digest` of places ``local`` over the experts held there; None when a
+    place is beyond the shard's."""
+    try:
+        done = native.places_digest(local, expert_ids)
+    except IndexError:
+        return None
+    if done is not None:
+        return done
+    if bool((local >= len(expert_ids)).any()):
+        return None
+    return places_digest(local, expert_ids[local.clamp(min=0)])
 
 
 def _numpy(rows: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:

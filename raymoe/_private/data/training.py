@@ -39,7 +39,7 @@ from raymoe._private.data.dispatch import (
     DispatchTable,
     SubBatch,
     combine,
-    places_digest,
+    digest_of,
     resplit,
     split_by_shard,
 )
@@ -140,7 +140,7 @@ async def _within(deadline: float, call):
 
 
 async def _compute(shards, s: SubBatch, flat: torch.Tensor, keep):
-    digest = places_digest(s.local_ids, s.expert_ids)
+    digest = digest_of(s)
     args = (flat[s.tokens].numpy(), s.local_ids.numpy(), s.weights.numpy(), digest, keep)
     return await shards.compute(s.shard, *args)
 
@@ -148,7 +148,7 @@ async def _compute(shards, s: SubBatch, flat: torch.Tensor, keep):
 async def _backward(shards, s: SubBatch, flat: torch.Tensor, g: torch.Tensor, keep):
     """Shard ``s.shard``'s part: first with the output gradient alone (the kept forward
     needs nothing else); None back means it kept none, and it is sent the inputs too."""
-    digest = places_digest(s.local_ids, s.expert_ids)
+    digest = digest_of(s)
     local, gs = s.local_ids.numpy(), g[s.tokens].numpy()
     if keep is not None:
         got = await shards.backward(s.shard, None, local, None, gs, digest, keep)

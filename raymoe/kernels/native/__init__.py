@@ -1,5 +1,6 @@
 """CPU kernels in C for the steps torch runs op by op: canonical top-k, product-key pair
-selection, and PEER's gather-dot-activation-scale-sum (``peer.c``).
+selection, and PEER's gather-dot-activation-scale-sum (``peer.c``); the router's split of a
+batch into sub-batches, and the places digests (``dispatch.c``).
 
 Each equals the torch code it stands in for (the unit tests compare them) and is used only
 where it applies (fp32, contiguous, on the CPU); elsewhere, or where no C compiler is found,
@@ -32,11 +33,12 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("peer.c")
+SOURCES = tuple(Path(__file__).with_name(f) for f in ("peer.c", "dispatch.c"))
 FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=gnu11")
 DIR_ENV, SWITCH_ENV = "RAYMOE_NATIVE_DIR", "RAYMOE_NATIVE"
 BUILD_TIMEOUT_S = 120.0
 ACTIVATIONS = {"relu": 0, "gelu": 1, "gelu_tanh": 2, "silu": 3}
+DIGEST_K = 0x1E3779B97F4A7C15  # of places digests: odd and large, spreads an id over the bits
 # below this many elements of work a call runs on the caller's thread alone
 PARALLEL_MIN = 1 << 16
 
@@ -67,11 +69,11 @@ def _roots() -> list[Path]:
 
 
 def _build() -> Path:
-    src = SOURCE.read_bytes()
+    src = b"".join(f.read_bytes() for f in SOURCES)
     key = hashlib.sha256(src + " ".join(FLAGS).encode() + _cpu().encode()).hexdigest()[:16]
     error: OSError | None = None
     for root in _roots():
-        out = root / f"peer-{key}.so"
+        out = root / f"raymoe-{key}.so"
         if out.exists():
             return out
         try:
@@ -90,7 +92,7 @@ def _build() -> Path:
 
 
 def _compile(out: Path) -> None:
-    cmd = ["cc", *FLAGS, "-o", str(out), str(SOURCE), "-lm"]
+    cmd = ["cc", *FLAGS, "-o", str(out), *map(str, SOURCES), "-lm"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
     if done.returncode:
         raise OSError(f"{' '.join(cmd)} failed: {done.stderr.strip()[-500:]}")
@@ -101,8 +103,12 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.rm_topk.argtypes = [p, i64, i64, i64, i64, p, p]
     lib.rm_pk_pairs.argtypes = [p, p, i64, i64, i64, p, p]
     lib.rm_peer.argtypes = [p, p, p, i64, i64, p, p, ctypes.c_int, i64, i64, p]
-    lib.rm_topk.restype = ctypes.c_int
-    for f in (lib.rm_pk_pairs, lib.rm_peer):
+    lib.rm_split_count.argtypes = [p, p, i64, p, i64, i64, i64, p]
+    lib.rm_split_fill.argtypes = [p, p, p, p, i64, i64, i64, p, p, p, p, p, p, ctypes.c_uint64, p]
+    lib.rm_places_digest.argtypes = [p, i64, p, i64, ctypes.c_uint64, p]
+    for f in (lib.rm_topk, lib.rm_split_count, lib.rm_places_digest):
+        f.restype = ctypes.c_int
+    for f in (lib.rm_pk_pairs, lib.rm_peer, lib.rm_split_fill):
         f.restype = None
     return lib
 
@@ -214,3 +220,81 @@ def peer(x, ids, weights, u, v, act: str) -> torch.Tensor | None:
 
     _over_rows(run, T, T * S * d)
     return y
+
+
+def split(ids, weights, num_shards: int, table=None, place=None) -> list | None:
+    """Split routed pairs by shard: ``ids`` [T, S] (int64, -1 empty), ``weights`` [T, S]
+    (fp32), and each pair's place packed as shard << 32 | local: looked up in ``table`` [E]
+    (each expert's one place), or given as ``place`` [T, S] (-1 empty) -> for each shard
+    ``n`` with work, (n, tokens [t_n], local, weights, expert ids, slots [t_n, S_n], places
+    digest); None where the C code does not apply (:func:`~raymoe._private.data.dispatch.
+    split_by_shard` has the torch code). An id >= E or a shard >= ``num_shards``: IndexError."""
+    lib = library()
+    given = table if table is not None else place
+    if lib is None or weights.dtype != torch.float32 or not _usable(ids, weights, given):
+        return None
+    if weights.requires_grad:  # the torch split keeps the graph
+        return None
+    if ids.dtype != torch.int64 or given.dtype != torch.int64:
+        return None
+    T, S = ids.shape
+    N = num_shards
+    per = torch.empty((T, N), dtype=torch.int64)
+    if table is not None:
+        place = torch.empty((T, S), dtype=torch.int64)
+    E = 0 if table is None else len(table)
+    bad = lib.rm_split_count(
+        _ptr(ids), 0 if table is None else _ptr(table), E, _ptr(place), T, S, N, _ptr(per)
+    )
+    if bad:
+        what = "an expert id beyond the table" if bad == 2 else "a shard beyond the placement"
+        raise IndexError(f"split: {what}")
+    width = per.max(0).values if T else torch.zeros(N, dtype=torch.int64)
+    live = [n for n in range(N) if width[n] > 0]
+    rows = (per > 0).sum(0).tolist()
+    outs = {}
+    for n in live:
+        w_n = int(width[n])
+        outs[n] = (
+            torch.empty(rows[n], dtype=torch.int64),
+            torch.empty((rows[n], w_n), dtype=torch.int64),
+            torch.empty((rows[n], w_n), dtype=torch.float32),
+            torch.empty((rows[n], w_n), dtype=torch.int64),
+            torch.empty((rows[n], w_n), dtype=torch.int64),
+        )
+    pointers = [
+        (ctypes.c_void_p * N)(*[(_ptr(outs[n][f]) if n in outs else 0) for n in range(N)])
+        for f in range(5)
+    ]
+    digest = (ctypes.c_int64 * N)()
+    lib.rm_split_fill(
+        _ptr(place),
+        _ptr(ids),
+        _ptr(weights),
+        _ptr(per),
+        T,
+        S,
+        N,
+        _ptr(width),
+        *pointers,
+        DIGEST_K,
+        digest,
+    )
+    return [(n, *outs[n], int(digest[n])) for n in live]
+
+
+def places_digest(local, experts) -> int | None:
+    """The digest of places ``local`` (int64, -1 padding) over ``experts`` [size] (what a
+    shard holds at each place); IndexError for a place >= size; None where the C code does
+    not apply."""
+    lib = library()
+    if lib is None or not _usable(local, experts):
+        return None
+    if local.dtype != torch.int64 or experts.dtype != torch.int64:
+        return None
+    out = ctypes.c_int64()
+    if lib.rm_places_digest(
+        _ptr(local), local.numel(), _ptr(experts), len(experts), DIGEST_K, ctypes.byref(out)
+    ):
+        raise IndexError("places digest: a place beyond the shard's places")
+    return out.value

@@ -16,12 +16,14 @@ from raymoe._private.data import training
 from raymoe._private.data.dispatch import (
     DispatchTable,
     combine,
+    digest_of,
     places_digest,
     resplit,
     split_by_shard,
 )
 from raymoe._private.data.shard import ExpertShard
 from raymoe.errors import PlacementMismatchError, ShardNotReadyError
+from raymoe.kernels import native
 from raymoe.placement import contiguous, with_replicas
 from tests.helpers import ROUTINGS
 
@@ -242,3 +244,44 @@ def test_one_place_per_expert_splits_as_the_general_path(shards):
             assert torch.equal(getattr(a, f), getattr(b, f))
     replicated = with_replicas(contiguous(40, 3), {3: [2]})  # two places: the general path
     assert DispatchTable(replicated)._one_place is None
+
+
+@pytest.mark.parametrize("T", [0, 1, 50])
+@pytest.mark.parametrize("replicated", [False, True])
+@pytest.mark.parametrize("shards", [1, 3])
+def test_the_c_split_equals_the_torch_split(monkeypatch, shards, replicated, T):
+    """Every field of every sub-batch, and its places digest, with and without the C kernel:
+    each expert's one place looked up by the kernel, or places picked among replicas."""
+    g = torch.Generator().manual_seed(shards + 10 * T)
+    ids = torch.randint(0, 40, (T, 6), generator=g)
+    ids[torch.rand(T, 6, generator=g) < 0.2] = -1
+    if T > 3:
+        ids[3] = -1  # a token with no expert
+    w = torch.rand(T, 6, generator=g)
+    placement = contiguous(40, shards)
+    if replicated:
+        placement = with_replicas(placement, {3: [0], 17: [shards - 1]})
+    native_subs = split_by_shard(ids, w, DispatchTable(placement))
+    monkeypatch.setattr(native, "library", lambda: None)
+    torch_subs = split_by_shard(ids, w, DispatchTable(placement))
+    assert len(native_subs) == len(torch_subs)
+    for a, b in zip(native_subs, torch_subs, strict=True):
+        assert a.shard == b.shard and a.digest is not None and b.digest is None
+        for f in ("tokens", "local_ids", "weights", "expert_ids", "slots"):
+            assert torch.equal(getattr(a, f), getattr(b, f))
+        assert a.digest == digest_of(b) == places_digest(b.local_ids, b.expert_ids)
+
+
+def test_the_c_places_digest_equals_the_torch_one_and_bounds_places():
+    g = torch.Generator().manual_seed(1)
+    experts = torch.randint(-1, 1 << 40, (64,), generator=g)
+    local = torch.randint(-1, 64, (32, 5), generator=g)
+    want = places_digest(local, torch.where(local >= 0, experts[local.clamp(min=0)], -1))
+    assert native.places_digest(local, experts) == want
+    local[2, 3] = 64
+    with pytest.raises(IndexError):
+        native.places_digest(local, experts)
+    with pytest.raises(IndexError):
+        native.split(
+            torch.tensor([[40]]), torch.ones(1, 1), 1, table=torch.zeros(40, dtype=torch.int64)
+        )
