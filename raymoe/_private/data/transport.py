@@ -19,12 +19,14 @@ from concurrent import futures
 
 import grpc
 
-from raymoe._private.data.wire import from_tensor, max_message_bytes, to_tensor
+from raymoe._private.data.wire import encode_message, from_tensor, max_message_bytes, to_tensor
 from raymoe.config import PoolSpec
 from raymoe.errors import InvalidInputError, ShardNotReadyError
 from raymoe.v1 import shard_pb2, shard_pb2_grpc
 
 TRANSPORTS = ("object_store", "grpc")
+SERVICE = "raymoe.v1.ExpertShardService"
+COMPUTE = f"/{SERVICE}/Compute"
 
 
 class ShardUnreachableError(Exception):
@@ -56,13 +58,13 @@ class GrpcShardCalls:
         self.max_bytes = max_message_bytes(spec)
         self._endpoint = endpoint
         self._also = also_retryable
-        self._stubs: dict[int, tuple[grpc.aio.Channel, shard_pb2_grpc.ExpertShardServiceStub]] = {}
+        self._stubs: dict[int, tuple[grpc.aio.Channel, _Stub]] = {}
 
     async def _stub(self, shard: int):
         if shard not in self._stubs:
             endpoint = await self._endpoint(self.handles[shard])
             channel = grpc.aio.insecure_channel(endpoint, options=_options(self.max_bytes))
-            self._stubs[shard] = (channel, shard_pb2_grpc.ExpertShardServiceStub(channel))
+            self._stubs[shard] = (channel, _Stub(channel))
         return self._stubs[shard][1]
 
     async def compute(self, shard, x, local_ids, weights, digest, keep=None):
@@ -134,7 +136,7 @@ class BlockingGrpcShards:
             channel = grpc.insecure_channel(
                 self._endpoint(handle), options=_options(self.max_bytes)
             )
-            self._stubs[key] = (channel, shard_pb2_grpc.ExpertShardServiceStub(channel))
+            self._stubs[key] = (channel, _Stub(channel))
         req = compute_request(x, local_ids, weights, digest, routing=routing)
         return key, self._stubs[key][1].Compute.future(req)
 
@@ -179,16 +181,35 @@ class BlockingGrpcShards:
             channel.close()
 
 
-def compute_request(x, local_ids, weights, digest: int, keep=None, routing=None):
-    """A shard's ``Compute`` message (``keep``, ``routing``: unset when None)."""
-    return shard_pb2.ComputeRequest(
-        x=to_tensor(x),
-        local_ids=to_tensor(local_ids),
-        weights=to_tensor(weights),
-        places_digest=digest,
-        keep=keep,
-        routing_version=routing,
+def compute_request(x, local_ids, weights, digest: int, keep=None, routing=None) -> bytes:
+    """A shard's ``Compute`` message, serialized (``keep``, ``routing``: unset when None)."""
+    m = shard_pb2.ComputeRequest
+    return encode_message(
+        {m.X_FIELD_NUMBER: x, m.LOCAL_IDS_FIELD_NUMBER: local_ids, m.WEIGHTS_FIELD_NUMBER: weights},
+        {
+            m.PLACES_DIGEST_FIELD_NUMBER: digest,
+            m.KEEP_FIELD_NUMBER: keep,
+            m.ROUTING_VERSION_FIELD_NUMBER: routing,
+        },
     )
+
+
+def _serialized(message) -> bytes:
+    """A message as bytes (one already serialized as it is)."""
+    return message if isinstance(message, bytes) else message.SerializeToString()
+
+
+class _Stub(shard_pb2_grpc.ExpertShardServiceStub):
+    """The generated stub, with ``Compute`` sending a request serialized already
+    (:func:`compute_request`)."""
+
+    def __init__(self, channel):
+        super().__init__(channel)
+        self.Compute = channel.unary_unary(
+            COMPUTE,
+            request_serializer=_serialized,
+            response_deserializer=shard_pb2.ComputeReply.FromString,
+        )
 
 
 class _Servicer(shard_pb2_grpc.ExpertShardServiceServicer):
@@ -200,7 +221,7 @@ class _Servicer(shard_pb2_grpc.ExpertShardServiceServicer):
             x, ids, w = self._inputs(request)
             routing = request.routing_version if request.HasField("routing_version") else None
             y = self.shard.compute(x, ids, w, self._digest(request), self._keep(request), routing)
-            return shard_pb2.ComputeReply(y=to_tensor(y))
+            return encode_message({shard_pb2.ComputeReply.Y_FIELD_NUMBER: y}, {})
 
         return self._serve(run, context)
 
@@ -252,9 +273,20 @@ def serve_shard(shard, lock: threading.Lock, spec: PoolSpec, host: str) -> tuple
         options=_options(max_bytes),
         maximum_concurrent_rpcs=spec.limits.max_queued_requests,
     )
-    shard_pb2_grpc.add_ExpertShardServiceServicer_to_server(
-        _Servicer(shard, lock, max_bytes), server
-    )
+    servicer = _Servicer(shard, lock, max_bytes)
+    handlers = {  # the generated ones, but for Compute's reply: serialized already
+        "Compute": grpc.unary_unary_rpc_method_handler(
+            servicer.Compute,
+            request_deserializer=shard_pb2.ComputeRequest.FromString,
+            response_serializer=_serialized,
+        ),
+        "Backward": grpc.unary_unary_rpc_method_handler(
+            servicer.Backward,
+            request_deserializer=shard_pb2.BackwardRequest.FromString,
+            response_serializer=shard_pb2.BackwardReply.SerializeToString,
+        ),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
     port = server.add_insecure_port(f"{host}:0")
     server.start()
     return server, f"{host}:{port}"

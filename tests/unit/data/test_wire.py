@@ -11,9 +11,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from raymoe._private.data.wire import from_tensor, to_tensor
+from raymoe._private.data.transport import compute_request
+from raymoe._private.data.wire import encode_message, from_tensor, to_tensor
 from raymoe.errors import DTypeError, InvalidInputError, RequestTooLargeError, ShapeError
-from raymoe.v1 import tensor_pb2
+from raymoe.v1 import shard_pb2, tensor_pb2
 
 ROOT = Path(__file__).parents[3]
 
@@ -83,3 +84,49 @@ def test_committed_stubs_match_the_protos(tmp_path):
     assert generated == committed
     for rel in generated:
         assert (tmp_path / rel).read_bytes() == (ROOT / rel).read_bytes(), f"{rel} is stale"
+
+
+@pytest.mark.parametrize(
+    ("digest", "keep", "routing"),
+    [
+        (123, None, None),
+        (-5, 7, 3),
+        (None, None, None),
+        (0, 0, 0),
+        (-(1 << 63), 2**64 - 1, 2**63 - 1),
+    ],
+)
+def test_a_hand_encoded_compute_request_is_what_protobuf_writes(digest, keep, routing):
+    g = np.random.default_rng(0)
+    x = g.standard_normal((5, 8)).astype(np.float32)
+    ids = g.integers(-1, 1 << 40, (5, 3))
+    w = g.random((5, 3)).astype(np.float32)
+    got = compute_request(x, ids, w, digest, keep=keep, routing=routing)
+    want = shard_pb2.ComputeRequest(
+        x=to_tensor(x),
+        local_ids=to_tensor(ids),
+        weights=to_tensor(w),
+        places_digest=digest,
+        keep=keep,
+        routing_version=routing,
+    )
+    assert got == want.SerializeToString()
+    back = shard_pb2.ComputeRequest.FromString(got)
+    assert np.array_equal(from_tensor(back.local_ids, "local_ids"), ids)
+
+
+@pytest.mark.parametrize(
+    "a",
+    [
+        np.zeros((0, 4), np.float32),
+        np.arange(3, dtype=">f8"),
+        np.float32(2.0).reshape(()),
+        np.zeros((2, 0), np.int32),
+        np.arange(12, dtype=np.int64).reshape(3, 4)[:, ::2],  # not contiguous
+    ],
+)
+def test_hand_encoded_tensors_of_every_shape(a):
+    got = encode_message({1: a}, {})
+    assert got == shard_pb2.ComputeReply(y=to_tensor(a)).SerializeToString()
+    with pytest.raises(DTypeError):
+        encode_message({1: a.astype(np.uint8)}, {})
