@@ -80,7 +80,9 @@ def inprocess_pipelined(layer, x: torch.Tensor, n: int) -> float:
 
 def ray_floor() -> dict:
     """Round trips of plain actors (16 KB numpy), the floor under any served request: one hop
-    (driver -> actor) and two hops with a fan-out to two actors (driver -> router -> shards)."""
+    (driver -> actor) and two hops with a fan-out to two actors (driver -> router -> shards);
+    and one hop of an 8k-token request of d = 256 (8 MB in, 8 MB back), which a served 8k
+    request makes once to its router and about once more to its shards."""
 
     class Echo:
         def f(self, x):
@@ -99,6 +101,8 @@ def ray_floor() -> dict:
     out = {}
     for name, h in [("one_hop_ms", shards[0]), ("two_hops_ms", fan)]:
         out[name] = latency_ms(lambda h=h: ray.get(h.f.remote(x)))["p50"]
+    big = np.zeros((8192, 256), np.float32)
+    out["one_hop_8k_ms"] = median_time(lambda: ray.get(shards[0].f.remote(big)), 15) * 1e3
     for h in [fan, *shards]:
         ray.kill(h)
     return out
@@ -174,7 +178,7 @@ def report(results: list[dict], gflops: float, floor: dict) -> None:
     print(
         f"\nreferences: fp32 matmul {gflops:.0f} GFLOP/s; plain Ray actor round trip "
         f"{floor['one_hop_ms']:.2f} ms, two hops with fan-out to 2 {floor['two_hops_ms']:.2f} ms"
-        " (p50, 16 KB)\n"
+        f" (p50, 16 KB); one hop of 8 MB in and 8 MB back {floor['one_hop_8k_ms']:.1f} ms\n"
     )
     print("tokens/s; 'seq' = one request in flight on both sides, '2 in flight' = two on both")
     print(
