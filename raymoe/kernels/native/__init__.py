@@ -104,7 +104,7 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.rm_pk_pairs.argtypes = [p, p, i64, i64, i64, p, p]
     lib.rm_peer.argtypes = [p, p, p, i64, i64, p, p, ctypes.c_int, i64, i64, p]
     lib.rm_split_count.argtypes = [p, p, i64, p, i64, i64, i64, p]
-    lib.rm_split_fill.argtypes = [p, p, p, p, i64, i64, i64, p, p, p, p, p, p, ctypes.c_uint64, p]
+    lib.rm_split_fill.argtypes = [p] * 4 + [i64] * 3 + [p] * 6 + [ctypes.c_uint64, p, p]
     lib.rm_places_digest.argtypes = [p, i64, p, i64, ctypes.c_uint64, p]
     for f in (lib.rm_topk, lib.rm_split_count, lib.rm_places_digest):
         f.restype = ctypes.c_int
@@ -267,19 +267,9 @@ def split(ids, weights, num_shards: int, table=None, place=None) -> list | None:
         for f in range(5)
     ]
     digest = (ctypes.c_int64 * N)()
-    lib.rm_split_fill(
-        _ptr(place),
-        _ptr(ids),
-        _ptr(weights),
-        _ptr(per),
-        T,
-        S,
-        N,
-        _ptr(width),
-        *pointers,
-        DIGEST_K,
-        digest,
-    )
+    scratch = torch.empty(2 * N, dtype=torch.int64)
+    inputs = (_ptr(place), _ptr(ids), _ptr(weights), _ptr(per), T, S, N, _ptr(width))
+    lib.rm_split_fill(*inputs, *pointers, DIGEST_K, digest, _ptr(scratch))
     return [(n, *outs[n], int(digest[n])) for n in live]
 
 

@@ -41,13 +41,14 @@ int rm_split_count(const int64_t *ids, const int64_t *table, int64_t E, int64_t 
 
 /* Fill each shard's sub-batch. For shard n with work (``width[n]`` > 0): ``tok[n]`` [t_n]
  * the rows sent, and [t_n, width[n]] each of ``loc[n]``, ``wt[n]``, ``gid[n]`` and ``slot[n]``
- * (a token's slots on n in slot order, then -1 / 0 pads); ``digest[n]`` its places digest. */
+ * (a token's slots on n in slot order, then -1 / 0 pads); ``digest[n]`` its places digest.
+ * ``scratch``: room for 2 N int64 (the shard count has no small bound: not on the stack). */
 void rm_split_fill(const int64_t *place, const int64_t *ids, const float *w, const int64_t *per,
                    int64_t T, int64_t S, int64_t N, const int64_t *width, int64_t *const *tok,
                    int64_t *const *loc, float *const *wt, int64_t *const *gid,
-                   int64_t *const *slot, uint64_t k, int64_t *digest) {
-    int64_t rows[N], fill[N];
-    uint64_t sum[N];
+                   int64_t *const *slot, uint64_t k, int64_t *digest, int64_t *scratch) {
+    int64_t *rows = scratch, *fill = scratch + N;
+    uint64_t *sum = (uint64_t *)digest;
     for (int64_t n = 0; n < N; n++) rows[n] = 0, sum[n] = 0;
     for (int64_t t = 0; t < T; t++) {
         const int64_t *count = per + t * N;
@@ -75,7 +76,6 @@ void rm_split_fill(const int64_t *place, const int64_t *ids, const float *w, con
             rows[n]++;
         }
     }
-    for (int64_t n = 0; n < N; n++) digest[n] = (int64_t)sum[n];
 }
 
 /* The digest of ``n`` places ``local`` (-1: padding) over the experts a shard holds at them
