@@ -65,9 +65,10 @@ def _aio_server(ports: mp.Queue, work_ms: float) -> None:
 
 
 def measure(kind: str, work_ms: float, n: int) -> dict:
-    ports: mp.Queue = mp.Queue()
+    ctx = mp.get_context("spawn")  # a caller with threads (torch's, Ray's) forks badly
+    ports = ctx.Queue()
     target = _sync_server if kind == "sync" else _aio_server
-    procs = [mp.Process(target=target, args=(ports, work_ms), daemon=True) for _ in range(2)]
+    procs = [ctx.Process(target=target, args=(ports, work_ms), daemon=True) for _ in range(2)]
     for p in procs:
         p.start()
     try:

@@ -26,6 +26,7 @@ import ray
 import torch
 from _timing import latency_ms, median_time
 from bench_gateway import grpc_echo_ms
+from bench_grpc_fanout import measure as grpc_fan_out
 
 import raymoe
 from raymoe import MoELayer, PoolSpec
@@ -162,6 +163,14 @@ def report(inproc: float, compute: float, floors: dict, echo: float, rows: dict)
         f"{floors['shards']} actors {floors['fan_out']:.2f} ms, gRPC unary echo {echo:.2f} ms; "
         f"in-process MoELayer {inproc:.2f} ms"
     )
+    d = rows["grpc"]["direct"]
+    floor = d["route"] + floors["grpc_fan_out"] + d["combine"]
+    print(
+        f"the direct path's floor over gRPC: its gate {d['route']:.2f} + a gRPC fan-out to 2 "
+        f"server processes that each busy-wait the shards' compute "
+        f"{floors['grpc_fan_out']:.2f} + its combine {d['combine']:.2f} = {floor:.2f} ms, "
+        f"in-process + {floor - inproc:.2f} ms (bench_grpc_fanout.py)"
+    )
     for t in rows:
         h, r, c = rows[t]["direct"], rows[t]["router"], rows[t]["client"]
         print(
@@ -186,8 +195,10 @@ def main() -> None:
     with torch.no_grad():
         inproc = median_time(lambda: layer(x), 200) * 1e3
     compute = shard_compute_ms(base, layer, x, 200)
+    fan_out = grpc_fan_out("sync", compute, args.n)["two"][0]
     ray.init(include_dashboard=False, log_to_driver=False, namespace="raymoe")
     floors = {**ray_floors(base.shards.count, x.numpy(), args.n), "shards": base.shards.count}
+    floors["grpc_fan_out"] = fan_out
     echo = grpc_echo_ms(x.numel() * 4)
     rows = {t: profile(base, t, x, args.n) for t in ("object_store", "grpc")}
     report(inproc, compute, floors, echo, rows)
