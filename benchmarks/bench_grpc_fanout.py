@@ -19,7 +19,7 @@ import time
 from concurrent import futures
 
 import grpc
-import numpy as np
+from _timing import latency_ms
 
 REQUEST = b"x" * 40_000  # a 16-token sub-batch: x [16, 256] fp32, ids and weights [16, 8]
 REPLY = b"y" * 16_384  # [16, 256] fp32
@@ -82,15 +82,8 @@ def measure(kind: str, work_ms: float, n: int) -> dict:
 
         out = {}
         for name, fn in [("one", lambda: calls[0](REQUEST)), ("two", fan_out)]:
-            for _ in range(50):
-                fn()
-            took = []
-            for _ in range(n):
-                t = time.perf_counter()
-                fn()
-                took.append(time.perf_counter() - t)
-            ms = np.array(took) * 1e3
-            out[name] = (float(np.percentile(ms, 50)), float(np.percentile(ms, 99)))
+            lat = latency_ms(fn, n, warmup=50)
+            out[name] = (lat["p50"], lat["p99"])
         for c in channels:
             c.close()
         return out
