@@ -50,15 +50,20 @@ _TO_NUMPY = {
 _FROM_NUMPY = {v.newbyteorder("="): k for k, v in _TO_NUMPY.items()}
 
 
-def to_tensor(a: np.ndarray) -> tensor_pb2.Tensor:
-    """numpy -> Tensor (little-endian bytes, C order)."""
-    a = np.asarray(a)
+def _wire(a: np.ndarray) -> tuple[int, np.ndarray]:
+    """(wire dtype, ``a`` little-endian and C-contiguous)."""
     try:
         dtype = _FROM_NUMPY[a.dtype.newbyteorder("=")]
     except KeyError:
         raise DTypeError(f"no wire dtype for {a.dtype}") from None
-    data = np.ascontiguousarray(a, dtype=_TO_NUMPY[dtype]).tobytes()
-    return tensor_pb2.Tensor(dtype=dtype, shape=a.shape, data=data)
+    return dtype, np.ascontiguousarray(a, dtype=_TO_NUMPY[dtype])
+
+
+def to_tensor(a: np.ndarray) -> tensor_pb2.Tensor:
+    """numpy -> Tensor (little-endian bytes, C order)."""
+    a = np.asarray(a)
+    dtype, data = _wire(a)
+    return tensor_pb2.Tensor(dtype=dtype, shape=a.shape, data=data.tobytes())
 
 
 # --- messages of big tensors, encoded by hand -----------------------------------------------
@@ -81,11 +86,8 @@ def _varint(n: int) -> bytes:
 def _tensor_parts(field: int, a: np.ndarray) -> list:
     """Field ``field`` of a message: the Tensor of ``a`` -> [header, buffer]."""
     a = np.asarray(a)
-    try:
-        dtype = _FROM_NUMPY[a.dtype.newbyteorder("=")]
-    except KeyError:
-        raise DTypeError(f"no wire dtype for {a.dtype}") from None
-    flat = np.ascontiguousarray(a, dtype=_TO_NUMPY[dtype]).reshape(-1)
+    dtype, flat = _wire(a)
+    flat = flat.reshape(-1)
     data = memoryview(flat.view(np.uint8)) if flat.size else b""
     head = bytearray(b"\x08" + _varint(dtype))
     if a.ndim:

@@ -250,11 +250,11 @@ def split(ids, weights, num_shards: int, table=None, place=None) -> list | None:
         what = "an expert id beyond the table" if bad == 2 else "a shard beyond the placement"
         raise IndexError(f"split: {what}")
     width = per.max(0).values if T else torch.zeros(N, dtype=torch.int64)
-    live = [n for n in range(N) if width[n] > 0]
-    rows = (per > 0).sum(0).tolist()
+    widths, rows = width.tolist(), (per > 0).sum(0).tolist()
+    live = [n for n in range(N) if widths[n] > 0]
     outs = {}
     for n in live:
-        w_n = int(width[n])
+        w_n = widths[n]
         outs[n] = (
             torch.empty(rows[n], dtype=torch.int64),
             torch.empty((rows[n], w_n), dtype=torch.int64),
